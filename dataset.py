@@ -1,0 +1,422 @@
+"""dlib's 300-W XML -> checked face records -> FaceLandmarksDataset, the train/val split, the crop cache and a demo-data maker."""
+import argparse
+import hashlib
+import math
+import os
+import random
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass
+from multiprocessing import Pool
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset
+
+NUM_LANDMARKS = 68
+LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 36, 45
+TRAIN_XML = "labels_ibug_300W_train.xml"
+TEST_XML = "labels_ibug_300W_test.xml"
+# Crops in the cache cover this much more than the training crop, so rotation, scale and shift
+# jitter still find real pixels rather than padding.
+CACHE_EXTENT = 1.25
+CACHE_VERSION = 1
+
+
+class DataError(ValueError):
+    """A problem with one file of the dataset: the message names the file, `reason` names the kind."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class Box(NamedTuple):
+    left: float
+    top: float
+    width: float
+    height: float
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([self.left + self.width / 2, self.top + self.height / 2])
+
+    @property
+    def side(self) -> float:
+        return max(self.width, self.height)
+
+
+@dataclass(frozen=True)
+class Face:
+    image: Path
+    box: Box
+    points: np.ndarray  # (68, 2) float32, image pixels
+
+
+def nme(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per-face mean point-to-point error over the outer-eye-corner distance, in % (inputs (N, 68, 2))."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    error = np.linalg.norm(pred - true, axis=-1).mean(axis=-1)
+    ocular = np.linalg.norm(true[:, LEFT_EYE_OUTER] - true[:, RIGHT_EYE_OUTER], axis=-1)
+    return 100 * error / ocular
+
+
+# ---------------------------------------------------------------- reading images
+
+def to_gray(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit grayscale; 16-bit and float images are rescaled rather than clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array * 255.0 / top, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("L")
+
+
+def rescale(box: Box, points: np.ndarray, scale: float, offset: np.ndarray) -> tuple[Box, np.ndarray]:
+    """Box and points under x -> x * scale + offset; points mark pixel centres, hence the half pixels."""
+    box = Box(box.left * scale + offset[0], box.top * scale + offset[1], box.width * scale, box.height * scale)
+    return box, (points + 0.5) * scale + offset - 0.5
+
+
+def open_gray(path: Path, reduce: int = 1) -> tuple[Image.Image, int]:
+    """Decode an image as grayscale, letting JPEG decode at 1/2, 1/4 or 1/8 scale when `reduce` allows.
+
+    Returns the image and the factor it was shrunk by, so coordinates can follow.
+    """
+    reduce = 2 ** min(3, int(math.log2(max(reduce, 1))))
+    try:
+        image = Image.open(path)
+        width = image.size[0]
+        jpeg = image.format == "JPEG"
+        if reduce > 1 and jpeg:
+            image.draft("L", (math.ceil(image.size[0] / reduce), math.ceil(image.size[1] / reduce)))
+        image = to_gray(image)
+        if reduce > 1 and not jpeg:
+            image = image.reduce(reduce)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found", "image not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
+    return image, 2 ** round(math.log2(width / image.size[0]))
+
+
+def check_image(path: Path) -> tuple[int, int]:
+    """Decode the whole file cheaply (JPEG at 1/8 scale) so that truncated files fail now, not mid-epoch."""
+    open_gray(path, reduce=8)
+    with Image.open(path) as image:
+        return image.size
+
+
+# ---------------------------------------------------------------- parsing dlib's XML
+
+def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]) -> Face:
+    """One <box> with its 68 <part>s -> Face, or DataError saying what is wrong with it."""
+    where = f"{path}: box {index}"
+    try:
+        box = Box(*(float(element.get(k)) for k in ("left", "top", "width", "height")))
+    except (TypeError, ValueError):
+        raise DataError(f"{where} lacks a numeric left, top, width or height", "bad box") from None
+    if box.width <= 0 or box.height <= 0:
+        raise DataError(f"{where} has size {box.width:g}x{box.height:g}, expected positive", "empty box")
+    if box.left >= size[0] or box.top >= size[1] or box.left + box.width <= 0 or box.top + box.height <= 0:
+        raise DataError(f"{where} lies entirely outside the {size[0]}x{size[1]} image", "box outside image")
+    points = np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
+    parts = element.findall("part")
+    for part in parts:
+        name = part.get("name", "")
+        if not name.isdigit() or int(name) >= NUM_LANDMARKS:
+            raise DataError(f"{where} has a part named {name!r}, expected '00'..'{NUM_LANDMARKS - 1}'",
+                            "bad part name")
+        if not np.isnan(points[int(name), 0]):
+            raise DataError(f"{where} has part {name} twice", "duplicate part")
+        try:
+            points[int(name)] = float(part.get("x")), float(part.get("y"))
+        except (TypeError, ValueError):
+            raise DataError(f"{where} part {name} lacks a numeric x or y", "bad part") from None
+    if len(parts) != NUM_LANDMARKS:
+        raise DataError(f"{where} has {len(parts)} parts, expected {NUM_LANDMARKS}", "wrong part count")
+    return Face(path, box, points)
+
+
+def read_xml(xml_path: Path) -> ET.Element:
+    if not xml_path.is_file():
+        raise SystemExit(f"{xml_path}: labels file not found (run `bash download.sh`, or pass --data-dir)")
+    try:
+        return ET.parse(xml_path).getroot()
+    except ET.ParseError as e:
+        raise SystemExit(f"{xml_path}: malformed XML ({e})") from None
+
+
+def load_faces(xml_path: Path, skip_bad: bool = False) -> list[Face]:
+    """Every <box> of every <image> in a dlib XML, with each image decoded once to prove it readable.
+
+    The first problem stops the program with one line naming the file; with skip_bad the faces
+    concerned are dropped instead and a summary of what was skipped is printed.
+    """
+    xml_path = Path(xml_path)
+    root = read_xml(xml_path)
+    faces, skipped = [], Counter()
+    for image_element in root.iter("image"):
+        path = xml_path.parent / image_element.get("file", "")
+        boxes = [b for b in image_element.findall("box") if b.get("ignore", "0") != "1"]
+        try:
+            size = check_image(path) if boxes else None
+        except DataError as e:
+            if not skip_bad:
+                raise SystemExit(str(e)) from None
+            skipped[e.reason] += len(boxes)
+            continue
+        for index, element in enumerate(boxes):
+            try:
+                faces.append(parse_box(element, path, index, size))
+            except DataError as e:
+                if not skip_bad:
+                    raise SystemExit(str(e)) from None
+                skipped[e.reason] += 1
+    if skipped:
+        reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common())
+        print(f"{xml_path}: skipped {sum(skipped.values())} bad faces ({reasons})", file=sys.stderr)
+    if not faces:
+        raise SystemExit(f"{xml_path}: no usable <box> elements with 68 parts")
+    return faces
+
+
+def split_faces(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Deterministic train/validation indices: the same seed always gives the same split."""
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = max(1, round(n * val_fraction))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# ---------------------------------------------------------------- crop cache
+
+def cache_crop(args: tuple[Face, int]) -> np.ndarray:
+    """Crop one face, square around its box with CACHE_EXTENT room, to cache_size pixels."""
+    face, cache_size, margin = args
+    side = face.box.side * margin * CACHE_EXTENT
+    image, factor = open_gray(face.image, reduce=max(1, int(side // cache_size)))
+    scale = cache_size / side
+    center = face.box.center / factor
+    # PIL wants the inverse map: output pixel -> input pixel.
+    inverse = (1 / (scale * factor), 0, center[0] - cache_size / (2 * scale * factor),
+               0, 1 / (scale * factor), center[1] - cache_size / (2 * scale * factor))
+    crop = image.transform((cache_size, cache_size), Image.AFFINE, inverse, Image.BILINEAR)
+    return np.asarray(crop, np.uint8)
+
+
+class FaceCache:
+    """Every face of one XML cropped once to uint8 in a memory-mapped .npy, so epochs decode no JPEG.
+
+    The file name holds a hash of the XML's bytes and the crop settings: change either and it is rebuilt.
+    """
+
+    def __init__(self, faces: list[Face], xml_path: Path, cache_size: int, margin: float, workers: int = 0):
+        xml_path = Path(xml_path)
+        key = hashlib.sha1(xml_path.read_bytes() + repr((len(faces), cache_size, margin, CACHE_EXTENT,
+                                                          CACHE_VERSION)).encode()).hexdigest()[:12]
+        self.path = xml_path.parent / ".cache" / f"{xml_path.stem}-{cache_size}-{key}.npy"
+        self.size, self.margin = cache_size, margin
+        side = np.array([f.box.side * margin * CACHE_EXTENT for f in faces])
+        # Coordinates in the cache: a pure scale and shift of the image's, so boxes stay boxes.
+        self.scale = cache_size / side
+        self.center = np.stack([f.box.center for f in faces])
+        self.faces = faces
+        if not self.path.exists():
+            self.build(workers)
+        self.crops = None  # opened lazily, so each DataLoader worker maps the file itself
+
+    def build(self, workers: int) -> None:
+        from tqdm import tqdm
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}.npy")
+        crops = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(self.faces), self.size, self.size))
+        jobs = [(f, self.size, self.margin) for f in self.faces]
+        bar = dict(total=len(jobs), desc=f"caching crops to {self.path.name}", unit="face")
+        if workers > 1:
+            with Pool(workers) as pool:
+                for i, crop in enumerate(tqdm(pool.imap(cache_crop, jobs, chunksize=8), **bar)):
+                    crops[i] = crop
+        else:
+            for i, crop in enumerate(tqdm(map(cache_crop, jobs), **bar)):
+                crops[i] = crop
+        crops.flush()
+        del crops
+        os.replace(tmp, self.path)
+
+    def get(self, i: int) -> tuple[Image.Image, Box, np.ndarray]:
+        if self.crops is None:
+            self.crops = np.load(self.path, mmap_mode="r")
+        face, scale, center = self.faces[i], self.scale[i], self.center[i]
+        box, points = rescale(face.box, face.points, scale, self.size / 2 - center * scale)
+        return Image.fromarray(np.asarray(self.crops[i])), box, points
+
+
+# ---------------------------------------------------------------- the dataset
+
+class FaceLandmarksDataset(Dataset):
+    """(image tensor, landmarks tensor) for each face, through `transform`; from disk or from a FaceCache."""
+
+    def __init__(self, faces: list[Face], transform, indices: list[int] | None = None,
+                 cache: FaceCache | None = None):
+        self.faces, self.transform, self.cache = faces, transform, cache
+        self.indices = list(range(len(faces))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[Image.Image, Box, np.ndarray]:
+        """The face's image (shrunk while decoding where the crop allows), its box and points to match."""
+        j = self.indices[i]
+        if self.cache is not None:
+            return self.cache.get(j)
+        face = self.faces[j]
+        image, factor = open_gray(face.image, reduce=self.transform.max_reduction(face.box))
+        return image, *rescale(face.box, face.points, 1 / factor, np.zeros(2))
+
+    def __getitem__(self, i: int):
+        return self.transform(*self.load(i))
+
+
+# ---------------------------------------------------------------- demo data
+
+def template_shape() -> np.ndarray:
+    """A symmetric 68-point face in the iBUG order, about 1 wide, centred on the nose."""
+    t = np.linspace(0, np.pi, 17)
+    jaw = np.stack([-0.5 * np.cos(t), 0.05 + 0.5 * np.sin(t)], 1)
+    u = np.linspace(0, 1, 5)
+    left_brow = np.stack([-0.42 + 0.32 * u, -0.25 - 0.06 * np.sin(np.pi * u)], 1)
+    right_brow = left_brow[::-1] * [-1, 1]
+    bridge = np.stack([np.zeros(4), np.linspace(-0.15, 0.1, 4)], 1)
+    nostrils = np.stack([np.linspace(-0.1, 0.1, 5), 0.17 + 0.03 * np.sin(np.pi * u)], 1)
+
+    def eye(cx):
+        rx, ry, cy = 0.09, 0.04, -0.1
+        return np.array([[cx - rx, cy], [cx - rx / 3, cy - ry], [cx + rx / 3, cy - ry],
+                         [cx + rx, cy], [cx + rx / 3, cy + ry], [cx - rx / 3, cy + ry]])
+
+    def lips(n, rx, ry):
+        phi = np.pi - np.arange(n) * 2 * np.pi / n
+        return np.stack([rx * np.cos(phi), 0.32 - ry * np.sin(phi)], 1)
+
+    return np.concatenate([jaw, left_brow, right_brow, bridge, nostrils, eye(-0.22), eye(0.22),
+                           lips(12, 0.2, 0.08), lips(8, 0.12, 0.03)]).astype(np.float32)
+
+
+FACE_STROKES = [range(0, 17), range(17, 22), range(22, 27), range(27, 31), range(31, 36),
+                [*range(36, 42), 36], [*range(42, 48), 42], [*range(48, 60), 48], [*range(60, 68), 60]]
+
+
+def draw_face(draw: ImageDraw.ImageDraw, points: np.ndarray, rng: random.Random) -> None:
+    """A cartoon face whose strokes run through the landmarks, so a network can learn to find them."""
+    x0, y0 = points.min(0)
+    x1, y1 = points.max(0)
+    pad = 0.15 * (x1 - x0)
+    draw.ellipse([x0 - pad / 2, y0 - 2 * pad, x1 + pad / 2, y1 + pad / 3], fill=rng.randint(150, 230))
+    ink, width = rng.randint(0, 70), max(1, round((x1 - x0) / 40))
+    for stroke in FACE_STROKES:
+        draw.line([tuple(points[i]) for i in stroke], fill=ink, width=width)
+
+
+def make_demo(out: Path, n_images: int = 120, seed: int = 0) -> None:
+    """Write a small dataset in dlib's layout: JPEGs of drawn faces plus train and test XMLs.
+
+    Every fifth image holds two faces. Test images are spread over dlib's subset folders.
+    """
+    out, rng = Path(out), random.Random(seed)
+    template = template_shape()
+    sets = {TRAIN_XML: ["helen/trainset", "afw"], TEST_XML: ["helen/testset", "lfpw/testset", "ibug"]}
+    for xml_name, folders in sets.items():
+        n = n_images if xml_name == TRAIN_XML else max(6, n_images // 4)
+        lines = ["<?xml version='1.0' encoding='ISO-8859-1'?>", "<dataset>", "<name>demo faces</name>", "<images>"]
+        for k in range(n):
+            folder = folders[k % len(folders)]
+            n_faces = 2 if k % 5 == 4 else 1
+            width, height = 200 * n_faces + rng.randint(0, 60), 220 + rng.randint(0, 60)
+            image = Image.new("L", (width, height), rng.randint(0, 255))
+            draw = ImageDraw.Draw(image)
+            lines.append(f"  <image file='{folder}/{k:04d}.jpg'>")
+            for f in range(n_faces):
+                size = rng.uniform(90, 140)
+                angle = math.radians(rng.uniform(-15, 15))
+                rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+                center = np.array([100 + 200 * f + rng.uniform(-10, 10), height / 2 + rng.uniform(-10, 10)])
+                shape = template + np.array([rng.gauss(0, 0.01) for _ in range(2 * NUM_LANDMARKS)]).reshape(-1, 2)
+                points = (shape * size) @ rotation.T + center
+                draw_face(draw, points, rng)
+                # Like dlib's detector: a square that misses some of the jaw.
+                side = size * rng.uniform(0.75, 0.85)
+                left, top = center[0] - side / 2, center[1] - side * 0.45
+                lines.append(f"    <box top='{top:.0f}' left='{left:.0f}' width='{side:.0f}' height='{side:.0f}'>")
+                # Document order is shuffled: parts must be read by name.
+                for i in rng.sample(range(NUM_LANDMARKS), NUM_LANDMARKS):
+                    lines.append(f"      <part name='{i:02d}' x='{points[i, 0]:.0f}' y='{points[i, 1]:.0f}'/>")
+                lines.append("    </box>")
+            lines.append("  </image>")
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            image.save(out / folder / f"{k:04d}.jpg", quality=90)
+        lines += ["</images>", "</dataset>", ""]
+        (out / xml_name).write_text("\n".join(lines))
+    print(f"wrote a demo dataset to {out}/ ({TRAIN_XML}, {TEST_XML})")
+
+
+# ---------------------------------------------------------------- visualising the data
+
+def plot_samples(dataset: FaceLandmarksDataset, augmented: FaceLandmarksDataset, n: int, out: Path) -> None:
+    """Top row: faces as loaded with their points; bottom row: the same faces after the training transforms."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for i in range(n):
+        image, box, points = dataset.load(i)
+        axes[0, i].imshow(image, cmap="gray")
+        axes[0, i].add_patch(plt.Rectangle((box.left, box.top), box.width, box.height, fill=False, color="y"))
+        axes[0, i].scatter(points[:, 0], points[:, 1], s=3, c="g")
+        tensor, target = augmented[i]
+        size = tensor.shape[-1]
+        crop_points = (target.reshape(-1, 2).numpy() + 0.5) * size - 0.5
+        axes[1, i].imshow(tensor[0].numpy(), cmap="gray")
+        axes[1, i].scatter(crop_points[:, 0], crop_points[:, 1], s=3, c="g")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    print(f"wrote {out}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Check the data: draw faces as loaded and as augmented, "
+                                                 "or write a small demo dataset.")
+    parser.add_argument("--data-dir", default="data", help="folder holding dlib's XMLs (default: data)")
+    parser.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
+    parser.add_argument("--n", type=int, default=8, help="faces to draw (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", default="samples.png", help="PNG to write (default: samples.png)")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
+    parser.add_argument("--make-demo", metavar="DIR", help="write a small demo dataset into DIR and exit")
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.make_demo:
+        make_demo(Path(args.make_demo), seed=args.seed)
+        return
+    from transforms import Transforms
+    random.seed(args.seed)
+    faces = load_faces(Path(args.data_dir) / args.xml, args.skip_bad)
+    train, _ = split_faces(len(faces), seed=args.seed)
+    n = min(args.n, len(train))
+    shown = FaceLandmarksDataset(faces, Transforms(train=False), train[:n])
+    augmented = FaceLandmarksDataset(faces, Transforms(train=True), train[:n])
+    plot_samples(shown, augmented, n, Path(args.out))
+
+
+if __name__ == "__main__":
+    main(parse_args())

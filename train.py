@@ -1,0 +1,328 @@
+"""The training loop: data, loss, optimiser, schedule, per-epoch log, atomic checkpoints, resume, and DDP under torchrun."""
+import argparse
+import csv
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from dataset import CACHE_EXTENT, TRAIN_XML, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces
+from model import build_model, load_checkpoint, save_atomic
+from transforms import CROP_MARGIN, Transforms
+
+# The write-up's recipe: what `python train.py` runs when no flag says otherwise.
+DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_batch_size=8, lr=1e-4, seed=0,
+                workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
+                recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, loss="mse",
+                optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None)
+# Measured on the 300-W subset (README, "Beyond the write-up"); explicit flags still override these.
+RECIPES = {
+    "writeup": {},
+    "best": dict(img_size=160, epochs=60, batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
+                 sched="cosine", warmup_epochs=1, loss="wing", flip=True, scale=0.1, shift=0.05,
+                 rotation=15.0, cache=True),
+}
+# Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
+RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "loss", "optimizer", "weight_decay", "sched",
+               "warmup_epochs", "pretrained", "recipe"]
+# Wing loss (Feng et al. 2018) in pixels of a 224 px crop, whatever --img-size is.
+WING_W, WING_EPSILON, WING_PIXELS = 10.0, 2.0, 224
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags given on the command line beat the checkpoint's (on --resume), which beat the recipe's,
+    which beat DEFAULTS."""
+    d = DEFAULTS
+    p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS)
+    p.add_argument("--data-dir", help=f"folder holding dlib's XML and images (default: {d['data_dir']})")
+    p.add_argument("--xml", help=f"labels file inside --data-dir (default: {d['xml']})")
+    p.add_argument("--epochs", type=int, help=f"epochs to train (default: {d['epochs']})")
+    p.add_argument("--batch-size", type=int, help=f"training batch size (default: {d['batch_size']})")
+    p.add_argument("--val-batch-size", type=int, help=f"validation batch size (default: {d['val_batch_size']})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default: {d['lr']})")
+    p.add_argument("--seed", type=int, help=f"seed for the split, the augmentation and the init "
+                                            f"(default: {d['seed']})")
+    p.add_argument("--workers", type=int, help=f"data-loading processes (default: {d['workers']})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
+    p.add_argument("--out", help=f"folder for weights, checkpoint, log and curves (default: {d['out']})")
+    p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
+                   help="continue from a checkpoint (default file: OUT/last.pt), with its settings")
+    p.add_argument("--cache", action=argparse.BooleanOptionalAction,
+                   help="crop every face once into a memory-mapped cache beside the XML (default: off)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping at the first")
+    p.add_argument("--val-fraction", type=float, help=f"share held out for validation (default: {d['val_fraction']})")
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="preset: writeup (default) or best; flags override it")
+    p.add_argument("--img-size", type=int, help=f"side of the network input (default: {d['img_size']})")
+    p.add_argument("--rotation", type=float, help=f"max random rotation, degrees (default: {d['rotation']})")
+    p.add_argument("--scale", type=float, help="random zoom of the crop, +-fraction (default: 0)")
+    p.add_argument("--shift", type=float, help="random shift of the crop, +-fraction of its side (default: 0)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default: off)")
+    p.add_argument("--loss", choices=["mse", "l1", "smoothl1", "wing"], help="loss (default: mse)")
+    p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimiser (default: adam)")
+    p.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
+    p.add_argument("--sched", choices=["none", "cosine"], help="learning-rate schedule (default: none)")
+    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine (default: 0)")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
+                   help="start from torchvision's ImageNet weights (needs internet once; default: off)")
+    p.add_argument("--select", choices=["loss", "nme"],
+                   help="keep the weights with the best validation loss or NME (default: loss for the "
+                        "write-up's recipe, nme as soon as any flag beyond it is used)")
+    given = vars(p.parse_args(argv))
+    config = dict(DEFAULTS)
+    config.update(RECIPES[given.get("recipe", DEFAULTS["recipe"])])
+    if given.get("resume") is not None:
+        given["resume"] = given["resume"] or str(Path(given.get("out", config["out"])) / "last.pt")
+        config.update(load_checkpoint(given["resume"])["config"])
+    config.update(given)
+    if config["select"] is None:
+        beyond = any(config[k] != DEFAULTS[k] for k in RECIPE_KEYS)
+        config["select"] = "nme" if beyond else "loss"
+    return argparse.Namespace(**config)
+
+
+# ---------------------------------------------------------------- pieces of the loop
+
+def wing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = (pred - target).abs() * WING_PIXELS
+    c = WING_W - WING_W * math.log(1 + WING_W / WING_EPSILON)
+    return torch.where(x < WING_W, WING_W * torch.log1p(x / WING_EPSILON), x - c).mean()
+
+
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smoothl1": F.smooth_l1_loss, "wing": wing_loss}
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scheduler(args: argparse.Namespace, optimizer, steps_per_epoch: int):
+    """Per-step multiplier of the learning rate: constant, or linear warm-up then cosine to zero."""
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if args.sched == "none":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; under torchrun this joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+    xml = Path(args.data_dir) / args.xml
+    faces = load_faces(xml, args.skip_bad)
+    train_idx, val_idx = split_faces(len(faces), args.val_fraction, args.seed)
+    cache = None
+    if args.cache:
+        if rank == 0:  # one process builds the cache; the others wait, then read it
+            cache = FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN, os.cpu_count() or 1)
+        if world > 1:
+            dist.barrier()
+        cache = cache or FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN)
+    train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip)
+    train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
+    val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
+    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(args.seed)
+    common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=args.workers > 0)
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_set) > args.batch_size, generator=generator, **common)
+    val_loader = DataLoader(val_set, args.val_batch_size, **common)
+    return train_loader, val_loader, sampler
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); plain fp32 on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, desc: str, show: bool) -> float:
+    from tqdm import tqdm
+    model.train()
+    total, count = 0.0, 0
+    bar = tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device):
+            loss = loss_fn(model(images).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total, count = total + loss.item() * len(images), count + len(images)
+        bar.set_postfix(loss=f"{total / count:.5f}")
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, device) -> tuple[float, float]:
+    """Mean loss and mean NME (%) on the validation set; NME in crop coordinates equals NME in the image
+    because the validation crop is a similarity transform."""
+    model.eval()
+    losses, errors = [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device):
+            pred = model(images).float()
+        losses.append(loss_fn(pred, targets).item() * len(images))
+        errors.append(nme(pred.cpu().numpy().reshape(-1, 68, 2), targets.cpu().numpy().reshape(-1, 68, 2)))
+    errors = np.concatenate(errors)
+    return sum(losses) / len(errors), float(errors.mean())
+
+
+def write_log(history: list[dict], out: Path) -> None:
+    """The whole history, rewritten each epoch, so a resumed run never duplicates or loses a row."""
+    tmp = out / ".log.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / "log.csv")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_nme) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
+    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_loss.legend()
+    ax_nme.plot(epochs, [row["val_nme"] for row in history], color="C1")
+    ax_nme.set(xlabel="epoch", ylabel="NME (%)", title="validation NME")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_or_warn(state: dict, path: Path) -> None:
+    """A failed save (full disk, say) keeps the previous file and the run goes on."""
+    try:
+        save_atomic(state, path)
+    except (OSError, RuntimeError) as e:
+        print(f"warning: could not write {path} ({e}); the previous {path.name} is kept", file=sys.stderr)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- main
+
+def main(args: argparse.Namespace) -> list[dict]:
+    rank, world, device = setup_distributed(args)
+    seed_everything(args.seed + rank)
+    show = rank == 0
+    out = Path(args.out)
+    if show:
+        out.mkdir(parents=True, exist_ok=True)
+    train_loader, val_loader, sampler = make_loaders(args, rank, world)
+    model = build_model(args.pretrained).to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(args, model)
+    scheduler = make_scheduler(args, optimizer, len(train_loader))
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    loss_fn = LOSSES[args.loss]
+    history, best, start = [], math.inf, 0
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume, device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        history, best, start = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
+        if show:
+            print(f"resumed from {args.resume} after epoch {start}")
+    trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    config = vars(args) | {"margin": CROP_MARGIN}
+    if show:
+        print(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation faces; "
+              f"device {device}; keeping the best validation {args.select}")
+
+    def checkpoint_state(epoch: int) -> dict:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
+                "config": config}
+
+    epoch = start
+    try:
+        for epoch in range(start, args.epochs):
+            started = time.time()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            train_loader.generator.manual_seed(args.seed + epoch)
+            train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, scaler, device,
+                                         f"epoch {epoch + 1}/{args.epochs}", show)
+            val_loss, val_nme = validate(model, val_loader, loss_fn, device)
+            row = dict(epoch=epoch + 1, train_loss=round(train_loss, 6), val_loss=round(val_loss, 6),
+                       val_nme=round(val_nme, 3), lr=optimizer.param_groups[0]["lr"],
+                       seconds=round(time.time() - started, 1))
+            history.append(row)
+            if not show:
+                continue
+            score = val_nme if args.select == "nme" else val_loss
+            if score < best:
+                best = score
+                save_or_warn({"model": model.state_dict(), "config": config, "epoch": epoch + 1,
+                              "val_loss": val_loss, "val_nme": val_nme}, out / "best.pt")
+            save_or_warn(checkpoint_state(epoch + 1), out / "last.pt")
+            write_log(history, out)
+            print(f"epoch {epoch + 1}/{args.epochs}  train_loss {train_loss:.5f}  val_loss {val_loss:.5f}  "
+                  f"val_nme {val_nme:.2f}%  {row['seconds']:.0f}s{'  *' if score == best else ''}", flush=True)
+    except KeyboardInterrupt:
+        if show:
+            save_or_warn(checkpoint_state(epoch), out / "last.pt")
+            print(f"\ninterrupted in epoch {epoch + 1}: saved {out / 'last.pt'}; "
+                  f"continue with: python train.py --resume {out / 'last.pt'}", file=sys.stderr)
+        raise SystemExit(130)
+    if show and history:
+        plot_curves(history, out / "curves.png")
+        print(f"best validation {args.select}: {best:.5g}; weights in {out / 'best.pt'}, "
+              f"log in {out / 'log.csv'}, curves in {out / 'curves.png'}")
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main(parse_args())
