@@ -1,0 +1,229 @@
+"""The test suite: every script, on small data the tests make themselves (run: pytest test_all.py)."""
+import math
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import dataset
+import predict
+import train
+from dataset import NUM_LANDMARKS, Box, FaceCache, FaceLandmarksDataset, load_faces, split_faces
+from model import build_model, load_model
+from transforms import CROP_MARGIN, FLIP_PERMUTATION, Augment, Transforms, target_to_points
+
+HERE = Path(__file__).parent
+# Small and fast: a ResNet18 at 64 px trains an epoch of the demo set in about a second.
+FAST = ["--img-size", "64", "--batch-size", "16", "--lr", "1e-3", "--workers", "0"]
+
+
+def run_script(*args: str, cwd: Path = HERE, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("demo")
+    dataset.make_demo(root, n_images=50, seed=1)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(demo, tmp_path_factory) -> Path:
+    """One short training run that several tests look at."""
+    out = tmp_path_factory.mktemp("run")
+    history = train.main(train.parse_args(["--data-dir", str(demo), "--epochs", "8", "--out", str(out), *FAST]))
+    assert len(history) == 8
+    return out
+
+
+def write_xml(path: Path, images: list[tuple[str, list[str]]]) -> Path:
+    """A dlib-layout XML from (image file, [box XML]) pairs."""
+    body = "".join(f"<image file='{name}'>{''.join(boxes)}</image>" for name, boxes in images)
+    path.write_text(f"<?xml version='1.0'?><dataset><images>{body}</images></dataset>")
+    return path
+
+
+def box_xml(points: np.ndarray, box=(10, 10, 50, 50), order=None, names=None) -> str:
+    order = range(len(points)) if order is None else order
+    names = [f"{i:02d}" for i in range(len(points))] if names is None else names
+    parts = "".join(f"<part name='{names[i]}' x='{points[i, 0]}' y='{points[i, 1]}'/>" for i in order)
+    left, top, width, height = box
+    return f"<box top='{top}' left='{left}' width='{width}' height='{height}'>{parts}</box>"
+
+
+# ---------------------------------------------------------------- dataset
+
+def test_parsing_reads_every_box_and_orders_parts_by_name(tmp_path):
+    Image.new("RGB", (100, 80)).save(tmp_path / "a.jpg")
+    first = np.arange(136, dtype=float).reshape(68, 2) / 3  # floats, as some XMLs have
+    second = first + 5
+    reversed_order = list(range(67, -1, -1))
+    write_xml(tmp_path / "labels.xml", [("a.jpg", [box_xml(first, order=reversed_order), box_xml(second)])])
+    faces = load_faces(tmp_path / "labels.xml")
+    assert len(faces) == 2
+    np.testing.assert_allclose(faces[0].points, first, atol=1e-4)
+    np.testing.assert_allclose(faces[1].points, second, atol=1e-4)
+    assert faces[0].box == Box(10, 10, 50, 50)
+
+
+def test_demo_data_has_two_face_images_and_all_boxes_load(demo):
+    faces = load_faces(demo / dataset.TRAIN_XML)
+    per_image = {}
+    for face in faces:
+        per_image[face.image] = per_image.get(face.image, 0) + 1
+    assert max(per_image.values()) == 2
+    assert len(faces) == sum(per_image.values()) > len(per_image)
+
+
+def test_split_is_deterministic_for_a_seed_and_disjoint():
+    train_a, val_a = split_faces(100, 0.1, seed=3)
+    train_b, val_b = split_faces(100, 0.1, seed=3)
+    _, val_c = split_faces(100, 0.1, seed=4)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert val_a != val_c
+    assert len(val_a) == 10 and not set(train_a) & set(val_a) and len(train_a) + len(val_a) == 100
+
+
+def test_dataset_script_draws_samples(demo, tmp_path):
+    result = run_script("dataset.py", "--data-dir", str(demo), "--n", "4", "--out", str(tmp_path / "s.png"))
+    assert result.returncode == 0, result.stderr
+    assert Image.open(tmp_path / "s.png").size[0] > 100
+
+
+# ---------------------------------------------------------------- transforms
+
+def marker_image(points: np.ndarray, size=(320, 260)) -> Image.Image:
+    image = Image.new("L", size, 0)
+    draw = ImageDraw.Draw(image)
+    for x, y in points:
+        draw.ellipse([x - 1.5 + 0.5, y - 1.5 + 0.5, x + 1.5 - 0.5, y + 1.5 - 0.5], fill=255)
+    return image
+
+
+def grid_points(box: Box) -> np.ndarray:
+    xs, ys = np.meshgrid(np.linspace(0.1, 0.9, 9), np.linspace(0.1, 0.9, 8))
+    grid = np.c_[xs.ravel(), ys.ravel()][:NUM_LANDMARKS]
+    return np.round(grid * [box.width, box.height] + [box.left, box.top])
+
+
+def centroid_near(pixels: np.ndarray, x: float, y: float, r: int = 3) -> np.ndarray:
+    cx, cy = int(round(x)), int(round(y))
+    window = pixels[cy - r:cy + r + 1, cx - r:cx + r + 1].astype(np.float64)
+    ys, xs = np.mgrid[cy - r:cy + r + 1, cx - r:cx + r + 1]
+    return np.array([(window * xs).sum(), (window * ys).sum()]) / window.sum()
+
+
+@pytest.mark.parametrize("aug", [Augment(), Augment(angle=25, zoom=1.2, shift=(0.05, -0.04)),
+                                 Augment(angle=-10, flip=True)])
+def test_transforms_keep_each_landmark_on_the_pixel_it_marks(aug):
+    box = Box(60, 40, 180, 180)
+    points = grid_points(box)
+    transform = Transforms(img_size=224, jitter=0)
+    tensor, target = transform(marker_image(points), box, points, aug)
+    pixels = (tensor[0].numpy() + 1) * 127.5
+    crop = (target.numpy().reshape(-1, 2) + 0.5) * 224 - 0.5
+    inside = crop[((crop > 4) & (crop < 219)).all(1)]
+    assert len(inside) > 50
+    for x, y in inside:
+        assert np.linalg.norm(centroid_near(pixels, x, y) - [x, y]) < 0.5
+
+
+def test_flip_moves_each_point_to_its_mirror_twin():
+    box = Box(60, 40, 180, 180)
+    points = grid_points(box)
+    transform = Transforms(img_size=224)
+    _, plain = transform(marker_image(points), box, points, Augment())
+    _, flipped = transform(marker_image(points), box, points, Augment(flip=True))
+    plain, flipped = plain.reshape(-1, 2).numpy(), flipped.reshape(-1, 2).numpy()
+    np.testing.assert_allclose(flipped[:, 0], -plain[FLIP_PERMUTATION, 0], atol=1e-5)
+    np.testing.assert_allclose(flipped[:, 1], plain[FLIP_PERMUTATION, 1], atol=1e-5)
+
+
+def test_target_maps_back_to_image_pixels():
+    box = Box(33, 21, 150, 140)
+    points = np.random.default_rng(0).uniform(20, 200, (NUM_LANDMARKS, 2))
+    transform = Transforms(img_size=160, train=False)
+    _, target = transform(Image.new("L", (300, 300)), box, points)
+    np.testing.assert_allclose(transform.to_image(target.numpy(), box), points, atol=1e-3)
+
+
+def test_validation_transform_is_deterministic(demo):
+    faces = load_faces(demo / dataset.TRAIN_XML)
+    data = FaceLandmarksDataset(faces, Transforms(96, train=False))
+    (a, ta), (b, tb) = data[0], data[0]
+    assert torch.equal(a, b) and torch.equal(ta, tb)
+
+
+def test_cached_and_uncached_give_same_landmarks_for_same_parameters(demo):
+    faces = load_faces(demo / dataset.TRAIN_XML)
+    transform = Transforms(img_size=96, rotation=20, scale=0.1, shift=0.05, flip=True)
+    cache = FaceCache(faces, demo / dataset.TRAIN_XML, 120, CROP_MARGIN)
+    direct, cached = FaceLandmarksDataset(faces, transform), FaceLandmarksDataset(faces, transform, cache=cache)
+    random.seed(0)
+    for i in range(0, len(faces), 7):
+        aug = transform.draw()
+        image_a, target_a = transform(*direct.load(i), aug)
+        image_b, target_b = transform(*cached.load(i), aug)
+        np.testing.assert_allclose(target_a, target_b, atol=1e-4)
+        # Pixels differ only by one extra resampling.
+        assert (image_a - image_b).abs().mean() < 0.05
+
+
+# ---------------------------------------------------------------- model and training
+
+def test_model_maps_a_grayscale_batch_to_136_values():
+    assert build_model()(torch.zeros(2, 1, 224, 224)).shape == (2, 2 * NUM_LANDMARKS)
+
+
+def untrained_nme(demo: Path) -> float:
+    torch.manual_seed(0)
+    args = train.parse_args(["--data-dir", str(demo), *FAST])
+    _, val_loader, _ = train.make_loaders(args, 0, 1)
+    return train.validate(build_model(), val_loader, train.LOSSES["mse"], torch.device("cpu"))[1]
+
+
+def test_short_training_beats_the_untrained_model_and_writes_its_files(demo, trained):
+    rows = (trained / "log.csv").read_text().splitlines()
+    assert rows[0] == "epoch,train_loss,val_loss,val_nme,lr,seconds" and len(rows) == 9
+    final_nme = min(float(row.split(",")[3]) for row in rows[1:])
+    assert final_nme < 0.5 * untrained_nme(demo)
+    assert (trained / "curves.png").stat().st_size > 1000
+    model, config = load_model(trained / "best.pt")
+    assert config["img_size"] == 64
+
+
+def test_resume_continues_after_the_last_completed_epoch(demo, tmp_path):
+    base = ["--data-dir", str(demo), "--out", str(tmp_path), *FAST]
+    train.main(train.parse_args([*base, "--epochs", "2"]))
+    history = train.main(train.parse_args(["--resume", str(tmp_path / "last.pt"), "--epochs", "3"]))
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert (tmp_path / "log.csv").read_text().count("\n") == 4
+
+
+def test_beyond_write_up_flags_select_checkpoints_by_nme():
+    assert train.parse_args([]).select == "loss"
+    assert train.parse_args(["--flip"]).select == "nme"
+    assert train.parse_args(["--recipe", "best"]).select == "nme"
+    assert train.parse_args(["--recipe", "best", "--select", "loss"]).select == "loss"
+    assert train.parse_args(["--recipe", "best", "--epochs", "3"]).epochs == 3
+
+
+def test_predict_draws_validation_faces(demo, trained, tmp_path):
+    out = tmp_path / "grid.png"
+    predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--data-dir", str(demo),
+                                     "--n", "5", "--out", str(out)]))
+    assert Image.open(out).size[0] > 300
+
+
+def test_predict_without_weights_says_to_train_first(tmp_path):
+    result = run_script("predict.py", "--weights", str(tmp_path / "none.pt"))
+    assert result.returncode != 0
+    assert "train first" in result.stderr and "Traceback" not in result.stderr
