@@ -1,5 +1,6 @@
 """The network (torchvision's ResNet18, 1 input channel, 136 outputs) and saving and loading its weights."""
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,6 +35,21 @@ def imagenet_weights() -> dict:
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise SystemExit(f"--pretrained: cannot download {weights.url} ({e}); "
                          f"without internet, put that file at {cache}") from None
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` means the GPU when there is one."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (fp16 where bf16 is missing); plain fp32 on the CPU."""
+    if device.type != "cuda":
+        return nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
 
 
 def save_atomic(obj: dict, path: Path) -> None:

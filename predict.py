@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from dataset import FaceLandmarksDataset, load_faces, split_faces
-from model import load_model
+from model import load_model, pick_device
 from transforms import Transforms
 
 
@@ -53,8 +53,7 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
 
 
 def main(args: argparse.Namespace) -> None:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = pick_device(args.device)
     model, config = load_model(args.weights, device)
     data_dir = Path(args.data_dir or config.get("data_dir", "data"))
     faces = load_faces(data_dir / config.get("xml", "labels_ibug_300W_train.xml"), config.get("skip_bad", False))

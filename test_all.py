@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import dataset
+import evaluate
 import predict
 import train
 from dataset import NUM_LANDMARKS, Box, FaceCache, FaceLandmarksDataset, load_faces, split_faces
@@ -227,3 +228,73 @@ def test_predict_without_weights_says_to_train_first(tmp_path):
     result = run_script("predict.py", "--weights", str(tmp_path / "none.pt"))
     assert result.returncode != 0
     assert "train first" in result.stderr and "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------- evaluate.py and the metric
+
+
+from dataset import Face, nme, template_shape  # noqa: E402
+
+
+def test_nme_of_a_perfect_prediction_is_zero():
+    shape = template_shape()[None] * 100
+    assert nme(shape, shape)[0] == 0
+
+
+def test_nme_of_a_known_offset_is_that_offset_over_the_eye_corners():
+    shape = template_shape()[None] * 100
+    ocular = np.linalg.norm(shape[0, 36] - shape[0, 45])
+    assert nme(shape + [3.0, 4.0], shape)[0] == pytest.approx(100 * 5 / ocular)
+
+
+def test_failure_rate_and_auc_match_a_hand_computation():
+    errors = np.array([2.0, 6.0, 9.0, 12.0])
+    assert evaluate.failure_rate(errors, 8) == 50 and evaluate.failure_rate(errors, 10) == 25
+    # By hand: (1 - e/10) clipped at 0 is 0.8, 0.4, 0.1, 0 -> mean 0.325.
+    assert evaluate.auc(errors, 10) == pytest.approx(32.5)
+    assert evaluate.auc(errors, 8) == pytest.approx(25.0)
+    # The same area by integrating the CED curve numerically.
+    grid = np.linspace(0, 10, 100001)
+    ced = (errors[None] <= grid[:, None]).mean(1)
+    assert evaluate.auc(errors, 10) == pytest.approx(100 * np.trapezoid(ced, grid) / 10, abs=1e-3)
+
+
+def test_subsets_are_split_by_path():
+    root = Path("/data")
+    faces = {p: Face(root / p, Box(0, 0, 1, 1), np.zeros((68, 2))) for p in
+             ["helen/testset/1.jpg", "lfpw/testset/2.png", "ibug/3.jpg", "afw/4.jpg", "helen/trainset/5.jpg"]}
+    subsets = [evaluate.subset_of(f, root) for f in faces.values()]
+    assert subsets == ["Common", "Common", "Challenging", None, None]
+    table = evaluate.summarise(np.array([1.0, 2, 3, 4, 5]), subsets)
+    assert list(table) == ["Common", "Challenging", "Full"]
+    assert table["Common"]["faces"] == 2 and table["Common"]["nme"] == 1.5 and table["Full"]["faces"] == 5
+    assert list(evaluate.summarise(np.array([1.0]), [None])) == ["Full"]
+
+
+def test_mirror_permutation_is_an_involution_that_swaps_the_eyes():
+    perm = np.array(FLIP_PERMUTATION)
+    assert (perm[perm] == np.arange(68)).all()
+    assert set(perm[36:42]) == set(range(42, 48)) and perm[36] == 45 and perm[39] == 42
+    shape = template_shape()  # symmetric: its mirror image, renumbered, is itself
+    np.testing.assert_allclose(shape[perm] * [-1, 1], shape, atol=1e-6)
+
+
+def test_evaluate_scores_weights_and_the_baseline_and_writes_its_files(demo, trained, tmp_path):
+    args = evaluate.parse_args(["--weights", str(trained / "best.pt"), "--data-dir", str(demo),
+                                "--baseline", "mean-shape", "--flip-test", "--workers", "0",
+                                "--out-dir", str(tmp_path), "--json", str(tmp_path / "t.json")])
+    results = evaluate.main(args)
+    model_table = results[next(iter(results))]
+    assert list(model_table) == ["Common", "Challenging", "Full"]
+    assert (tmp_path / "ced.png").stat().st_size > 1000
+    rows = next(tmp_path.glob("*best_flip_faces.csv")).read_text().splitlines()
+    assert rows[0] == "file,left,top,width,height,nme" and len(rows) == model_table["Full"]["faces"] + 1
+    saved = __import__("json").loads((tmp_path / "t.json").read_text())
+    assert set(saved) == set(results) and "mean-shape" in saved and len(saved) == 2
+    assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "fr8", "fr10", "auc8", "auc10"}
+
+
+def test_flip_test_on_a_symmetric_prediction_changes_nothing():
+    from transforms import unflip
+    target = torch.from_numpy((template_shape() * 0.5).reshape(1, -1))
+    torch.testing.assert_close(unflip(target), target)

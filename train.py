@@ -6,7 +6,6 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from dataset import CACHE_EXTENT, TRAIN_XML, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces
-from model import build_model, load_checkpoint, save_atomic
+from model import autocast, build_model, load_checkpoint, pick_device, save_atomic
 from transforms import CROP_MARGIN, Transforms
 
 # The write-up's recipe: what `python train.py` runs when no flag says otherwise.
@@ -121,12 +120,6 @@ def make_scheduler(args: argparse.Namespace, optimizer, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
     """Rank, world size and device; under torchrun this joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -161,14 +154,6 @@ def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataL
                               drop_last=len(train_set) > args.batch_size, generator=generator, **common)
     val_loader = DataLoader(val_set, args.val_batch_size, **common)
     return train_loader, val_loader, sampler
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing); plain fp32 on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, desc: str, show: bool) -> float:

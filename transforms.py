@@ -47,6 +47,12 @@ def face_matrix(box: Box, img_size: int, margin: float, aug: Augment = Augment()
     return translate(img_size / 2, img_size / 2) @ mirror @ rotate_scale @ translate(-center[0], -center[1])
 
 
+def unflip(target: torch.Tensor) -> torch.Tensor:
+    """Predictions (N, 136) made on horizontally mirrored crops -> predictions for the crops themselves."""
+    points = target.reshape(len(target), -1, 2)[:, FLIP_PERMUTATION]
+    return (points * points.new_tensor([-1.0, 1.0])).reshape(len(target), -1)
+
+
 def points_to_target(points: np.ndarray, matrix: np.ndarray, img_size: int) -> np.ndarray:
     """Image pixel coordinates -> the network's target: crop coordinates scaled to [-0.5, 0.5]."""
     homogeneous = np.c_[points + 0.5, np.ones(len(points))]

@@ -1,0 +1,192 @@
+"""The field's metrics on any dlib-layout XML: NME, failure rate and AUC by 300-W subset, CED curves, per-face CSV."""
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, load_faces, nme, split_faces
+from model import autocast, load_model, pick_device
+from transforms import CROP_MARGIN, Transforms, face_matrix, points_to_target, unflip
+
+THRESHOLDS = (8, 10)  # % of the outer-eye-corner distance
+MEAN_SHAPE = "mean-shape"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weights", nargs="+",
+                   help="one or more weight files; several draw their curves on one plot "
+                        "(default: runs/best.pt, or none when --baseline is given)")
+    p.add_argument("--data-dir", default="data", help="folder holding the XML and images (default: data)")
+    p.add_argument("--xml", help=f"labels file inside --data-dir (default: {TEST_XML}; with --split val, "
+                                 f"the training XML of the weights)")
+    p.add_argument("--split", choices=["all", "val"], default="all",
+                   help="all faces of the XML, or only the validation split the weights were trained "
+                        "with (default: all)")
+    p.add_argument("--baseline", choices=[MEAN_SHAPE],
+                   help="also score the mean training shape placed in each box: the floor to beat")
+    p.add_argument("--train-xml", default=TRAIN_XML,
+                   help=f"XML inside --data-dir whose training split gives the mean shape (default: {TRAIN_XML})")
+    p.add_argument("--flip-test", action="store_true", help="average with the prediction on the mirrored face")
+    p.add_argument("--batch-size", type=int, default=32, help="faces per batch (default: 32)")
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
+    p.add_argument("--out-dir", default="eval", help="folder for the CED plot and per-face CSVs (default: eval)")
+    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- metrics
+
+def failure_rate(errors: np.ndarray, threshold: float) -> float:
+    """% of faces whose NME is above the threshold."""
+    return float(100 * (np.asarray(errors) > threshold).mean())
+
+
+def auc(errors: np.ndarray, threshold: float) -> float:
+    """Area under the CED curve from 0 to the threshold, as % of the box: the integral of the fraction of
+    faces with error <= e, which for each face is how far below the threshold its error lies."""
+    return float(100 * np.clip(1 - np.asarray(errors) / threshold, 0, 1).mean())
+
+
+def subset_of(face: Face, root: Path) -> str | None:
+    """300-W's test subsets by path: Common is HELEN's and LFPW's test sets, Challenging is iBUG."""
+    parts = face.image.relative_to(root).parts
+    if parts[:2] in (("helen", "testset"), ("lfpw", "testset")):
+        return "Common"
+    if parts[0] == "ibug":
+        return "Challenging"
+    return None
+
+
+def summarise(errors: np.ndarray, subsets: list[str | None]) -> dict[str, dict]:
+    """The table: one row per subset that has faces, Full last."""
+    table = {}
+    for name in ("Common", "Challenging", "Full"):
+        chosen = np.array([name == "Full" or s == name for s in subsets])
+        if chosen.any():
+            e = errors[chosen]
+            table[name] = {"faces": int(chosen.sum()), "nme": float(e.mean()),
+                           **{f"fr{t}": failure_rate(e, t) for t in THRESHOLDS},
+                           **{f"auc{t}": auc(e, t) for t in THRESHOLDS}}
+    return table
+
+
+def print_table(title: str, table: dict[str, dict]) -> None:
+    print(f"\n{title}")
+    print(f"{'subset':<12}{'faces':>7}{'NME %':>8}{'FR@8 %':>8}{'FR@10 %':>9}{'AUC@8':>8}{'AUC@10':>8}")
+    for name, row in table.items():
+        print(f"{name:<12}{row['faces']:>7}{row['nme']:>8.2f}{row['fr8']:>8.2f}{row['fr10']:>9.2f}"
+              f"{row['auc8']:>8.2f}{row['auc10']:>8.2f}")
+
+
+# ---------------------------------------------------------------- predictions
+
+@torch.no_grad()
+def predict_targets(model, loader: DataLoader, device: torch.device, flip_test: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true targets (N, 68, 2) in crop coordinates; NME there equals NME in the image, since
+    the crop is a similarity transform."""
+    from tqdm import tqdm
+    preds, truths = [], []
+    for images, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False):
+        images = images.to(device, non_blocking=True)
+        with autocast(device):
+            pred = model(images).float()
+            if flip_test:
+                pred = (pred + unflip(model(images.flip(-1)).float())) / 2
+        preds.append(pred.cpu().numpy())
+        truths.append(targets.numpy())
+    return np.concatenate(preds).reshape(-1, 68, 2), np.concatenate(truths).reshape(-1, 68, 2)
+
+
+def mean_shape(faces: list[Face]) -> np.ndarray:
+    """The average face in crop coordinates; needs only the labels, no pixels."""
+    return np.mean([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces], axis=0)
+
+
+def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Path]:
+    """The faces to score: the whole XML, or the validation split recorded in the weights."""
+    if args.split == "val":
+        xml = Path(args.data_dir) / (args.xml or config.get("xml", TRAIN_XML))
+        faces = load_faces(xml, args.skip_bad)
+        _, val_idx = split_faces(len(faces), config.get("val_fraction", 0.1), config.get("seed", 0))
+        return [faces[i] for i in val_idx], xml
+    xml = Path(args.data_dir) / (args.xml or TEST_XML)
+    return load_faces(xml, args.skip_bad), xml
+
+
+def write_faces_csv(path: Path, faces: list[Face], errors: np.ndarray) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "left", "top", "width", "height", "nme"])
+        for face, error in zip(faces, errors):
+            writer.writerow([str(face.image), *(f"{v:g}" for v in face.box), f"{error:.4f}"])
+
+
+def plot_ced(curves: dict[str, np.ndarray], path: Path, limit: float = 10.0) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, errors in curves.items():
+        x = np.sort(errors)
+        ax.step(np.r_[0, x], np.r_[0, np.arange(1, len(x) + 1) / len(x)], where="post",
+                label=f"{name} (NME {errors.mean():.2f}%)")
+    ax.set(xlim=(0, limit), ylim=(0, 1), xlabel="NME (%)", ylabel="fraction of faces",
+           title="cumulative error distribution")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_name(weights: str) -> str:
+    path = Path(weights)
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+def main(args: argparse.Namespace) -> dict:
+    device = pick_device(args.device)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results, curves, faces, config = {}, {}, None, {}
+    for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
+        model, config = load_model(weights, device)
+        faces, xml = select_faces(args, config)
+        root = xml.parent
+        data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))
+        loader = DataLoader(data, args.batch_size, num_workers=args.workers)
+        pred, truths = predict_targets(model, loader, device, args.flip_test)
+        name = run_name(weights) + (" +flip" if args.flip_test else "")
+        curves[name] = nme(pred, truths)
+        results[name] = summarise(curves[name], [subset_of(f, root) for f in faces])
+        write_faces_csv(out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, curves[name])
+        print_table(f"{weights}{' with flip test' if args.flip_test else ''} on {xml}", results[name])
+    if args.baseline == MEAN_SHAPE:
+        train_xml = Path(args.data_dir) / args.train_xml
+        train_faces = load_faces(train_xml, args.skip_bad)
+        train_idx, _ = split_faces(len(train_faces), config.get("val_fraction", 0.1), config.get("seed", 0))
+        shape = mean_shape([train_faces[i] for i in train_idx])
+        if faces is None:
+            faces, xml = select_faces(args, config)
+        truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
+        curves[MEAN_SHAPE] = nme(np.broadcast_to(shape, truths.shape), truths)
+        results[MEAN_SHAPE] = summarise(curves[MEAN_SHAPE], [subset_of(f, xml.parent) for f in faces])
+        write_faces_csv(out / f"{MEAN_SHAPE}_faces.csv", faces, curves[MEAN_SHAPE])
+        print_table(f"mean training shape of {train_xml} placed in each box", results[MEAN_SHAPE])
+    plot_ced(curves, out / "ced.png")
+    print(f"\nwrote {out / 'ced.png'} and per-face CSVs in {out}/")
+    if args.json:
+        table = next(iter(results.values())) if len(results) == 1 else results
+        Path(args.json).write_text(json.dumps(table, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_args())
