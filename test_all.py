@@ -298,3 +298,153 @@ def test_flip_test_on_a_symmetric_prediction_changes_nothing():
     from transforms import unflip
     target = torch.from_numpy((template_shape() * 0.5).reshape(1, -1))
     torch.testing.assert_close(unflip(target), target)
+
+
+# ---------------------------------------------------------------- bad data and faults
+
+def good_face_xml(names=None, box=(50, 40, 100, 100), n_parts=68) -> str:
+    points = template_shape()[:n_parts] * 100 + [100, 100]
+    return box_xml(points, box=box, names=names)
+
+
+def bad_case(root: Path, case: str) -> Path:
+    """A dataset of one good face plus one problem; returns the XML."""
+    Image.new("RGB", (200, 200), 128).save(root / "good.jpg")
+    images = [("good.jpg", [good_face_xml()])]
+    if case == "missing image":
+        images.append(("gone.jpg", [good_face_xml()]))
+    elif case == "zero-byte jpeg":
+        (root / "empty.jpg").write_bytes(b"")
+        images.append(("empty.jpg", [good_face_xml()]))
+    elif case == "truncated jpeg":
+        data = (root / "good.jpg").read_bytes()
+        (root / "cut.jpg").write_bytes(data[: len(data) // 2])
+        images.append(("cut.jpg", [good_face_xml()]))
+    elif case == "text named jpg":
+        (root / "note.jpg").write_text("not an image")
+        images.append(("note.jpg", [good_face_xml()]))
+    elif case == "67 parts":
+        images.append(("good.jpg", [good_face_xml(n_parts=67)]))
+    elif case == "duplicate part":
+        images.append(("good.jpg", [good_face_xml(names=[f"{i:02d}" for i in range(67)] + ["05"])]))
+    elif case == "part out of range":
+        images.append(("good.jpg", [good_face_xml(names=[f"{i:02d}" for i in range(67)] + ["68"])]))
+    elif case == "zero-size box":
+        images.append(("good.jpg", [good_face_xml(box=(50, 40, 0, 100))]))
+    elif case == "negative box":
+        images.append(("good.jpg", [good_face_xml(box=(50, 40, -10, 100))]))
+    elif case == "box outside image":
+        images.append(("good.jpg", [good_face_xml(box=(500, 40, 100, 100))]))
+    elif case == "no boxes":
+        images = [("good.jpg", [])]
+    xml = write_xml(root / dataset.TRAIN_XML, images)
+    if case == "malformed xml":
+        xml.write_text(xml.read_text()[:-20])
+    return xml
+
+
+BAD_CASES = {"missing image": "gone.jpg: image not found", "zero-byte jpeg": "empty.jpg: cannot read image",
+             "truncated jpeg": "cut.jpg: cannot read image", "text named jpg": "note.jpg: cannot read image",
+             "malformed xml": "malformed XML", "67 parts": "has 67 parts, expected 68",
+             "duplicate part": "has part 05 twice", "part out of range": "part named '68'",
+             "zero-size box": "has size 0x100", "negative box": "has size -10x100",
+             "box outside image": "lies entirely outside", "no boxes": "no usable <box>"}
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_data_stops_before_training_with_one_line_naming_the_file(case, tmp_path):
+    xml = bad_case(tmp_path, case)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *FAST]))
+    message = str(stop.value.code)
+    assert BAD_CASES[case] in message and "\n" not in message
+    assert str(tmp_path) in message or xml.name in message
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_bad_data_from_the_command_line_exits_non_zero_without_a_traceback(tmp_path):
+    bad_case(tmp_path, "truncated jpeg")
+    result = run_script("train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *FAST)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "cut.jpg: cannot read image" in result.stderr
+
+
+def test_skip_bad_skips_bad_faces_and_says_how_many_and_why(tmp_path, capsys):
+    bad_case(tmp_path, "67 parts")
+    faces = load_faces(tmp_path / dataset.TRAIN_XML, skip_bad=True)
+    assert len(faces) == 1
+    assert "skipped 1 bad faces (1 x wrong part count)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "RGBA", "P", "I;16", "LA"])
+def test_every_image_mode_simply_works(mode, tmp_path):
+    gradient = np.tile(np.linspace(0, 1, 200), (200, 1))
+    if mode == "I;16":
+        image = Image.fromarray((gradient * 65535).astype(np.uint16))
+    else:
+        image = Image.fromarray((gradient * 255).astype(np.uint8)).convert("RGB").convert(mode)
+    image.save(tmp_path / ("face.tif" if mode in ("CMYK", "I;16") else "face.png"))
+    write_xml(tmp_path / "l.xml", [(f"face.{'tif' if mode in ('CMYK', 'I;16') else 'png'}", [good_face_xml()])])
+    faces = load_faces(tmp_path / "l.xml")
+    tensor, _ = FaceLandmarksDataset(faces, Transforms(64, train=False))[0]
+    # Left dark, right bright, in every mode: values were rescaled, not clipped or lost.
+    assert tensor[0, :, :10].mean() < -0.3 and tensor[0, :, -10:].mean() > 0.3
+
+
+def test_weights_from_another_model_or_truncated_give_one_line(trained, tmp_path):
+    import torchvision
+    other = tmp_path / "other.pt"
+    torch.save({"model": torchvision.models.resnet18().state_dict()}, other)
+    cut = tmp_path / "cut.pt"
+    data = (trained / "best.pt").read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    for path, problem in ((other, "weights do not fit this model"), (cut, "not a readable weights file")):
+        with pytest.raises(SystemExit) as stop:
+            load_model(path)
+        assert str(stop.value.code).startswith(f"{path}: {problem}") and "\n" not in str(stop.value.code)
+
+
+def wait_for_rows(log: Path, rows: int, process: subprocess.Popen, timeout: float = 120) -> None:
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and log.read_text().count("\n") > rows:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{log} never reached {rows} rows")
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
+def test_a_run_stopped_mid_epoch_resumes_and_keeps_its_best_weights(signal_name, demo, tmp_path):
+    import signal
+    import time
+    args = ["train.py", "--data-dir", str(demo), "--out", str(tmp_path), "--epochs", "5", *FAST]
+    process = subprocess.Popen([sys.executable, *args], cwd=HERE, stderr=subprocess.PIPE, text=True)
+    wait_for_rows(tmp_path / "log.csv", 2, process)
+    time.sleep(0.3)  # into epoch 3
+    process.send_signal(getattr(signal, signal_name))
+    _, stderr = process.communicate(timeout=60)
+    if signal_name == "SIGINT":
+        assert process.returncode == 130 and "--resume" in stderr and "Traceback" not in stderr
+    load_model(tmp_path / "best.pt")  # intact after the kill
+    result = run_script("train.py", "--resume", str(tmp_path / "last.pt"))
+    assert result.returncode == 0, result.stderr
+    epochs = [int(row.split(",")[0]) for row in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    assert epochs == [1, 2, 3, 4, 5]
+
+
+def test_a_failed_save_keeps_the_previous_weights_and_says_so(demo, tmp_path, monkeypatch, capsys):
+    base = ["--data-dir", str(demo), "--out", str(tmp_path), *FAST]
+    train.main(train.parse_args([*base, "--epochs", "1"]))
+    before = (tmp_path / "best.pt").read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    train.main(train.parse_args(["--resume", str(tmp_path / "last.pt"), "--epochs", "3", "--select", "loss"]))
+    assert "could not write" in capsys.readouterr().err
+    assert (tmp_path / "best.pt").read_bytes() == before
+    assert not list(tmp_path.glob(".*.tmp*"))
+    load_model(tmp_path / "best.pt")
