@@ -221,7 +221,12 @@ class FaceCache:
         xml_path = Path(xml_path)
         key = hashlib.sha1(xml_path.read_bytes() + repr((len(faces), cache_size, margin, CACHE_EXTENT,
                                                           CACHE_VERSION)).encode()).hexdigest()[:12]
-        self.path = xml_path.parent / ".cache" / f"{xml_path.stem}-{cache_size}-{key}.npy"
+        name = f"{xml_path.stem}-{cache_size}-{key}.npy"
+        self.path = xml_path.parent / ".cache" / name
+        # A read-only dataset folder: keep the cache in the user's cache folder instead.
+        fallback = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "face-landmarks" / name
+        if not self.path.exists() and fallback.exists():
+            self.path = fallback
         self.size, self.margin = cache_size, margin
         side = np.array([f.box.side * margin * CACHE_EXTENT for f in faces])
         # Coordinates in the cache: a pure scale and shift of the image's, so boxes stay boxes.
@@ -229,7 +234,11 @@ class FaceCache:
         self.center = np.stack([f.box.center for f in faces])
         self.faces = faces
         if not self.path.exists():
-            self.build(workers)
+            try:
+                self.build(workers)
+            except PermissionError:
+                self.path = fallback
+                self.build(workers)
         self.crops = None  # opened lazily, so each DataLoader worker maps the file itself
 
     def build(self, workers: int) -> None:

@@ -448,3 +448,14 @@ def test_a_failed_save_keeps_the_previous_weights_and_says_so(demo, tmp_path, mo
     assert (tmp_path / "best.pt").read_bytes() == before
     assert not list(tmp_path.glob(".*.tmp*"))
     load_model(tmp_path / "best.pt")
+
+
+# ---------------------------------------------------------------- multi-process training
+
+def test_torchrun_trains_with_two_processes_and_only_rank_zero_writes(demo, tmp_path):
+    result = run_script("-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", "--data-dir", str(demo),
+                        "--out", str(tmp_path / "ddp"), "--epochs", "2", *FAST, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("epoch 2/2  train_loss") == 1  # one process reports
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "curves.png", "last.pt", "log.csv"]
+    load_model(tmp_path / "ddp" / "best.pt")
