@@ -459,3 +459,34 @@ def test_torchrun_trains_with_two_processes_and_only_rank_zero_writes(demo, tmp_
     assert result.stdout.count("epoch 2/2  train_loss") == 1  # one process reports
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "curves.png", "last.pt", "log.csv"]
     load_model(tmp_path / "ddp" / "best.pt")
+
+
+# ---------------------------------------------------------------- pretrained start
+
+def test_pretrained_start_averages_imagenet_conv1_over_rgb(tmp_path, monkeypatch):
+    import torchvision
+    imagenet = torchvision.models.resnet18().state_dict()  # a local file of the right shape
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(imagenet, tmp_path / "hub" / "checkpoints" / Path(weights.url).name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    model = build_model(pretrained=True)
+    torch.testing.assert_close(model.conv1.weight, imagenet["conv1.weight"].mean(1, keepdim=True))
+    torch.testing.assert_close(model.layer4[1].conv2.weight, imagenet["layer4.1.conv2.weight"])
+    assert model.fc.out_features == 2 * NUM_LANDMARKS
+
+
+def test_pretrained_offline_stops_with_one_line(tmp_path, monkeypatch):
+    import urllib.error
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as stop:
+        build_model(pretrained=True)
+    message = str(stop.value.code)
+    assert message.startswith("--pretrained: cannot download") and "\n" not in message
+    assert str(tmp_path / "hub" / "checkpoints") in message
