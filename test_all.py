@@ -490,3 +490,90 @@ def test_pretrained_offline_stops_with_one_line(tmp_path, monkeypatch):
     message = str(stop.value.code)
     assert message.startswith("--pretrained: cannot download") and "\n" not in message
     assert str(tmp_path / "hub" / "checkpoints") in message
+
+
+# ---------------------------------------------------------------- download.sh
+
+import tarfile  # noqa: E402
+
+ARCHIVE_TOP = "ibug_300W_large_face_landmark_dataset"
+ARCHIVE_NAME = f"{ARCHIVE_TOP}.tar.gz"
+
+
+def tiny_300w_archive(tmp_path: Path) -> Path:
+    """dlib's archive layout in miniature: the two label XMLs and one image under helen/."""
+    tree = tmp_path / "tree" / ARCHIVE_TOP
+    (tree / "helen" / "trainset").mkdir(parents=True)
+    face = box_xml(np.random.default_rng(0).uniform(12, 48, (NUM_LANDMARKS, 2)), box=(10, 10, 40, 40))
+    for xml in (dataset.TRAIN_XML, dataset.TEST_XML):
+        write_xml(tree / xml, [("helen/trainset/1.jpg", [face])])
+    Image.new("RGB", (64, 64), "gray").save(tree / "helen" / "trainset" / "1.jpg")
+    archive = tmp_path / ARCHIVE_NAME
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tree, arcname=ARCHIVE_TOP)
+    return archive
+
+
+def run_download(data_dir: Path | None, url: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    args = ["bash", "download.sh"] + ([str(data_dir)] if data_dir else [])
+    return subprocess.run(args, cwd=HERE, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DLIB_300W_URL": url, **(env or {})})
+
+
+def assert_extracted(data_dir: Path):
+    for name in (dataset.TRAIN_XML, dataset.TEST_XML, "helen/trainset/1.jpg"):
+        assert (data_dir / name).is_file(), name
+    assert not (data_dir / ARCHIVE_TOP).exists()
+    assert not list(data_dir.glob(".extract.*"))
+
+
+def test_download_puts_the_label_xmls_and_images_directly_in_the_data_folder(tmp_path):
+    archive = tiny_300w_archive(tmp_path)
+    result = run_download(tmp_path / "data", archive.as_uri())
+    assert result.returncode == 0, result.stderr
+    assert_extracted(tmp_path / "data")
+    assert len(load_faces(tmp_path / "data" / dataset.TRAIN_XML)) == 1
+
+
+def test_download_again_when_done_is_a_no_op_that_says_so(tmp_path):
+    archive = tiny_300w_archive(tmp_path)
+    assert run_download(tmp_path / "data", archive.as_uri()).returncode == 0
+    again = run_download(tmp_path / "data", (tmp_path / "missing.tar.gz").as_uri())
+    assert again.returncode == 0 and again.stderr == ""
+    assert again.stdout.strip().count("\n") == 0 and "nothing to do" in again.stdout
+
+
+def test_download_resumes_a_partial_part_file_and_fetches_only_the_rest(tmp_path):
+    archive = tiny_300w_archive(tmp_path)
+    whole = archive.read_bytes()
+    half = len(whole) // 2
+    # The server's first half is zeros: only a download that resumes after the .part's bytes gives a valid archive.
+    served = tmp_path / "served.tar.gz"
+    served.write_bytes(bytes(half) + whole[half:])
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / f"{ARCHIVE_NAME}.part").write_bytes(whole[:half])
+    result = run_download(None, served.as_uri(), env={"DATA_DIR": str(data_dir)})
+    assert result.returncode == 0, result.stderr
+    assert_extracted(data_dir)
+    assert not (data_dir / f"{ARCHIVE_NAME}.part").exists()
+
+
+def test_download_of_a_bad_archive_stops_with_one_line_and_leaves_nothing_that_looks_complete(tmp_path):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(random.Random(0).randbytes(4096))
+    result = run_download(tmp_path / "data", bad.as_uri())
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "is not a valid archive; delete it" in result.stderr
+    assert ARCHIVE_NAME in result.stderr
+    assert not (tmp_path / "data" / ".download-complete").exists()
+    assert not (tmp_path / "data" / dataset.TRAIN_XML).exists()
+    assert not list((tmp_path / "data").glob(".extract.*"))
+
+
+def test_download_from_an_unreachable_url_stops_with_one_line(tmp_path):
+    result = run_download(tmp_path / "data", "file:///nonexistent/x.tar.gz")
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("download.sh: cannot download file:///nonexistent/x.tar.gz (")
+    assert not (tmp_path / "data" / dataset.TRAIN_XML).exists()
