@@ -35,30 +35,50 @@ is_complete() {
 }
 
 # Progress bars only for a person at a terminal; in logs and tests the only output on failure is one line.
-fetch() {
+fetch_with_curl() {
     local url=$1 part=$2 message status=0
-    if command -v curl >/dev/null; then
-        if [[ -t 2 ]]; then
-            curl --fail --location --continue-at - --output "$part" --progress-bar "$url" || status=$?
-            ((status == 0)) || die "cannot download $url (curl exit $status, see above); run again to resume"
-        else
-            message=$(curl --fail --location --continue-at - --output "$part" --silent --show-error "$url" 2>&1) \
-                || die "cannot download $url (${message##*$'\n'})"
-        fi
-    elif command -v wget >/dev/null; then
-        if [[ -t 2 ]]; then
-            wget --continue --no-verbose --show-progress --output-document "$part" "$url" || status=$?
-            ((status == 0)) || die "cannot download $url (wget exit $status, see above); run again to resume"
-        else
-            message=$(wget --continue --no-verbose --output-document "$part" "$url" 2>&1) || {
-                message=${message##*$'\n'}
-                # wget -nv starts its lines with a timestamp; the reason is what follows.
-                [[ $message =~ ^[0-9-]+\ [0-9:]+\ (.*)$ ]] && message=${BASH_REMATCH[1]}
-                die "cannot download $url (wget: $message)"
-            }
-        fi
+    if [[ -t 2 ]]; then
+        # The bar and curl's own error are on the terminal already; stdout carries just the HTTP status.
+        message=$(curl --fail --location --continue-at - --output "$part" --progress-bar \
+            --write-out 'HTTP %{http_code}' "$url") || status=$?
     else
-        die "needs curl or wget to download $url"
+        message=$(curl --fail --location --continue-at - --output "$part" --silent --show-error "$url" 2>&1) \
+            || status=$?
+    fi
+    # 416 to a resume: the .part already holds the whole file (the last run stopped before renaming it), so
+    # it goes on to the archive check rather than failing on every run.
+    if ((status == 22)) && [[ $message == *" 416"* ]]; then
+        echo "download.sh: $part already holds the whole file"
+        return 0
+    fi
+    ((status == 33)) && die "cannot resume $part: the server ignores byte ranges; delete it and run again"
+    ((status == 0)) && return 0
+    [[ -t 2 ]] && die "cannot download $url (curl exit $status, see above); run again to resume"
+    die "cannot download $url (${message##*$'\n'})"
+}
+
+fetch_with_wget() {
+    local url=$1 part=$2 message status=0
+    if [[ -t 2 ]]; then
+        wget --continue --no-verbose --show-progress --output-document "$part" "$url" || status=$?
+        ((status == 0)) || die "cannot download $url (wget exit $status, see above); run again to resume"
+    else
+        message=$(wget --continue --no-verbose --output-document "$part" "$url" 2>&1) || {
+            message=${message##*$'\n'}
+            # wget -nv starts its lines with a timestamp; the reason is what follows.
+            [[ $message =~ ^[0-9-]+\ [0-9:]+\ (.*)$ ]] && message=${BASH_REMATCH[1]}
+            die "cannot download $url (wget: $message)"
+        }
+    fi
+}
+
+fetch() {
+    if command -v curl >/dev/null; then
+        fetch_with_curl "$@"
+    elif command -v wget >/dev/null; then
+        fetch_with_wget "$@"
+    else
+        die "needs curl or wget to download $1"
     fi
 }
 

@@ -1,9 +1,14 @@
 """The test suite: every script, on small data the tests make themselves (run: pytest test_all.py)."""
-import math
+import http.server
+import json
 import os
 import random
 import subprocess
 import sys
+import tarfile
+import threading
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +16,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import benchmark
 import dataset
 import evaluate
+import export
 import predict
 import train
-from dataset import NUM_LANDMARKS, Box, FaceCache, FaceLandmarksDataset, load_faces, split_faces
-from model import build_model, load_model
-from transforms import CROP_MARGIN, FLIP_PERMUTATION, Augment, Transforms, target_to_points
+from dataset import NUM_LANDMARKS, Box, Face, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces, template_shape
+from model import build_model, load_model, optimize_for_inference
+from transforms import CROP_MARGIN, FLIP_PERMUTATION, Augment, Transforms, unflip
 
 HERE = Path(__file__).parent
 # Small and fast: a ResNet18 at 64 px trains an epoch of the demo set in about a second.
@@ -232,10 +239,6 @@ def test_predict_without_weights_says_to_train_first(tmp_path):
 
 # ---------------------------------------------------------------- evaluate.py and the metric
 
-
-from dataset import Face, nme, template_shape  # noqa: E402
-
-
 def test_nme_of_a_perfect_prediction_is_zero():
     shape = template_shape()[None] * 100
     assert nme(shape, shape)[0] == 0
@@ -289,13 +292,12 @@ def test_evaluate_scores_weights_and_the_baseline_and_writes_its_files(demo, tra
     assert (tmp_path / "ced.png").stat().st_size > 1000
     rows = next(tmp_path.glob("*best_flip_faces.csv")).read_text().splitlines()
     assert rows[0] == "file,left,top,width,height,nme" and len(rows) == model_table["Full"]["faces"] + 1
-    saved = __import__("json").loads((tmp_path / "t.json").read_text())
+    saved = json.loads((tmp_path / "t.json").read_text())
     assert set(saved) == set(results) and "mean-shape" in saved and len(saved) == 2
     assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "fr8", "fr10", "auc8", "auc10"}
 
 
 def test_flip_test_on_a_symmetric_prediction_changes_nothing():
-    from transforms import unflip
     target = torch.from_numpy((template_shape() * 0.5).reshape(1, -1))
     torch.testing.assert_close(unflip(target), target)
 
@@ -494,8 +496,6 @@ def test_pretrained_offline_stops_with_one_line(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- download.sh
 
-import tarfile  # noqa: E402
-
 ARCHIVE_TOP = "ibug_300W_large_face_landmark_dataset"
 ARCHIVE_NAME = f"{ARCHIVE_TOP}.tar.gz"
 
@@ -577,3 +577,230 @@ def test_download_from_an_unreachable_url_stops_with_one_line(tmp_path):
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("download.sh: cannot download file:///nonexistent/x.tar.gz (")
     assert not (tmp_path / "data" / dataset.TRAIN_XML).exists()
+
+
+# ---------------------------------------------------------------- your own photos and export
+
+ANY_BOX = "20,20,120,120"
+
+
+def astronaut_jpg(tmp_path: Path) -> Path:
+    """A real face photo that ships inside scikit-image, so no test downloads anything."""
+    from skimage.data import astronaut
+    path = tmp_path / "astronaut.jpg"
+    Image.fromarray(astronaut()).save(path, quality=95)
+    return path
+
+
+def predict_images(trained: Path, out_dir: Path, *args: str) -> dict:
+    predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out_dir), *args]))
+    return json.loads((out_dir / "predictions.json").read_text())
+
+
+def test_the_detector_finds_the_one_face_in_a_real_photo(tmp_path):
+    photo = dataset.to_gray(Image.open(astronaut_jpg(tmp_path)))
+    boxes = predict.detect_faces(predict.load_detector(), photo)
+    assert len(boxes) == 1
+    assert 150 < boxes[0].center[0] < 300 and 60 < boxes[0].center[1] < 200 and 60 < boxes[0].side < 160
+
+
+def test_predict_image_on_a_real_photo_writes_68_points_inside_it_and_an_annotated_png(trained, tmp_path):
+    photo = astronaut_jpg(tmp_path)
+    saved = predict_images(trained, tmp_path / "out", "--image", str(photo))
+    [record] = saved["images"]
+    assert record["image"] == str(photo) and (record["width"], record["height"]) == (512, 512)
+    [face] = record["faces"]
+    points = np.array(face["points"])
+    assert len(face["box"]) == 4 and points.shape == (NUM_LANDMARKS, 2)
+    assert (points >= 0).all() and (points < 512).all()
+    assert Image.open(record["annotated"]).size == (512, 512)
+
+
+def image_in_mode(mode: str) -> Image.Image:
+    gradient = np.tile(np.linspace(0, 1, 160), (140, 1))
+    if mode == "I;16":
+        return Image.fromarray((gradient * 65535).astype(np.uint16))
+    return Image.fromarray((gradient * 255).astype(np.uint8)).convert("RGB").convert(mode)
+
+
+def test_every_image_mode_of_a_folder_is_predicted(trained, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for mode, suffix in (("RGB", "jpg"), ("RGBA", "png"), ("P", "png"), ("CMYK", "tif"), ("I;16", "png"),
+                         ("L", "bmp")):
+        image_in_mode(mode).save(photos / f"{mode.replace(';', '')}.{suffix}")
+    (photos / "notes.txt").write_text("not a photo: skipped when a folder is given")
+    saved = predict_images(trained, tmp_path / "out", "--image", str(photos), "--box", ANY_BOX)
+    names = [Path(r["image"]).name for r in saved["images"]]
+    assert names == ["CMYK.tif", "I16.png", "L.bmp", "P.png", "RGB.jpg", "RGBA.png"]
+    for record in saved["images"]:
+        assert len(record["faces"]) == 1 and np.array(record["faces"][0]["points"]).shape == (NUM_LANDMARKS, 2)
+        assert Path(record["annotated"]).is_file()
+
+
+def test_an_image_with_exif_orientation_is_turned_upright_first(trained, tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view", as phones write portrait shots
+    image_in_mode("RGB").save(tmp_path / "phone.jpg", exif=exif)
+    saved = predict_images(trained, tmp_path / "out", "--image", str(tmp_path / "phone.jpg"), "--box", ANY_BOX)
+    [record] = saved["images"]
+    assert (record["width"], record["height"]) == (140, 160)
+    assert Image.open(record["annotated"]).size == (140, 160)
+
+
+def test_an_unreadable_image_costs_one_line_the_rest_are_predicted_and_the_exit_is_non_zero(trained, tmp_path):
+    for name in ("a.png", "c.png"):
+        image_in_mode("L").save(tmp_path / name)
+    (tmp_path / "b.jpg").write_text("not an image")
+    out = tmp_path / "out"
+    result = run_script("predict.py", "--weights", str(trained / "best.pt"), "--out-dir", str(out),
+                        "--image", str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), str(tmp_path / "c.png"),
+                        "--box", ANY_BOX)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'b.jpg'}: cannot read image")
+    saved = json.loads((out / "predictions.json").read_text())
+    assert [len(r["faces"]) for r in saved["images"]] == [1, 0, 1] and "error" in saved["images"][1]
+    assert sorted(p.name for p in out.glob("*.png")) == ["a_landmarks.png", "c_landmarks.png"]
+
+
+def test_an_image_without_a_face_gives_an_empty_list_and_the_run_goes_on(trained, tmp_path, capsys):
+    Image.new("RGB", (300, 200), "gray").save(tmp_path / "wall.png")
+    photo = astronaut_jpg(tmp_path)
+    saved = predict_images(trained, tmp_path / "out", "--image", str(tmp_path / "wall.png"), str(photo))
+    assert [len(r["faces"]) for r in saved["images"]] == [0, 1]
+    assert "wall.png: no face found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag, value, problem", [("--box", "1,2,3", "expected four numbers"),
+                                                   ("--box", "1,2,0,3", "must be positive"),
+                                                   ("--upsample", "-1", "0 or more")])
+def test_image_flags_refuse_malformed_values_before_any_work(flag, value, problem, capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--image", "x.jpg", flag, value])
+    assert problem in capsys.readouterr().err
+
+
+def test_image_without_dlib_still_works_with_box_and_otherwise_says_how_to_install_it(trained, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now raises ImportError
+    image_in_mode("L").save(tmp_path / "a.png")
+    saved = predict_images(trained, tmp_path / "out", "--image", str(tmp_path / "a.png"), "--box", ANY_BOX)
+    assert len(saved["images"][0]["faces"]) == 1
+    with pytest.raises(SystemExit) as stop:
+        predict_images(trained, tmp_path / "out", "--image", str(tmp_path / "a.png"))
+    message = str(stop.value.code)
+    assert "pip install dlib-bin" in message and "--box" in message and "\n" not in message
+
+
+def test_onnx_export_matches_pytorch_and_takes_any_batch_size(trained, tmp_path):
+    import onnx
+    out = tmp_path / "model.onnx"
+    difference = export.main(export.parse_args(["--weights", str(trained / "best.pt"), "--out", str(out),
+                                                "--torchscript"]))
+    assert difference <= 1e-4
+    assert onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert (tmp_path / "model.torchscript.pt").is_file()
+
+
+# ---------------------------------------------------------------- download.sh over HTTP
+
+
+# A proxy set in the environment must not see requests to the tests' own server.
+NO_PROXY = {"no_proxy": "127.0.0.1", "NO_PROXY": "127.0.0.1"}
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Python's static server: it ignores Range and always sends the whole file."""
+
+    def log_message(self, *args):
+        pass
+
+
+class RangeHandler(QuietHandler):
+    """A static server as dlib.net's is: `Range: bytes=N-` gets 206 and the rest, or 416 when N is the end."""
+
+    def do_GET(self):
+        body = Path(self.translate_path(self.path)).read_bytes()
+        asked = self.headers.get("Range")
+        start = int(asked.removeprefix("bytes=").rstrip("-")) if asked else 0
+        if asked and start >= len(body):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            body = b""
+        elif asked:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            body = body[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@contextmanager
+def serving(root: Path, handler: type):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def data_dir_with_part(tmp_path: Path, part: bytes) -> Path:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / f"{ARCHIVE_NAME}.part").write_bytes(part)
+    return data_dir
+
+
+# "all" is a run stopped after the last byte but before the rename: the server answers the resume with 416.
+@pytest.mark.parametrize("have", [0.5, 1.0], ids=["half", "all"])
+def test_download_over_http_resumes_from_the_end_of_the_part_file(have, tmp_path):
+    whole = tiny_300w_archive(tmp_path).read_bytes()
+    cut = int(len(whole) * have)
+    # The server's copy is zeros up to the cut: only a resume after the .part's bytes gives a valid archive.
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / ARCHIVE_NAME).write_bytes(bytes(cut) + whole[cut:])
+    data_dir = data_dir_with_part(tmp_path, whole[:cut])
+    with serving(tmp_path / "served", RangeHandler) as server:
+        result = run_download(data_dir, f"{server}/{ARCHIVE_NAME}", env=NO_PROXY)
+    assert result.returncode == 0, result.stderr
+    assert_extracted(data_dir)
+
+
+def test_download_from_a_server_that_cannot_resume_says_to_delete_the_part_file(tmp_path):
+    archive = tiny_300w_archive(tmp_path)
+    data_dir = data_dir_with_part(tmp_path, archive.read_bytes()[:100])
+    with serving(tmp_path, QuietHandler) as server:
+        result = run_download(data_dir, f"{server}/{ARCHIVE_NAME}", env=NO_PROXY)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "the server ignores byte ranges; delete it" in result.stderr
+    assert not (data_dir / dataset.TRAIN_XML).exists()
+
+
+# ---------------------------------------------------------------- speed
+
+def test_the_optimized_network_gives_the_eager_points_at_any_batch_size(trained):
+    model, config = load_model(trained / "best.pt")
+    fast = optimize_for_inference(model, config["img_size"])
+    for batch in (1, 5):
+        images = torch.rand(batch, 1, config["img_size"], config["img_size"]) * 2 - 1
+        with torch.inference_mode():
+            assert torch.allclose(fast(images), model(images), atol=1e-4)
+
+
+def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_path):
+    rows = benchmark.main(benchmark.parse_args([
+        "--data-dir", str(demo), "--img-sizes", "64", "--batch-size", "8", "--workers", "0", "1",
+        "--batches", "2", "--warmup", "1", "--runs", "2", "--json", str(tmp_path / "bench.json")]))
+    [row] = json.loads((tmp_path / "bench.json").read_text())
+    assert row == json.loads(json.dumps(rows[0]))
+    assert {"img_size", "loader_img_s", "model_train_img_s", "e2e_train_img_s", "epoch_vs_model",
+            "infer_bs1_ms", "infer_bs64_img_s"} <= set(row)
+    assert row["img_size"] == 64 and set(row["loader_img_s"]) == {"0", "1"}
+    assert all(v > 0 for v in row["loader_img_s"].values()) and row["infer_bs1_ms"] > 0
+    assert row["epoch_vs_model"] == pytest.approx(row["model_train_img_s"] / row["e2e_train_img_s"])

@@ -7,6 +7,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -228,6 +229,18 @@ def save_or_warn(state: dict, path: Path) -> None:
         print(f"warning: could not write {path} ({e}); the previous {path.name} is kept", file=sys.stderr)
 
 
+def report_interrupt(checkpoint_state: Callable[[int], dict], completed: int, saved: int, out: Path) -> None:
+    """Ctrl-C: keep the state after the last completed epoch, never a half-trained one, so that
+    --resume repeats exactly the interrupted epoch."""
+    if completed > saved:  # the epoch ended but its checkpoint was not written yet
+        save_or_warn(checkpoint_state(completed), out / "last.pt")
+    if completed == 0:
+        print("\ninterrupted before the first epoch ended; nothing to resume", file=sys.stderr)
+        return
+    print(f"\ninterrupted: {out / 'last.pt'} holds epoch {completed}; "
+          f"continue with: python train.py --resume {out / 'last.pt'}", file=sys.stderr)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -269,7 +282,7 @@ def main(args: argparse.Namespace) -> list[dict]:
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
                 "config": config}
 
-    epoch = start
+    saved = start  # epochs held by the last.pt on disk
     try:
         for epoch in range(start, args.epochs):
             started = time.time()
@@ -287,18 +300,17 @@ def main(args: argparse.Namespace) -> list[dict]:
                 continue
             score = val_nme if args.select == "nme" else val_loss
             if score < best:
-                best = score
                 save_or_warn({"model": model.state_dict(), "config": config, "epoch": epoch + 1,
                               "val_loss": val_loss, "val_nme": val_nme}, out / "best.pt")
+                best = score
             save_or_warn(checkpoint_state(epoch + 1), out / "last.pt")
+            saved = epoch + 1
             write_log(history, out)
             print(f"epoch {epoch + 1}/{args.epochs}  train_loss {train_loss:.5f}  val_loss {val_loss:.5f}  "
                   f"val_nme {val_nme:.2f}%  {row['seconds']:.0f}s{'  *' if score == best else ''}", flush=True)
     except KeyboardInterrupt:
         if show:
-            save_or_warn(checkpoint_state(epoch), out / "last.pt")
-            print(f"\ninterrupted in epoch {epoch + 1}: saved {out / 'last.pt'}; "
-                  f"continue with: python train.py --resume {out / 'last.pt'}", file=sys.stderr)
+            report_interrupt(checkpoint_state, len(history), saved, out)
         raise SystemExit(130)
     if show and history:
         plot_curves(history, out / "curves.png")
