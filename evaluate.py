@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, load_faces, nme, split_faces
-from model import autocast, load_model, pick_device
+from model import Network, autocast, load_for_inference, pick_device
 from transforms import CROP_MARGIN, Transforms, face_matrix, points_to_target, unflip
 
 THRESHOLDS = (8, 10)  # % of the outer-eye-corner distance
@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="faces per batch (default: 32)")
     p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
+    p.add_argument("--eager", action="store_true",
+                   help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
     p.add_argument("--out-dir", default="eval", help="folder for the CED plot and per-face CSVs (default: eval)")
     p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
     p.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
@@ -88,7 +90,7 @@ def print_table(title: str, table: dict[str, dict]) -> None:
 # ---------------------------------------------------------------- predictions
 
 @torch.no_grad()
-def predict_targets(model, loader: DataLoader, device: torch.device, flip_test: bool) -> tuple[np.ndarray, np.ndarray]:
+def predict_targets(model: Network, loader: DataLoader, device: torch.device, flip_test: bool) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true targets (N, 68, 2) in crop coordinates; NME there equals NME in the image, since
     the crop is a similarity transform."""
     from tqdm import tqdm
@@ -157,7 +159,7 @@ def main(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     results, curves, faces, config = {}, {}, None, {}
     for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
-        model, config = load_model(weights, device)
+        model, config = load_for_inference(weights, device, args.eager)
         faces, xml = select_faces(args, config)
         root = xml.parent
         data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))

@@ -1,5 +1,8 @@
-"""The network (torchvision's ResNet18, 1 input channel, 136 outputs) and saving and loading its weights."""
+"""The network (torchvision's ResNet18, 1 input channel, 136 outputs), saving and loading its weights, and its fast CPU form for inference."""
+import copy
 import os
+import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -8,6 +11,9 @@ import torch.nn as nn
 import torchvision
 
 from dataset import NUM_LANDMARKS
+
+# A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
+Network = Callable[[torch.Tensor], torch.Tensor]
 
 
 def build_model(pretrained: bool = False) -> nn.Module:
@@ -52,6 +58,47 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
+def optimize_for_inference(model: nn.Module, img_size: int) -> Network:
+    """The same network, faster on the CPU: traced, frozen (batch norm folded into the convolutions)
+    and run by oneDNN's graph fuser in channels-last layout; outputs match the eager model's to ~1e-5.
+
+    At batch 1 it runs about 1.5x faster than the eager model in channels-last and 2x faster than as
+    loaded, where folding batch norm or onnxruntime gain little or nothing (benchmark.py measures it).
+    On CUDA the model comes back as it is: autocast is what speeds it up there. The model passed in is
+    left untouched.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    example = torch.zeros(1, 1, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    with warnings.catch_warnings(), torch.no_grad():
+        # TorchScript is deprecated for torch.compile, which runs no faster here but needs a C++
+        # compiler at run time and ~40 s to compile on 2 cores; trace + freeze takes under a second.
+        warnings.simplefilter("ignore", FutureWarning)
+        frozen = torch.jit.freeze(torch.jit.trace(model, example))
+
+    # torch on macOS and Windows lacks oneDNN Graph: there the frozen graph runs as it is.
+    fuser = hasattr(torch._C, "_jit_llga_enabled")
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        # The fuser's switch is global, and some other TorchScript (mkldnn-layout graphs) breaks under it:
+        # on only while this network runs, which is when TorchScript builds and rebuilds its fused graph.
+        # (torch.jit.fuser("fuser3") would do this, but warns about nvFuser on every call.)
+        previous = fuser and torch.jit.onednn_fusion_enabled()
+        if fuser:
+            torch.jit.enable_onednn_fusion(True)
+        try:
+            with torch.no_grad():
+                return frozen(images.contiguous(memory_format=torch.channels_last))
+        finally:
+            if fuser:
+                torch.jit.enable_onednn_fusion(previous)
+
+    for _ in range(3):  # TorchScript profiles the first calls and fuses after; pay that here, not on a face
+        run(example)
+    return run
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temporary file, then rename: a crash or a full disk never leaves a half-written file."""
     path = Path(path)
@@ -89,3 +136,10 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
         first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
         raise SystemExit(f"{path}: weights do not fit this model ({first})") from None
     return model.to(device).eval(), checkpoint.get("config", {})
+
+
+def load_for_inference(path: Path, device: str | torch.device = "cpu",
+                       eager: bool = False) -> tuple[Network, dict]:
+    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`."""
+    model, config = load_model(path, device)
+    return (model if eager else optimize_for_inference(model, config.get("img_size", 224))), config

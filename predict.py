@@ -1,23 +1,58 @@
-"""Pictures of predictions: a grid of validation faces, true points green and predicted points red."""
+"""Pictures of predictions: a grid of validation faces, truth green and prediction red; landmarks on your own photos."""
 import argparse
+import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageOps
 
-from dataset import FaceLandmarksDataset, load_faces, split_faces
-from model import load_model, pick_device
+from dataset import NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, split_faces, to_gray
+from model import Network, load_for_inference, pick_device
 from transforms import Transforms
+
+
+def box_arg(text: str) -> Box:
+    """--box left,top,width,height in image pixels."""
+    try:
+        box = Box(*(float(v) for v in text.split(",")))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected four numbers, left,top,width,height") from None
+    if box.width <= 0 or box.height <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
+    return box
+
+
+def count_arg(text: str) -> int:
+    """A whole number, 0 or more: dlib refuses negative upsampling with a traceback."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
+    return int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, default=8, help="validation faces to show (default: 8)")
     parser.add_argument("--weights", default="runs/best.pt", help="weights from train.py (default: runs/best.pt)")
-    parser.add_argument("--data-dir", help="dataset folder (default: the one the weights were trained on)")
-    parser.add_argument("--out", default="predictions.png", help="PNG to write (default: predictions.png)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
+    grid = parser.add_argument_group("validation grid (without --image)")
+    grid.add_argument("--n", type=int, default=8, help="validation faces to show (default: 8)")
+    grid.add_argument("--data-dir", help="dataset folder (default: the one the weights were trained on)")
+    grid.add_argument("--out", default="predictions.png", help="PNG to write (default: predictions.png)")
+    photos = parser.add_argument_group("your own photos")
+    photos.add_argument("--image", nargs="+", metavar="PATH",
+                        help="image files, or folders of them; each face found gets 68 points")
+    photos.add_argument("--out-dir", default="predictions",
+                        help="folder for one annotated PNG per image and predictions.json (default: predictions)")
+    photos.add_argument("--box", type=box_arg, metavar="L,T,W,H",
+                        help="use this face box in every image instead of detecting faces")
+    photos.add_argument("--upsample", type=count_arg, default=1,
+                        help="times the detector doubles the image first; more finds smaller faces, slower "
+                             "(default: 1)")
     return parser.parse_args(argv)
 
 
@@ -52,9 +87,7 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
     show_or_close(fig)
 
 
-def main(args: argparse.Namespace) -> None:
-    device = pick_device(args.device)
-    model, config = load_model(args.weights, device)
+def plot_validation(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> None:
     data_dir = Path(args.data_dir or config.get("data_dir", "data"))
     faces = load_faces(data_dir / config.get("xml", "labels_ibug_300W_train.xml"), config.get("skip_bad", False))
     _, val_idx = split_faces(len(faces), config.get("val_fraction", 0.1), config.get("seed", 0))
@@ -64,6 +97,153 @@ def main(args: argparse.Namespace) -> None:
     with torch.inference_mode():
         pred = model(images.to(device)).float().cpu().numpy()
     plot_grid(images, targets.numpy().reshape(-1, 68, 2), pred.reshape(-1, 68, 2), Path(args.out))
+
+
+# ---------------------------------------------------------------- the user's own photos
+
+@dataclass(frozen=True)
+class FacePrediction:
+    box: Box
+    points: np.ndarray  # (68, 2) image pixels of the upright photo
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """Files as given; folders -> the files inside that PIL can open, by name. Missing paths stay, to be reported."""
+    Image.init()
+    suffixes = set(Image.registered_extensions())
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+        else:
+            files.append(path)
+    return files
+
+
+def read_photo(path: Path) -> Image.Image:
+    """The photo upright (EXIF orientation applied), in its own mode; ValueError with one line if unreadable."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image)  # a decoded copy, so truncated files fail here
+    except FileNotFoundError:
+        raise ValueError(f"{path}: image not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{path}: cannot read image ({e})") from None
+
+
+def load_detector():
+    """dlib's HOG frontal face detector: the one whose boxes the 300-W training labels use."""
+    try:
+        import dlib
+    except ImportError:
+        raise SystemExit("--image needs dlib's face detector: pip install dlib-bin "
+                         "(or pass --box left,top,width,height)") from None
+    return dlib.get_frontal_face_detector()
+
+
+def detect_faces(detector, gray: Image.Image, upsample: int = 1) -> list[Box]:
+    """Face boxes in dlib's XML convention (rect.width() counts both edge pixels, as the labels do).
+
+    The detector sees the grayscale the network sees: on the colour original it also took the mission
+    patch on the astronaut's suit, in the tests' photo, for a face.
+    """
+    rects = detector(np.asarray(gray, np.uint8), upsample)
+    return [Box(r.left(), r.top(), r.width(), r.height()) for r in rects]
+
+
+def predict_faces(model: Network, transform: Transforms, gray: Image.Image, boxes: list[Box],
+                  device: torch.device) -> list[FacePrediction]:
+    """All faces of one image as one batch."""
+    if not boxes:
+        return []
+    no_points = np.zeros((NUM_LANDMARKS, 2))
+    batch = torch.stack([transform(gray, box, no_points)[0] for box in boxes])
+    with torch.inference_mode():
+        pred = model(batch.to(device)).float().cpu().numpy()
+    return [FacePrediction(box, transform.to_image(p, box)) for p, box in zip(pred, boxes)]
+
+
+def draw_predictions(photo: Image.Image, gray: Image.Image, faces: list[FacePrediction], path: Path) -> None:
+    """Boxes yellow, points red, on the photo in colour where RGB conversion keeps it faithful."""
+    # 16-bit and float modes would clip and transparent ones turn black: those are drawn on their grayscale.
+    faithful = photo.mode in ("RGB", "L", "CMYK", "YCbCr", "P") and "transparency" not in photo.info
+    canvas = photo.convert("RGB") if faithful else gray.convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for face in faces:
+        box, r = face.box, max(1.5, face.box.side / 90)
+        draw.rectangle([box.left, box.top, box.left + box.width - 1, box.top + box.height - 1],
+                       outline=(255, 220, 0), width=max(1, round(r / 2)))
+        for x, y in face.points:
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 40, 40))
+    canvas.save(path)
+
+
+def png_name(path: Path, taken: set[str]) -> str:
+    """<stem>_landmarks.png, numbered when two inputs share a stem (a.jpg and a.png, or two folders)."""
+    name, k = f"{path.stem}_landmarks.png", 1
+    while name in taken:
+        k += 1
+        name = f"{path.stem}_landmarks-{k}.png"
+    taken.add(name)
+    return name
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def face_record(face: FacePrediction) -> dict:
+    return {"box": [round(float(v), 2) for v in face.box],
+            "points": np.round(face.points.astype(np.float64), 2).tolist()}
+
+
+def predict_photos(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Landmarks on every image of --image: annotated PNGs and one predictions.json in --out-dir.
+
+    A file that cannot be read costs one line and a non-zero exit at the end, not the rest of the run.
+    """
+    files = image_files(args.image)
+    if not files:
+        raise SystemExit(f"{' '.join(args.image)}: no image files found")
+    detector = None if args.box else load_detector()
+    transform = Transforms(config.get("img_size", 224), train=False)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records, taken, unreadable = [], set(), 0
+    for path in files:
+        try:
+            photo = read_photo(path)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            records.append({"image": str(path), "error": str(e), "faces": []})
+            unreadable += 1
+            continue
+        gray = to_gray(photo)
+        boxes = [args.box] if args.box else detect_faces(detector, gray, args.upsample)
+        faces = predict_faces(model, transform, gray, boxes, device)
+        png = out_dir / png_name(path, taken)
+        draw_predictions(photo, gray, faces, png)
+        records.append({"image": str(path), "width": photo.width, "height": photo.height,
+                        "annotated": str(png), "faces": [face_record(f) for f in faces]})
+        found = plural(len(faces), "face") if faces else "no face found (try --upsample 2, or give one with --box)"
+        print(f"{path}: {found} -> {png}")
+    result = {"weights": str(args.weights), "images": records}
+    (out_dir / "predictions.json").write_text(json.dumps(result))
+    n_faces = sum(len(r["faces"]) for r in records)
+    print(f"wrote {out_dir / 'predictions.json'}: {plural(len(records), 'image')}, {plural(n_faces, 'face')}"
+          + (f", {unreadable} unreadable" if unreadable else ""))
+    if unreadable:
+        raise SystemExit(1)  # each file was already named on its own line
+    return result
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    device = pick_device(args.device)
+    model, config = load_for_inference(args.weights, device, args.eager)
+    if args.image:
+        return predict_photos(model, config, args, device)
+    plot_validation(model, config, args, device)
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,203 @@
+"""Speed figures for the machine it runs on: data loading, training (the model alone and end to end) and inference, at several input sizes."""
+import argparse
+import itertools
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+import train
+from dataset import TRAIN_XML, FaceLandmarksDataset
+from model import autocast, build_model, optimize_for_inference, pick_device
+
+# The batch the throughput figure `infer_bs64_img_s` is named for, whatever --batch-size says.
+INFER_BATCH = 64
+# Untimed calls before a batch-1 latency is measured: TorchScript fuses only after its first calls.
+LATENCY_WARMUP = 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--data-dir", default="../shared/data/300w_subset",
+                   help="folder holding dlib's XML and images (default: ../shared/data/300w_subset)")
+    p.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
+    p.add_argument("--img-sizes", type=int, nargs="+", default=[224, 128, 160], metavar="N",
+                   help="network input sides to measure (default: 224 128 160)")
+    p.add_argument("--batch-size", type=int, default=64, help="loader and training batch (default: 64)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], metavar="N",
+                   help="loader processes to measure the loader with; end to end uses the largest (default: 0 1 2)")
+    p.add_argument("--batches", type=int, default=5, help="batches timed for each figure (default: 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed batches before each figure (default: 2)")
+    p.add_argument("--runs", type=int, default=30, help="batch-1 inferences timed; the median is shown (default: 30)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- timing
+
+def seconds(device: torch.device, fn: Callable[[], object]) -> float:
+    """Wall time of fn(), waiting for the GPU's queued work at both ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def whole_bursts(batches: int, workers: int) -> int:
+    """`batches` rounded up to whole bursts: the workers start together, so their batches arrive together."""
+    burst = max(1, workers)
+    return -(-batches // burst) * burst
+
+
+def loader_rate(loader: DataLoader, warmup: int, batches: int) -> float:
+    """Images per second once the workers are up: the first `warmup` batches are not timed.
+
+    Both counts are whole bursts, so batches that arrived with the last untimed one are not counted as free.
+    """
+    warmup, batches = whole_bursts(warmup, loader.num_workers), whole_bursts(batches, loader.num_workers)
+    stream = iter(loader)
+    for _ in range(warmup):
+        next(stream)
+    start = time.perf_counter()
+    images = sum(len(next(stream)[0]) for _ in range(batches))
+    return images / (time.perf_counter() - start)
+
+
+def with_workers(loader: DataLoader, workers: int, dataset: FaceLandmarksDataset | None = None) -> DataLoader:
+    """The training loader again, with another number of processes (or another dataset)."""
+    dataset = loader.dataset if dataset is None else dataset
+    return DataLoader(dataset, loader.batch_size, shuffle=True, drop_last=loader.drop_last,
+                      num_workers=workers, pin_memory=loader.pin_memory)
+
+
+def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: int, device: torch.device) -> float:
+    """Images per second of train.py's own step (forward, backward, optimiser) on a fresh model."""
+    model = build_model().to(device).to(memory_format=torch.channels_last)
+    optimizer = train.make_optimizer(targs, model)
+    scheduler = train.make_scheduler(targs, optimizer, warmup + n)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+
+    def steps(k: int) -> None:
+        train.train_one_epoch(model, itertools.islice(batches, k), train.LOSSES[targs.loss], optimizer, scheduler,
+                              scaler, device, "", show=False)
+
+    steps(warmup)
+    return n * targs.batch_size / seconds(device, lambda: steps(n))
+
+
+def latency_ms(net: Callable, image: torch.Tensor, runs: int, device: torch.device) -> float:
+    """Median milliseconds of one call on one image."""
+    for _ in range(LATENCY_WARMUP):
+        net(image)
+    return 1000 * statistics.median(seconds(device, lambda: net(image)) for _ in range(runs))
+
+
+def inference_rate(net: Callable, images: torch.Tensor, warmup: int, n: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        net(images)
+    return n * len(images) / seconds(device, lambda: [net(images) for _ in range(n)])
+
+
+# ---------------------------------------------------------------- one input size
+
+def training_args(args: argparse.Namespace, img_size: int) -> argparse.Namespace:
+    """train.py's write-up recipe (its augmentation, optimiser, loss) on the crop cache, at this size."""
+    return train.parse_args(["--data-dir", args.data_dir, "--xml", args.xml, "--img-size", str(img_size),
+                             "--batch-size", str(args.batch_size), "--workers", str(max(args.workers)),
+                             "--cache", "--device", args.device])
+
+
+def loader_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
+    """The training loader alone: from the crop cache with each number of workers, and from the JPEGs."""
+    row = {"loader_img_s": {}}
+    for workers in args.workers:
+        row["loader_img_s"][str(workers)] = loader_rate(with_workers(loader, workers), args.warmup, args.batches)
+        print(f"  loader, cached, workers {workers}     {row['loader_img_s'][str(workers)]:8.1f} img/s", flush=True)
+    cached = loader.dataset
+    uncached = FaceLandmarksDataset(cached.faces, cached.transform, cached.indices)
+    row["loader_uncached_img_s"] = loader_rate(with_workers(loader, 0, uncached), args.warmup, args.batches)
+    print(f"  loader, uncached, workers 0   {row['loader_uncached_img_s']:8.1f} img/s", flush=True)
+    return row
+
+
+def training_figures(args: argparse.Namespace, targs: argparse.Namespace, loader: DataLoader,
+                     device: torch.device) -> dict:
+    """train.py's step on random tensors, then fed by the training loader."""
+    images = torch.rand(args.batch_size, 1, targs.img_size, targs.img_size, device=device) * 2 - 1
+    targets = torch.rand(args.batch_size, 136, device=device) - 0.5
+    model_only = training_rate(targs, itertools.repeat((images, targets)), args.warmup, args.batches, device)
+    print(f"  training, model only          {model_only:8.1f} img/s", flush=True)
+    end_to_end = training_rate(targs, iter(loader), args.warmup, args.batches, device)
+    # Above 1: the model waits for the loader.
+    epoch_vs_model = model_only / end_to_end
+    print(f"  training, end to end          {end_to_end:8.1f} img/s (workers {targs.workers}): an epoch "
+          f"~{len(loader.dataset) / end_to_end:.0f} s, {epoch_vs_model:.2f}x the model-only time", flush=True)
+    return {"model_train_img_s": model_only, "e2e_train_img_s": end_to_end, "epoch_vs_model": epoch_vs_model}
+
+
+def inference_figures(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
+    """The network as evaluate.py runs it (eager), and through model.optimize_for_inference."""
+    model = build_model().to(device).eval()
+    one = torch.rand(1, 1, img_size, img_size, device=device) * 2 - 1
+    batch = torch.rand(INFER_BATCH, 1, img_size, img_size, device=device) * 2 - 1
+    row = {}
+    with torch.inference_mode(), autocast(device):
+        for name, net, suffix in (("eager", model, "_eager"),
+                                  ("optimized", optimize_for_inference(model, img_size), "")):
+            row[f"infer_bs1_ms{suffix}"] = latency_ms(net, one, args.runs, device)
+            row[f"infer_bs64_img_s{suffix}"] = inference_rate(net, batch, args.warmup, args.batches, device)
+            print(f"  inference, {name:9s}          {row[f'infer_bs1_ms{suffix}']:8.2f} ms per face at batch 1, "
+                  f"{row[f'infer_bs64_img_s{suffix}']:.1f} img/s at batch {INFER_BATCH}", flush=True)
+    return row
+
+
+def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
+    """Every figure at one input size."""
+    targs = training_args(args, img_size)
+    loader, _, _ = train.make_loaders(targs, rank=0, world=1)
+    needed = max(whole_bursts(args.warmup, w) + whole_bursts(args.batches, w) for w in args.workers)
+    if len(loader) < needed:
+        raise SystemExit(f"{args.xml}: {len(loader.dataset)} training faces make {len(loader)} batches of "
+                         f"{args.batch_size}; --warmup {args.warmup} and --batches {args.batches} need {needed}")
+    print(f"img {img_size} (crop cache {loader.dataset.cache.size} px), batch {args.batch_size}, "
+          f"{len(loader.dataset)} training faces", flush=True)
+    return {"img_size": img_size, **loader_figures(args, loader), **training_figures(args, targs, loader, device),
+            **inference_figures(args, img_size, device)}
+
+
+# ---------------------------------------------------------------- main
+
+def describe(device: torch.device) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{os.cpu_count()} CPU cores"
+    return f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    device = pick_device(args.device)
+    train.seed_everything(0)
+    print(describe(device), flush=True)
+    rows = [measure(args, size, device) for size in args.img_sizes]
+    print(f"\n{'img':>4} {'loader img/s by workers':>24} {'train img/s':>12} {'e2e img/s':>10} {'epoch/model':>12} "
+          f"{'bs1 ms':>7} {'bs1 eager':>10} {'bs64 img/s':>11}")
+    for r in rows:
+        loaders = " ".join(f"{w}:{v:.0f}" for w, v in r["loader_img_s"].items())
+        print(f"{r['img_size']:>4} {loaders:>24} {r['model_train_img_s']:>12.1f} {r['e2e_train_img_s']:>10.1f} "
+              f"{r['epoch_vs_model']:>12.2f} {r['infer_bs1_ms']:>7.2f} {r['infer_bs1_ms_eager']:>10.2f} "
+              f"{r['infer_bs64_img_s']:>11.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,85 @@
+"""The trained network as ONNX (and, if asked, TorchScript), each checked against PyTorch on the same inputs."""
+import argparse
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import load_model
+
+OPSET = 17
+# The check runs a batch of a size the export never saw, which proves the batch axis is dynamic.
+EXPORT_BATCH, CHECK_BATCH = 2, 3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--weights", default="runs/best.pt", help="weights from train.py (default: runs/best.pt)")
+    parser.add_argument("--out", help="ONNX file to write (default: the weights path with .onnx)")
+    parser.add_argument("--torchscript", action="store_true",
+                        help="also write TorchScript, next to the ONNX file as .torchscript.pt")
+    return parser.parse_args(argv)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    """Input `image` (N, 1, S, S) in [-1, 1] -> output `landmarks` (N, 136), N free."""
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated for torch.export's, which would add onnxscript
+        # as a dependency; for a plain CNN both give the same graph, and this one runs with onnx alone.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["image"], output_names=["landmarks"],
+                          dynamic_axes={"image": {0: "batch"}, "landmarks": {0: "batch"}})
+
+
+def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        # Deprecated in favour of torch.export, but still what libtorch (C++) and older runtimes load.
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = torch.jit.trace(model, example)
+        traced.save(str(path))
+        return torch.jit.load(str(path))
+
+
+def onnx_outputs(path: Path, inputs: torch.Tensor) -> np.ndarray:
+    import onnx
+    import onnxruntime
+    onnx.checker.check_model(str(path))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": inputs.numpy()})[0]
+
+
+def main(args: argparse.Namespace) -> float:
+    """Writes the files and returns the largest |onnxruntime - PyTorch| over a batch of random inputs."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise SystemExit(f"export.py needs onnx and onnxruntime ({e}): pip install onnx onnxruntime") from None
+    model, config = load_model(args.weights, "cpu")
+    size = config.get("img_size", 224)
+    out = Path(args.out or Path(args.weights).with_suffix(".onnx"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    example = torch.rand(EXPORT_BATCH, 1, size, size, generator=generator) * 2 - 1
+    inputs = torch.rand(CHECK_BATCH, 1, size, size, generator=generator) * 2 - 1
+    with torch.inference_mode():
+        expected = model(inputs).numpy()
+
+    export_onnx(model, example, out)
+    difference = float(np.abs(onnx_outputs(out, inputs) - expected).max())
+    print(f"wrote {out} (opset {OPSET}, input 'image' (batch, 1, {size}, {size}), output 'landmarks' (batch, 136))")
+    print(f"largest |onnxruntime - pytorch| over {CHECK_BATCH} random inputs: {difference:.2e}")
+
+    if args.torchscript:
+        script_path = out.with_suffix(".torchscript.pt")
+        loaded = export_torchscript(model, example, script_path)
+        with torch.inference_mode():
+            scripted = loaded(inputs).numpy()
+        print(f"wrote {script_path}; largest |torchscript - pytorch|: {np.abs(scripted - expected).max():.2e}")
+    return difference
+
+
+if __name__ == "__main__":
+    main(parse_args())
