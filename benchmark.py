@@ -1,9 +1,11 @@
 """Speed figures for the machine it runs on: data loading, training (the model alone and end to end) and inference, at several input sizes."""
 import argparse
+import copy
 import itertools
 import json
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="loader and training batch (default: 64)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], metavar="N",
                    help="loader processes to measure the loader with; end to end uses the largest (default: 0 1 2)")
-    p.add_argument("--batches", type=int, default=5, help="batches timed for each figure (default: 5)")
+    p.add_argument("--batches", type=int, default=10, help="batches timed for each figure (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches before each figure (default: 2)")
     p.add_argument("--runs", type=int, default=30, help="batch-1 inferences timed; the median is shown (default: 30)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
@@ -144,18 +146,44 @@ def training_figures(args: argparse.Namespace, targs: argparse.Namespace, loader
     return {"model_train_img_s": model_only, "e2e_train_img_s": end_to_end, "epoch_vs_model": epoch_vs_model}
 
 
+def onnx_runtime(model: torch.nn.Module, img_size: int, folder: Path) -> Callable | None:
+    """The network exported by export.py and run by onnxruntime; None where onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    from export import export_onnx
+    path = folder / "model.onnx"
+    export_onnx(model, torch.zeros(2, 1, img_size, img_size), path)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda images: session.run(None, {"image": images.numpy()})[0]
+
+
+def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[str, Callable]:
+    """Each way of running the network that was tried on the CPU; "optimized" is what evaluate and predict use."""
+    ways = {"eager": model, "optimized": optimize_for_inference(model, img_size)}
+    if next(model.parameters()).device.type != "cpu":
+        return ways
+    ways["eager_channels_last"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    ways["traced_frozen"] = optimize_for_inference(model, img_size, fuse=False)
+    runtime = onnx_runtime(model, img_size, folder)
+    if runtime is not None:
+        ways["onnxruntime"] = runtime
+    return ways
+
+
 def inference_figures(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
-    """The network as evaluate.py runs it (eager), and through model.optimize_for_inference."""
+    """Batch-1 latency and batch-64 throughput of every way in inference_ways, under inference_mode."""
     model = build_model().to(device).eval()
     one = torch.rand(1, 1, img_size, img_size, device=device) * 2 - 1
     batch = torch.rand(INFER_BATCH, 1, img_size, img_size, device=device) * 2 - 1
     row = {}
-    with torch.inference_mode(), autocast(device):
-        for name, net, suffix in (("eager", model, "_eager"),
-                                  ("optimized", optimize_for_inference(model, img_size), "")):
+    with tempfile.TemporaryDirectory() as folder, torch.inference_mode(), autocast(device):
+        for name, net in inference_ways(model, img_size, Path(folder)).items():
+            suffix = "" if name == "optimized" else f"_{name}"
             row[f"infer_bs1_ms{suffix}"] = latency_ms(net, one, args.runs, device)
             row[f"infer_bs64_img_s{suffix}"] = inference_rate(net, batch, args.warmup, args.batches, device)
-            print(f"  inference, {name:9s}          {row[f'infer_bs1_ms{suffix}']:8.2f} ms per face at batch 1, "
+            print(f"  inference, {name:19s}{row[f'infer_bs1_ms{suffix}']:8.2f} ms per face at batch 1, "
                   f"{row[f'infer_bs64_img_s{suffix}']:.1f} img/s at batch {INFER_BATCH}", flush=True)
     return row
 

@@ -58,14 +58,14 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def optimize_for_inference(model: nn.Module, img_size: int) -> Network:
+def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True) -> Network:
     """The same network, faster on the CPU: traced, frozen (batch norm folded into the convolutions)
     and run by oneDNN's graph fuser in channels-last layout; outputs match the eager model's to ~1e-5.
 
     At batch 1 it runs about 1.5x faster than the eager model in channels-last and 2x faster than as
     loaded, where folding batch norm or onnxruntime gain little or nothing (benchmark.py measures it).
     On CUDA the model comes back as it is: autocast is what speeds it up there. The model passed in is
-    left untouched.
+    left untouched. fuse=False skips the oneDNN fuser (benchmark.py measures what it adds).
     """
     if next(model.parameters()).device.type != "cpu":
         return model
@@ -78,7 +78,7 @@ def optimize_for_inference(model: nn.Module, img_size: int) -> Network:
         frozen = torch.jit.freeze(torch.jit.trace(model, example))
 
     # torch on macOS and Windows lacks oneDNN Graph: there the frozen graph runs as it is.
-    fuser = hasattr(torch._C, "_jit_llga_enabled")
+    fuser = fuse and hasattr(torch._C, "_jit_llga_enabled")
 
     def run(images: torch.Tensor) -> torch.Tensor:
         # The fuser's switch is global, and some other TorchScript (mkldnn-layout graphs) breaks under it:

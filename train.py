@@ -26,7 +26,7 @@ DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_ba
                 workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
                 recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, loss="mse",
                 optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None)
-# Measured on the 300-W subset (README, "Beyond the write-up"); explicit flags still override these.
+# Measured on the 300-W subset (README, "Results"); explicit flags still override these.
 RECIPES = {
     "writeup": {},
     "best": dict(img_size=160, epochs=180, batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
