@@ -147,16 +147,16 @@ def training_figures(args: argparse.Namespace, targs: argparse.Namespace, loader
 
 
 def onnx_runtime(model: torch.nn.Module, img_size: int, folder: Path) -> Callable | None:
-    """The network exported by export.py and run by onnxruntime; None where onnxruntime is not installed."""
+    """The network exported by export.py and run by onnxruntime; None where onnx or onnxruntime is missing."""
     try:
-        import onnxruntime
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from export import export_onnx
+    from export import export_onnx, onnx_runner
     path = folder / "model.onnx"
     export_onnx(model, torch.zeros(2, 1, img_size, img_size), path)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda images: session.run(None, {"image": images.numpy()})[0]
+    return onnx_runner(path)
 
 
 def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[str, Callable]:

@@ -1,6 +1,7 @@
 """The trained network as ONNX (and, if asked, TorchScript), each checked against PyTorch on the same inputs."""
 import argparse
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,12 +43,13 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
         return torch.jit.load(str(path))
 
 
-def onnx_outputs(path: Path, inputs: torch.Tensor) -> np.ndarray:
+def onnx_runner(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
+    """The checked ONNX file as a function of a batch, run by onnxruntime on the CPU."""
     import onnx
     import onnxruntime
     onnx.checker.check_model(str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"image": inputs.numpy()})[0]
+    return lambda images: session.run(None, {"image": images.numpy()})[0]
 
 
 def main(args: argparse.Namespace) -> float:
@@ -68,7 +70,7 @@ def main(args: argparse.Namespace) -> float:
         expected = model(inputs).numpy()
 
     export_onnx(model, example, out)
-    difference = float(np.abs(onnx_outputs(out, inputs) - expected).max())
+    difference = float(np.abs(onnx_runner(out)(inputs) - expected).max())
     print(f"wrote {out} (opset {OPSET}, input 'image' (batch, 1, {size}, {size}), output 'landmarks' (batch, 136))")
     print(f"largest |onnxruntime - pytorch| over {CHECK_BATCH} random inputs: {difference:.2e}")
 

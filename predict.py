@@ -56,17 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def has_display() -> bool:
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt")
+
+
 def show_or_close(fig) -> None:
     """Show the figure where a display exists; headless runs only keep the PNG."""
     import matplotlib.pyplot as plt
-    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt":
+    if has_display():
         plt.show()
     plt.close(fig)
 
 
 def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: Path) -> None:
     import matplotlib
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or os.name == "nt"):
+    if not has_display():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n = len(images)
