@@ -195,6 +195,11 @@ def split_faces(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def trained_split(n: int, config: dict) -> tuple[list[int], list[int]]:
+    """The train/validation split that the weights saved with this config were trained on."""
+    return split_faces(n, config.get("val_fraction", 0.1), config.get("seed", 0))
+
+
 # ---------------------------------------------------------------- crop cache
 
 def cache_crop(args: tuple[Face, int]) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, load_faces, nme, split_faces
+from dataset import TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, load_faces, nme, trained_split
 from model import Network, autocast, load_for_inference, pick_device
 from transforms import CROP_MARGIN, Transforms, face_matrix, points_to_target, unflip
 
@@ -116,7 +116,7 @@ def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Pa
     if args.split == "val":
         xml = Path(args.data_dir) / (args.xml or config.get("xml", TRAIN_XML))
         faces = load_faces(xml, args.skip_bad)
-        _, val_idx = split_faces(len(faces), config.get("val_fraction", 0.1), config.get("seed", 0))
+        _, val_idx = trained_split(len(faces), config)
         return [faces[i] for i in val_idx], xml
     xml = Path(args.data_dir) / (args.xml or TEST_XML)
     return load_faces(xml, args.skip_bad), xml
@@ -173,7 +173,7 @@ def main(args: argparse.Namespace) -> dict:
     if args.baseline == MEAN_SHAPE:
         train_xml = Path(args.data_dir) / args.train_xml
         train_faces = load_faces(train_xml, args.skip_bad)
-        train_idx, _ = split_faces(len(train_faces), config.get("val_fraction", 0.1), config.get("seed", 0))
+        train_idx, _ = trained_split(len(train_faces), config)
         shape = mean_shape([train_faces[i] for i in train_idx])
         if faces is None:
             faces, xml = select_faces(args, config)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from dataset import NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, split_faces, to_gray
+from dataset import NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, to_gray, trained_split
 from model import Network, load_for_inference, pick_device
 from transforms import Transforms
 
@@ -94,7 +94,7 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
 def plot_validation(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> None:
     data_dir = Path(args.data_dir or config.get("data_dir", "data"))
     faces = load_faces(data_dir / config.get("xml", "labels_ibug_300W_train.xml"), config.get("skip_bad", False))
-    _, val_idx = split_faces(len(faces), config.get("val_fraction", 0.1), config.get("seed", 0))
+    _, val_idx = trained_split(len(faces), config)
     dataset = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False),
                                    val_idx[:args.n])
     images, targets = map(torch.stack, zip(*(dataset[i] for i in range(len(dataset)))))
