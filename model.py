@@ -62,8 +62,8 @@ def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True) -
     """The same network, faster on the CPU: traced, frozen (batch norm folded into the convolutions)
     and run by oneDNN's graph fuser in channels-last layout; outputs match the eager model's to ~1e-5.
 
-    At batch 1 it runs about 1.5x faster than the eager model in channels-last and 2x faster than as
-    loaded, where folding batch norm or onnxruntime gain little or nothing (benchmark.py measures it).
+    At batch 1 and 224 px it runs about 1.9x faster than the model as loaded, where tracing and freezing
+    alone gain about 1.2x and onnxruntime is about as fast (README, "Speed"; benchmark.py measures it).
     On CUDA the model comes back as it is: autocast is what speeds it up there. The model passed in is
     left untouched. fuse=False skips the oneDNN fuser (benchmark.py measures what it adds).
     """
