@@ -10,17 +10,21 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import dlib_baseline
 import train
-from dataset import TRAIN_XML, FaceLandmarksDataset
-from model import autocast, build_model, optimize_for_inference, pick_device
+from dataset import TRAIN_XML, FaceLandmarksDataset, open_gray
+from model import HEADS, build_model, inference_autocast, optimize_for_inference, pick_device, resolve_amp
 
 # The batch the throughput figure `infer_bs64_img_s` is named for, whatever --batch-size says.
 INFER_BATCH = 64
 # Untimed calls before a batch-1 latency is measured: TorchScript fuses only after its first calls.
 LATENCY_WARMUP = 3
+# Faces dlib's shape predictor is timed on, one at a time, as the network is at batch 1.
+DLIB_FACES = 200
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=10, help="batches timed for each figure (default: 10)")
     p.add_argument("--warmup", type=int, default=2, help="untimed batches before each figure (default: 2)")
     p.add_argument("--runs", type=int, default=30, help="batch-1 inferences timed; the median is shown (default: 30)")
+    p.add_argument("--head", choices=list(HEADS), default="regression",
+                   help="the network's head, as train.py --head (default: regression)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     return p.parse_args(argv)
@@ -81,16 +87,18 @@ def with_workers(loader: DataLoader, workers: int, dataset: FaceLandmarksDataset
                       num_workers=workers, pin_memory=loader.pin_memory)
 
 
-def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: int, device: torch.device) -> float:
+def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: int, device: torch.device,
+                  amp: str) -> float:
     """Images per second of train.py's own step (forward, backward, optimiser) on a fresh model."""
-    model = build_model().to(device).to(memory_format=torch.channels_last)
+    model = build_model(head=targs.head).to(device).to(memory_format=torch.channels_last)
     optimizer = train.make_optimizer(targs, model)
     scheduler = train.make_scheduler(targs, optimizer, warmup + n)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp != "off" and not torch.cuda.is_bf16_supported())
+    loss_fn, _ = train.make_loss(targs, model)
 
     def steps(k: int) -> None:
-        train.train_one_epoch(model, itertools.islice(batches, k), train.LOSSES[targs.loss], optimizer, scheduler,
-                              scaler, device, "", show=False)
+        train.train_one_epoch(model, itertools.islice(batches, k), loss_fn, optimizer, scheduler, scaler, device,
+                              amp, "", show=False)
 
     steps(warmup)
     return n * targs.batch_size / seconds(device, lambda: steps(n))
@@ -115,7 +123,7 @@ def training_args(args: argparse.Namespace, img_size: int) -> argparse.Namespace
     """train.py's write-up recipe (its augmentation, optimiser, loss) on the crop cache, at this size."""
     return train.parse_args(["--data-dir", args.data_dir, "--xml", args.xml, "--img-size", str(img_size),
                              "--batch-size", str(args.batch_size), "--workers", str(max(args.workers)),
-                             "--cache", "--device", args.device])
+                             "--cache", "--device", args.device, "--head", args.head])
 
 
 def loader_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
@@ -133,17 +141,41 @@ def loader_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
 
 def training_figures(args: argparse.Namespace, targs: argparse.Namespace, loader: DataLoader,
                      device: torch.device) -> dict:
-    """train.py's step on random tensors, then fed by the training loader."""
+    """train.py's step on random tensors, then fed by the training loader; in what --amp auto picks, and in fp32."""
     images = torch.rand(args.batch_size, 1, targs.img_size, targs.img_size, device=device) * 2 - 1
     targets = torch.rand(args.batch_size, 136, device=device) - 0.5
-    model_only = training_rate(targs, itertools.repeat((images, targets)), args.warmup, args.batches, device)
-    print(f"  training, model only          {model_only:8.1f} img/s", flush=True)
-    end_to_end = training_rate(targs, iter(loader), args.warmup, args.batches, device)
-    # Above 1: the model waits for the loader.
-    epoch_vs_model = model_only / end_to_end
-    print(f"  training, end to end          {end_to_end:8.1f} img/s (workers {targs.workers}): an epoch "
-          f"~{len(loader.dataset) / end_to_end:.0f} s, {epoch_vs_model:.2f}x the model-only time", flush=True)
-    return {"model_train_img_s": model_only, "e2e_train_img_s": end_to_end, "epoch_vs_model": epoch_vs_model}
+    amp = resolve_amp("auto", device)
+    row = {"amp": amp}
+    for precision in dict.fromkeys([amp, "off"]):  # the default first; fp32 again only if it differs
+        model_only = training_rate(targs, itertools.repeat((images, targets)), args.warmup, args.batches, device,
+                                   precision)
+        end_to_end = training_rate(targs, iter(loader), args.warmup, args.batches, device, precision)
+        name = "bf16 autocast" if precision == "bf16" else "fp32"
+        print(f"  training, {name:13s} model only {model_only:8.1f} img/s, end to end {end_to_end:8.1f} img/s "
+              f"(workers {targs.workers}): an epoch ~{len(loader.dataset) / end_to_end:.0f} s, "
+              f"{model_only / end_to_end:.2f}x the model-only time", flush=True)
+        if precision == amp:  # above 1 the model waits for the loader
+            row |= {"model_train_img_s": model_only, "e2e_train_img_s": end_to_end,
+                    "epoch_vs_model": model_only / end_to_end}
+        row |= {"model_train_img_s_fp32": model_only, "e2e_train_img_s_fp32": end_to_end}
+    return row
+
+
+def dlib_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
+    """dlib's 68-point shape predictor on the same faces and boxes, one face at a time, images decoded first."""
+    if dlib_baseline.model_path() is None:
+        print(f"  dlib: not measured: {dlib_baseline.INSTALL_HINT}", flush=True)
+        return {"dlib_ms_per_face": None}
+    predictor = dlib_baseline.load_predictor()
+    faces = loader.dataset.faces[:DLIB_FACES]
+    images = {face.image: np.asarray(open_gray(face.image)[0]) for face in faces}
+    for face in faces[:LATENCY_WARMUP]:
+        dlib_baseline.predict_points(predictor, images[face.image], face.box)
+    times = [seconds(torch.device("cpu"), lambda: dlib_baseline.predict_points(predictor, images[f.image], f.box))
+             for f in faces]
+    ms = 1000 * statistics.median(times)
+    print(f"  dlib's shape predictor        {ms:8.2f} ms per face (median of {len(faces)} faces)", flush=True)
+    return {"dlib_ms_per_face": ms}
 
 
 def onnx_runtime(model: torch.nn.Module, img_size: int, folder: Path) -> Callable | None:
@@ -165,7 +197,8 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
     if next(model.parameters()).device.type != "cpu":
         return ways
     ways["eager_channels_last"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    ways["traced_frozen"] = optimize_for_inference(model, img_size, fuse=False)
+    ways["traced_frozen"] = optimize_for_inference(model, img_size, fuse=False, bf16=False)
+    ways["fp32"] = optimize_for_inference(model, img_size, bf16=False)  # the default before bf16
     runtime = onnx_runtime(model, img_size, folder)
     if runtime is not None:
         ways["onnxruntime"] = runtime
@@ -174,11 +207,11 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
 
 def inference_figures(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
     """Batch-1 latency and batch-64 throughput of every way in inference_ways, under inference_mode."""
-    model = build_model().to(device).eval()
+    model = build_model(head=args.head).to(device).eval()
     one = torch.rand(1, 1, img_size, img_size, device=device) * 2 - 1
     batch = torch.rand(INFER_BATCH, 1, img_size, img_size, device=device) * 2 - 1
     row = {}
-    with tempfile.TemporaryDirectory() as folder, torch.inference_mode(), autocast(device):
+    with tempfile.TemporaryDirectory() as folder, torch.inference_mode(), inference_autocast(device):
         for name, net in inference_ways(model, img_size, Path(folder)).items():
             suffix = "" if name == "optimized" else f"_{name}"
             row[f"infer_bs1_ms{suffix}"] = latency_ms(net, one, args.runs, device)
@@ -199,7 +232,7 @@ def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> di
     print(f"img {img_size} (crop cache {loader.dataset.cache.size} px), batch {args.batch_size}, "
           f"{len(loader.dataset)} training faces", flush=True)
     return {"img_size": img_size, **loader_figures(args, loader), **training_figures(args, targs, loader, device),
-            **inference_figures(args, img_size, device)}
+            **inference_figures(args, img_size, device), **dlib_figures(args, loader)}
 
 
 # ---------------------------------------------------------------- main
@@ -214,13 +247,17 @@ def main(args: argparse.Namespace) -> list[dict]:
     train.seed_everything(0)
     print(describe(device), flush=True)
     rows = [measure(args, size, device) for size in args.img_sizes]
-    print(f"\n{'img':>4} {'loader img/s by workers':>24} {'train img/s':>12} {'e2e img/s':>10} {'epoch/model':>12} "
-          f"{'bs1 ms':>7} {'bs1 eager':>10} {'bs64 img/s':>11}")
+    print(f"\n{args.head} head; --amp auto chose {rows[0]['amp']}")
+    print(f"{'img':>4} {'loader img/s by workers':>24} {'train img/s':>12} {'fp32':>6} {'e2e img/s':>10} "
+          f"{'bs1 ms':>7} {'fp32':>6} {'eager':>6} {'dlib':>6} {'/dlib':>6} {'bs64 img/s':>11}")
     for r in rows:
         loaders = " ".join(f"{w}:{v:.0f}" for w, v in r["loader_img_s"].items())
-        print(f"{r['img_size']:>4} {loaders:>24} {r['model_train_img_s']:>12.1f} {r['e2e_train_img_s']:>10.1f} "
-              f"{r['epoch_vs_model']:>12.2f} {r['infer_bs1_ms']:>7.2f} {r['infer_bs1_ms_eager']:>10.2f} "
-              f"{r['infer_bs64_img_s']:>11.1f}")
+        dlib = r["dlib_ms_per_face"]
+        dlib_ms, ratio = ("-", "-") if dlib is None else (f"{dlib:.2f}", f"{r['infer_bs1_ms'] / dlib:.1f}x")
+        print(f"{r['img_size']:>4} {loaders:>24} {r['model_train_img_s']:>12.1f} "
+              f"{r['model_train_img_s_fp32']:>6.1f} {r['e2e_train_img_s']:>10.1f} "
+              f"{r['infer_bs1_ms']:>7.2f} {r.get('infer_bs1_ms_fp32', r['infer_bs1_ms']):>6.2f} {r['infer_bs1_ms_eager']:>6.2f} "
+              f"{dlib_ms:>6} {ratio:>6} {r['infer_bs64_img_s']:>11.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import dlib_baseline
 from dataset import TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, load_faces, nme, trained_split
-from model import Network, autocast, load_for_inference, pick_device
-from transforms import CROP_MARGIN, Transforms, face_matrix, points_to_target, unflip
+from model import Network, inference_autocast, load_for_inference, pick_device
+from transforms import CROP_MARGIN, Transforms, face_matrix, mean_shape, points_to_target, unflip
 
 THRESHOLDS = (8, 10)  # % of the outer-eye-corner distance
-MEAN_SHAPE = "mean-shape"
+MEAN_SHAPE, DLIB = "mean-shape", "dlib"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,8 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", choices=["all", "val"], default="all",
                    help="all faces of the XML, or only the validation split the weights were trained "
                         "with (default: all)")
-    p.add_argument("--baseline", choices=[MEAN_SHAPE],
-                   help="also score the mean training shape placed in each box: the floor to beat")
+    p.add_argument("--baseline", nargs="+", choices=[MEAN_SHAPE, DLIB], default=[],
+                   help="also score the mean training shape placed in each box (the floor to beat) and/or "
+                        "dlib's 68-point shape predictor on the same boxes (the peer to beat)")
     p.add_argument("--train-xml", default=TRAIN_XML,
                    help=f"XML inside --data-dir whose training split gives the mean shape (default: {TRAIN_XML})")
     p.add_argument("--flip-test", action="store_true", help="average with the prediction on the mirrored face")
@@ -97,18 +99,13 @@ def predict_targets(model: Network, loader: DataLoader, device: torch.device, fl
     preds, truths = [], []
     for images, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False):
         images = images.to(device, non_blocking=True)
-        with autocast(device):
+        with inference_autocast(device):
             pred = model(images).float()
             if flip_test:
                 pred = (pred + unflip(model(images.flip(-1)).float())) / 2
         preds.append(pred.cpu().numpy())
         truths.append(targets.numpy())
     return np.concatenate(preds).reshape(-1, 68, 2), np.concatenate(truths).reshape(-1, 68, 2)
-
-
-def mean_shape(faces: list[Face]) -> np.ndarray:
-    """The average face in crop coordinates; needs only the labels, no pixels."""
-    return np.mean([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces], axis=0)
 
 
 def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Path]:
@@ -158,30 +155,35 @@ def main(args: argparse.Namespace) -> dict:
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, curves, faces, config = {}, {}, None, {}
+
+    def record(name: str, title: str, errors: np.ndarray, root: Path) -> None:
+        curves[name] = errors
+        results[name] = summarise(errors, [subset_of(f, root) for f in faces])
+        write_faces_csv(out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, errors)
+        print_table(title, results[name])
+
     for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
         model, config = load_for_inference(weights, device, args.eager)
         faces, xml = select_faces(args, config)
-        root = xml.parent
         data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))
         loader = DataLoader(data, args.batch_size, num_workers=args.workers)
         pred, truths = predict_targets(model, loader, device, args.flip_test)
-        name = run_name(weights) + (" +flip" if args.flip_test else "")
-        curves[name] = nme(pred, truths)
-        results[name] = summarise(curves[name], [subset_of(f, root) for f in faces])
-        write_faces_csv(out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, curves[name])
-        print_table(f"{weights}{' with flip test' if args.flip_test else ''} on {xml}", results[name])
-    if args.baseline == MEAN_SHAPE:
+        record(run_name(weights) + (" +flip" if args.flip_test else ""),
+               f"{weights}{' with flip test' if args.flip_test else ''} on {xml}", nme(pred, truths), xml.parent)
+    if args.baseline and faces is None:
+        faces, xml = select_faces(args, config)
+    if MEAN_SHAPE in args.baseline:
         train_xml = Path(args.data_dir) / args.train_xml
         train_faces = load_faces(train_xml, args.skip_bad)
         train_idx, _ = trained_split(len(train_faces), config)
         shape = mean_shape([train_faces[i] for i in train_idx])
-        if faces is None:
-            faces, xml = select_faces(args, config)
         truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
-        curves[MEAN_SHAPE] = nme(np.broadcast_to(shape, truths.shape), truths)
-        results[MEAN_SHAPE] = summarise(curves[MEAN_SHAPE], [subset_of(f, xml.parent) for f in faces])
-        write_faces_csv(out / f"{MEAN_SHAPE}_faces.csv", faces, curves[MEAN_SHAPE])
-        print_table(f"mean training shape of {train_xml} placed in each box", results[MEAN_SHAPE])
+        record(MEAN_SHAPE, f"mean training shape of {train_xml} placed in each box",
+               nme(np.broadcast_to(shape, truths.shape), truths), xml.parent)
+    if DLIB in args.baseline:
+        pred = dlib_baseline.predict_faces(dlib_baseline.load_predictor(), faces)
+        record(DLIB, f"dlib's 68-point shape predictor ({dlib_baseline.MODEL_FILE}) on the same boxes of {xml}",
+               nme(pred, np.stack([f.points for f in faces])), xml.parent)
     plot_ced(curves, out / "ced.png")
     print(f"\nwrote {out / 'ced.png'} and per-face CSVs in {out}/")
     if args.json:

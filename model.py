@@ -1,5 +1,6 @@
-"""The network (torchvision's ResNet18, 1 input channel, 136 outputs), saving and loading its weights, and its fast CPU form for inference."""
+"""The network (torchvision's ResNet18, 1 input channel, a regression or PIPNet head, 136 normalised coordinates out), saving and loading its weights, and its fast CPU form for inference."""
 import copy
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -8,19 +9,99 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 
 from dataset import NUM_LANDMARKS
 
+# The project's trained weights, committed once (README, "Released weights"): what predict.py --image uses by default.
+RELEASED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_300w_68.pt"
 # A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
 Network = Callable[[torch.Tensor], torch.Tensor]
 
 
-def build_model(pretrained: bool = False) -> nn.Module:
-    """ResNet18 with a 1-channel conv1 and a 2x68-value fc, as in the write-up.
+HEADS = ("regression", "pip")
+# PIPNet's defaults (Jin et al. 2021): each landmark also predicts its 10 nearest neighbours in the mean shape.
+PIP_NEIGHBOURS = 10
+BACKBONE_STRIDE = 32
+
+
+class PIPHead(nn.Module):
+    """PIPNet's head on the backbone's stride-32 features: per landmark a score map, x/y offsets within the
+    cell, and x/y offsets of its nearest neighbours from that cell.
+
+    In training mode it returns the raw maps (train.py's pip_loss scores them); in eval mode it decodes them
+    into (N, 2K) coordinates normalised to [-0.5, 0.5], each landmark averaged with what its neighbours'
+    cells say of it, so the network keeps the contract of the regression head (and ONNX holds the decoding).
+    """
+
+    def __init__(self, in_channels: int, num_points: int, neighbours: int = PIP_NEIGHBOURS):
+        super().__init__()
+        self.num_points, self.neighbours = num_points, neighbours
+        self.score = nn.Conv2d(in_channels, num_points, 1)
+        self.offset = nn.Conv2d(in_channels, 2 * num_points, 1)
+        self.neighbour_offset = nn.Conv2d(in_channels, 2 * num_points * neighbours, 1)
+        # Filled by set_neighbours from the training faces' mean shape; saved with the weights.
+        self.register_buffer("neighbour_index", torch.zeros(num_points, neighbours, dtype=torch.long))
+        for conv in (self.score, self.offset, self.neighbour_offset):
+            nn.init.normal_(conv.weight, std=0.001)
+            nn.init.zeros_(conv.bias)
+
+    def set_neighbours(self, mean_shape: torch.Tensor) -> None:
+        """The nearest neighbours of each landmark in the mean shape (K, 2), itself excluded."""
+        distance = torch.cdist(mean_shape.float(), mean_shape.float())
+        distance.fill_diagonal_(math.inf)
+        self.neighbour_index.copy_(distance.topk(self.neighbours, largest=False).indices)
+
+    def maps(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores (N, K, H, W), offsets (N, K, 2, H, W), neighbour offsets (N, K, M, 2, H, W)."""
+        n, _, h, w = features.shape
+        k, m = self.num_points, self.neighbours
+        return (self.score(features), self.offset(features).view(n, k, 2, h, w),
+                self.neighbour_offset(features).view(n, k, m, 2, h, w))
+
+    def forward(self, features: torch.Tensor):
+        scores, offsets, neighbour_offsets = self.maps(features)
+        return (scores, offsets, neighbour_offsets) if self.training else self.decode(scores, offsets, neighbour_offsets)
+
+    def decode(self, scores: torch.Tensor, offsets: torch.Tensor, neighbour_offsets: torch.Tensor) -> torch.Tensor:
+        n, k, h, w = scores.shape
+        m = self.neighbours
+        best = scores.flatten(2).argmax(-1)                                   # (N, K): the winning cell
+        cell = torch.stack([best % w, torch.div(best, w, rounding_mode="floor")], -1).to(offsets.dtype)
+        own = offsets.flatten(3).gather(3, best[:, :, None, None].expand(n, k, 2, 1)).squeeze(3)
+        theirs = neighbour_offsets.flatten(4).gather(4, best[:, :, None, None, None].expand(n, k, m, 2, 1)).squeeze(4)
+        own = (cell + own) / w                                                # (N, K, 2) in [0, 1]; crops are square
+        theirs = (cell[:, :, None] + theirs) / w                              # (N, K, M, 2): landmark k's say on index[k]
+        # Each landmark: the mean of its own estimate and of every estimate made of it from a neighbour's cell.
+        spread = F.one_hot(self.neighbour_index.flatten(), k).to(own.dtype)   # (K*M, K)
+        votes = torch.einsum("nsc,sk->nkc", theirs.reshape(n, k * m, 2), spread)
+        merged = (own + votes) / (1 + spread.sum(0))[None, :, None]
+        return (merged - 0.5).flatten(1)
+
+
+class LandmarkNet(nn.Module):
+    """ResNet18's convolutions (1-channel conv1) and a PIPNet head: the 'pip' head of build_model."""
+
+    def __init__(self, backbone: nn.Module, num_points: int):
+        super().__init__()
+        self.backbone = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
+                                      backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
+        self.head = PIPHead(backbone.fc.in_features, num_points)
+
+    def forward(self, images: torch.Tensor):
+        return self.head(self.backbone(images))
+
+
+def build_model(pretrained: bool = False, head: str = "regression", num_points: int = NUM_LANDMARKS) -> nn.Module:
+    """ResNet18 with a 1-channel conv1 and, as in the write-up, a 2 x num_points-value fc (`regression`);
+    or its convolutions with PIPNet's head (`pip`). Either maps (N, 1, S, S) crops to (N, 2K) coordinates
+    in eval mode.
 
     pretrained starts from torchvision's ImageNet weights, with conv1 averaged over RGB.
     """
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
     model = torchvision.models.resnet18(weights=None)
     if pretrained:
         model.load_state_dict(imagenet_weights())
@@ -28,7 +109,9 @@ def build_model(pretrained: bool = False) -> nn.Module:
     model.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if pretrained:
         model.conv1.weight.data = rgb.mean(dim=1, keepdim=True)
-    model.fc = nn.Linear(model.fc.in_features, 2 * NUM_LANDMARKS)
+    if head == "pip":
+        return LandmarkNet(model, num_points)
+    model.fc = nn.Linear(model.fc.in_features, 2 * num_points)
     return model
 
 
@@ -50,32 +133,90 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (fp16 where bf16 is missing); plain fp32 on the CPU."""
-    if device.type != "cuda":
+AMP_CHOICES = ("auto", "bf16", "off")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Does the device do bf16 matrix work in hardware: CUDA with bf16, or a CPU with AVX512-BF16 or AMX?
+
+    Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it also says yes to plain AVX512, where oneDNN
+    emulates bf16 and runs slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.py's --amp: `auto` becomes `bf16` where the device has it natively, `off` elsewhere."""
+    if amp == "auto":
+        return "bf16" if has_native_bf16(device) else "off"
+    return amp
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """Mixed precision for training and GPU inference: bf16 autocast when `amp` resolves to bf16 (on CUDA
+    without bf16, fp16), plain fp32 otherwise."""
+    if device.type == "cuda" and amp != "off":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if resolve_amp(amp, device) == "off":
         return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
-def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True) -> Network:
+def inference_autocast(device: torch.device):
+    """Autocast for evaluate.py and predict.py: on CUDA only; on the CPU optimize_for_inference decides."""
+    return autocast(device) if device.type == "cuda" else nullcontext()
+
+
+class InferenceBody(nn.Module):
+    """What optimize_for_inference traces: the network up to its outputs (the pip head's raw maps), in bf16
+    up to the last layer when asked. That layer stays fp32: coordinates in bf16 carry only 8 bits, about
+    0.3 px at 160 px, while bf16 convolutions cost nothing measurable (README, "Speed")."""
+
+    def __init__(self, model: nn.Module, bf16: bool):
+        super().__init__()
+        self.pip = isinstance(model, LandmarkNet)
+        if self.pip:
+            self.body, self.last = model.backbone, model.head
+        else:
+            self.body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
+                                      model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
+            self.last = model.fc
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.body.to(self.dtype)
+
+    def forward(self, images: torch.Tensor):
+        features = self.body(images.to(self.dtype)).float()
+        return self.last.maps(features) if self.pip else self.last(features)
+
+
+def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, bf16: bool | None = None) -> Network:
     """The same network, faster on the CPU: traced, frozen (batch norm folded into the convolutions)
-    and run by oneDNN's graph fuser in channels-last layout; outputs match the eager model's to ~1e-5.
+    and run by oneDNN's graph fuser in channels-last layout; in bf16 up to the last layer where the CPU
+    does bf16 natively (`bf16=None` decides so; README, "Speed", has what each step gains).
 
-    At batch 1 and 224 px it runs about 1.9x faster than the model as loaded, where tracing and freezing
-    alone gain about 1.2x and onnxruntime is about as fast (README, "Speed"; benchmark.py measures it).
-    On CUDA the model comes back as it is: autocast is what speeds it up there. The model passed in is
-    left untouched. fuse=False skips the oneDNN fuser (benchmark.py measures what it adds).
+    fp32 outputs match the eager model's to ~1e-5; bf16 ones to about 1e-3 of the crop, which leaves the
+    validation NME unchanged to 0.01 (README). On CUDA the model comes back as it is: autocast is what
+    speeds it up there. The model passed in is left untouched. fuse=False skips the oneDNN fuser.
     """
     if next(model.parameters()).device.type != "cpu":
         return model
+    if bf16 is None:
+        bf16 = has_native_bf16(torch.device("cpu"))
     example = torch.zeros(1, 1, img_size, img_size).contiguous(memory_format=torch.channels_last)
-    model = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+    model = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    body = InferenceBody(model, bf16).eval()
+    # PIPNet's decoding (argmax, gather) runs after the graph: oneDNN's fuser cannot compile it, and it is cheap.
+    finish = (lambda maps: model.head.decode(*maps)) if body.pip else (lambda outputs: outputs)
     with warnings.catch_warnings(), torch.no_grad():
         # TorchScript is deprecated for torch.compile, which runs no faster here but needs a C++
         # compiler at run time and ~40 s to compile on 2 cores; trace + freeze takes under a second.
         warnings.simplefilter("ignore", FutureWarning)
-        frozen = torch.jit.freeze(torch.jit.trace(model, example))
+        frozen = torch.jit.freeze(torch.jit.trace(body, example))
 
     # torch on macOS and Windows lacks oneDNN Graph: there the frozen graph runs as it is.
     fuser = fuse and hasattr(torch._C, "_jit_llga_enabled")
@@ -89,7 +230,7 @@ def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True) -
             torch.jit.enable_onednn_fusion(True)
         try:
             with torch.no_grad():
-                return frozen(images.contiguous(memory_format=torch.channels_last))
+                return finish(frozen(images.contiguous(memory_format=torch.channels_last)))
         finally:
             if fuser:
                 torch.jit.enable_onednn_fusion(previous)
@@ -129,7 +270,7 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The trained network in eval mode, and the settings it was trained with (img_size, split seed...)."""
     checkpoint = load_checkpoint(path, device)
-    model = build_model()
+    model = build_model(head=checkpoint.get("config", {}).get("head", "regression"))
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from dataset import NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, to_gray, trained_split
-from model import Network, load_for_inference, pick_device
+from model import RELEASED_WEIGHTS, Network, load_for_inference, pick_device
 from transforms import Transforms
 
 
@@ -35,7 +35,9 @@ def count_arg(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--weights", default="runs/best.pt", help="weights from train.py (default: runs/best.pt)")
+    parser.add_argument("--weights", help=f"weights from train.py (default: with --image, the project's released "
+                                           f"{RELEASED_WEIGHTS.relative_to(RELEASED_WEIGHTS.parent.parent)}; "
+                                           f"for the validation grid, runs/best.pt)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
     parser.add_argument("--eager", action="store_true",
                         help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
@@ -243,6 +245,7 @@ def predict_photos(model: Network, config: dict, args: argparse.Namespace, devic
 
 def main(args: argparse.Namespace) -> dict | None:
     device = pick_device(args.device)
+    args.weights = args.weights or (RELEASED_WEIGHTS if args.image else "runs/best.pt")
     model, config = load_for_inference(args.weights, device, args.eager)
     if args.image:
         return predict_photos(model, config, args, device)

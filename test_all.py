@@ -23,6 +23,7 @@ import export
 import predict
 import train
 from dataset import NUM_LANDMARKS, Box, Face, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces, template_shape
+import model
 from model import build_model, load_model, optimize_for_inference
 from transforms import CROP_MARGIN, FLIP_PERMUTATION, Augment, Transforms, unflip
 
@@ -195,12 +196,13 @@ def untrained_nme(demo: Path) -> float:
     torch.manual_seed(0)
     args = train.parse_args(["--data-dir", str(demo), *FAST])
     _, val_loader, _ = train.make_loaders(args, 0, 1)
-    return train.validate(build_model(), val_loader, train.LOSSES["mse"], torch.device("cpu"))[1]
+    return train.validate(build_model(), val_loader, train.LOSSES["mse"], torch.device("cpu"), "off")[1]
 
 
 def test_short_training_beats_the_untrained_model_and_writes_its_files(demo, trained):
     rows = (trained / "log.csv").read_text().splitlines()
-    assert rows[0] == "epoch,train_loss,val_loss,val_nme,lr,seconds" and len(rows) == 9
+    assert rows[0] == "epoch,train_loss,val_loss,val_nme,lr,seconds,train_img_s" and len(rows) == 9
+    assert all(float(row.split(",")[6]) > 0 for row in rows[1:])
     final_nme = min(float(row.split(",")[3]) for row in rows[1:])
     assert final_nme < 0.5 * untrained_nme(demo)
     assert (trained / "curves.png").stat().st_size > 1000
@@ -222,6 +224,69 @@ def test_beyond_write_up_flags_select_checkpoints_by_nme():
     assert train.parse_args(["--recipe", "best"]).select == "nme"
     assert train.parse_args(["--recipe", "best", "--select", "loss"]).select == "loss"
     assert train.parse_args(["--recipe", "best", "--epochs", "3"]).epochs == 3
+
+
+def test_amp_auto_uses_bf16_only_where_the_cpu_does_it_in_hardware(monkeypatch):
+    cpu = torch.device("cpu")
+    for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "off")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert model.resolve_amp("auto", cpu) == expected
+        assert model.resolve_amp("off", cpu) == "off" and model.resolve_amp("bf16", cpu) == "bf16"
+        with model.autocast(cpu, "auto"):
+            assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_training_records_its_precision_and_learns_in_it(amp, demo, tmp_path, capsys):
+    history = train.main(train.parse_args(["--data-dir", str(demo), "--epochs", "3", "--out", str(tmp_path),
+                                           "--amp", amp, *FAST]))
+    assert ("precision bf16 autocast" if amp == "bf16" else "precision fp32") in capsys.readouterr().out
+    assert load_model(tmp_path / "last.pt")[1]["precision"] == amp
+    assert history[-1]["val_nme"] < 0.6 * untrained_nme(demo) and history[-1]["train_img_s"] > 0
+
+
+def pip_maps(targets: torch.Tensor, index: torch.Tensor, grid: int) -> tuple[torch.Tensor, ...]:
+    """The maps a perfect PIPNet head would give: a one-hot score at each point's cell, exact offsets."""
+    n, k = targets.shape[0], targets.shape[1] // 2
+    points = (targets.view(n, k, 2) + 0.5) * grid
+    cell = points.floor()
+    scores = torch.zeros(n, k, grid, grid)
+    offsets = torch.zeros(n, k, 2, grid, grid)
+    neighbours = torch.zeros(n, k, index.shape[1], 2, grid, grid)
+    for i in range(n):
+        for j in range(k):
+            x, y = int(cell[i, j, 0]), int(cell[i, j, 1])
+            scores[i, j, y, x] = 1
+            offsets[i, j, :, y, x] = points[i, j] - cell[i, j]
+            neighbours[i, j, :, :, y, x] = points[i, index[j]] - cell[i, j]
+    return scores, offsets, neighbours
+
+
+def test_pip_head_decodes_perfect_maps_to_the_points_and_its_loss_is_zero_there():
+    net = build_model(head="pip")
+    net.head.set_neighbours(torch.from_numpy(template_shape()))
+    index = net.head.neighbour_index
+    assert index.shape == (68, 10) and not (index == torch.arange(68)[:, None]).any()
+    targets = torch.rand(3, 136) * 0.9 - 0.45
+    maps = pip_maps(targets, index, grid=5)
+    assert torch.allclose(net.head.decode(*maps), targets, atol=1e-6)
+    assert train.pip_loss(maps, targets, index).item() == pytest.approx(0, abs=1e-6)
+    assert train.pip_loss(maps, targets + 0.05, index).item() > 0.1
+
+
+def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
+    history = train.main(train.parse_args(["--data-dir", str(demo), "--epochs", "3", "--out", str(tmp_path),
+                                           "--head", "pip", *FAST]))
+    assert history[-1]["val_nme"] < 0.6 * untrained_nme(demo)
+    net, config = load_model(tmp_path / "best.pt")
+    assert config["head"] == "pip" and net.head.neighbour_index.unique().numel() > 10
+    images = torch.rand(2, 1, 64, 64) * 2 - 1
+    with torch.inference_mode():
+        assert net(images).shape == (2, 136) and net(images).abs().max() < 1
+        assert torch.allclose(optimize_for_inference(net, 64, bf16=False)(images), net(images), atol=1e-4)
+    onnx_file = tmp_path / "pip.onnx"
+    assert export.main(export.parse_args(["--weights", str(tmp_path / "best.pt"), "--out", str(onnx_file)])) <= 1e-4
 
 
 def test_predict_draws_validation_faces(demo, trained, tmp_path):
@@ -786,11 +851,15 @@ def test_download_from_a_server_that_cannot_resume_says_to_delete_the_part_file(
 
 def test_the_optimized_network_gives_the_eager_points_at_any_batch_size(trained):
     model, config = load_model(trained / "best.pt")
-    fast = optimize_for_inference(model, config["img_size"])
+    fp32 = optimize_for_inference(model, config["img_size"], bf16=False)
+    bf16 = optimize_for_inference(model, config["img_size"], bf16=True)
     for batch in (1, 5):
         images = torch.rand(batch, 1, config["img_size"], config["img_size"]) * 2 - 1
         with torch.inference_mode():
-            assert torch.allclose(fast(images), model(images), atol=1e-4)
+            eager = model(images)
+            assert torch.allclose(fp32(images), eager, atol=1e-4)
+            # bf16 convolutions, fp32 last layer: within 1% of the crop side (the README measures the NME cost)
+            assert bf16(images).dtype == torch.float32 and torch.allclose(bf16(images), eager, atol=1e-2)
 
 
 def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_path):
@@ -800,7 +869,10 @@ def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_pat
     [row] = json.loads((tmp_path / "bench.json").read_text())
     assert row == json.loads(json.dumps(rows[0]))
     assert {"img_size", "loader_img_s", "model_train_img_s", "e2e_train_img_s", "epoch_vs_model",
-            "infer_bs1_ms", "infer_bs64_img_s"} <= set(row)
+            "infer_bs1_ms", "infer_bs64_img_s", "model_train_img_s_fp32", "infer_bs1_ms_fp32", "dlib_ms_per_face",
+            "amp"} <= set(row)
+    assert row["amp"] in ("bf16", "off") and row["model_train_img_s_fp32"] > 0 and row["infer_bs1_ms_fp32"] > 0
+    assert row["dlib_ms_per_face"] is None or row["dlib_ms_per_face"] > 0
     assert row["img_size"] == 64 and set(row["loader_img_s"]) == {"0", "1"}
     assert all(v > 0 for v in row["loader_img_s"].values()) and row["infer_bs1_ms"] > 0
     assert row["epoch_vs_model"] == pytest.approx(row["model_train_img_s"] / row["e2e_train_img_s"])

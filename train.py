@@ -18,26 +18,29 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from dataset import CACHE_EXTENT, TRAIN_XML, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces
-from model import autocast, build_model, load_checkpoint, pick_device, save_atomic
-from transforms import CROP_MARGIN, Transforms
+from model import AMP_CHOICES, HEADS, autocast, build_model, load_checkpoint, pick_device, resolve_amp, save_atomic
+from transforms import CROP_MARGIN, Transforms, mean_shape
 
 # The write-up's recipe: what `python train.py` runs when no flag says otherwise.
 DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_batch_size=8, lr=1e-4, seed=0,
                 workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
                 recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, loss="mse",
-                optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None)
+                optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None,
+                amp="auto", head="regression")
 # Measured on the 300-W subset (README, "Results"); explicit flags still override these.
 RECIPES = {
     "writeup": {},
-    "best": dict(img_size=160, epochs=180, batch_size=32, lr=1e-3, optimizer="adamw", weight_decay=1e-4,
-                 sched="cosine", warmup_epochs=1, loss="wing", flip=True, scale=0.1, shift=0.05,
-                 rotation=15.0, cache=True),
+    "best": dict(head="pip", img_size=160, epochs=96, batch_size=32, lr=1e-3, optimizer="adamw",
+                 weight_decay=1e-4, sched="cosine", warmup_epochs=1, loss="wing", flip=True, scale=0.1,
+                 shift=0.05, rotation=15.0, cache=True),
 }
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
 RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "loss", "optimizer", "weight_decay", "sched",
-               "warmup_epochs", "pretrained", "recipe"]
+               "warmup_epochs", "pretrained", "recipe", "head"]
 # Wing loss (Feng et al. 2018) in pixels of a 224 px crop, whatever --img-size is.
 WING_W, WING_EPSILON, WING_PIXELS = 10.0, 2.0, 224
+# PIPNet's weight of the score maps against the offsets (Jin et al. 2021).
+PIP_SCORE_WEIGHT = 10.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine (default: 0)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
                    help="start from torchvision's ImageNet weights (needs internet once; default: off)")
+    p.add_argument("--head", choices=list(HEADS),
+                   help="regression: the write-up's 136-value fc (default); pip: PIPNet's score maps and offsets")
+    p.add_argument("--amp", choices=list(AMP_CHOICES),
+                   help="bf16 autocast: auto uses it where the device does bf16 in hardware (default: auto)")
     p.add_argument("--select", choices=["loss", "nme"],
                    help="keep the weights with the best validation loss or NME (default: loss for the "
                         "write-up's recipe, nme as soon as any flag beyond it is used)")
@@ -100,6 +107,33 @@ def wing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smoothl1": F.smooth_l1_loss, "wing": wing_loss}
+
+
+def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour_index: torch.Tensor) -> torch.Tensor:
+    """PIPNet's loss: MSE of the score maps against a one-hot map of each landmark's cell, plus L1 of the
+    offsets read at that cell, its own and its neighbours' (in cells)."""
+    scores, offsets, neighbour_offsets = (o.float() for o in outputs)
+    n, k, h, w = scores.shape
+    m = neighbour_index.shape[1]
+    points = (targets.view(n, k, 2) + 0.5) * w                 # grid units; crops are square
+    cell = points.detach().floor().clamp(0, w - 1)
+    best = (cell[..., 1] * w + cell[..., 0]).long()           # (N, K)
+    score_loss = F.mse_loss(scores.flatten(2), F.one_hot(best, h * w).float())
+    own = offsets.flatten(3).gather(3, best[:, :, None, None].expand(n, k, 2, 1)).squeeze(3)
+    theirs = neighbour_offsets.flatten(4).gather(4, best[:, :, None, None, None].expand(n, k, m, 2, 1)).squeeze(4)
+    own_loss = F.l1_loss(own, points - cell)
+    neighbour_loss = F.l1_loss(theirs, points[:, neighbour_index] - cell[:, :, None])
+    return PIP_SCORE_WEIGHT * score_loss + 2 * (own_loss + neighbour_loss)  # x and y each count once, as in PIPNet
+
+
+def make_loss(args: argparse.Namespace, model: nn.Module) -> tuple[Callable, Callable]:
+    """The training loss, and the validation loss on the decoded coordinates (the same for the regression
+    head; L1 for the pip head, whose training loss needs the raw maps)."""
+    if args.head == "pip":
+        index = model.head.neighbour_index
+        return (lambda outputs, targets: pip_loss(outputs, targets, index)), F.l1_loss
+    loss = LOSSES[args.loss]
+    return (lambda outputs, targets: loss(outputs.float(), targets)), loss  # in fp32 under autocast too
 
 
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
@@ -157,28 +191,30 @@ def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataL
     return train_loader, val_loader, sampler
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, desc: str, show: bool) -> float:
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp: str, desc: str,
+                    show: bool) -> tuple[float, float]:
+    """Mean training loss, and images per second over the epoch (loading included)."""
     from tqdm import tqdm
     model.train()
-    total, count = 0.0, 0
+    total, count, started = 0.0, 0, time.time()
     bar = tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
     for images, targets in bar:
         images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with autocast(device):
-            loss = loss_fn(model(images).float(), targets)
+        with autocast(device, amp):
+            loss = loss_fn(model(images), targets)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         total, count = total + loss.item() * len(images), count + len(images)
-        bar.set_postfix(loss=f"{total / count:.5f}")
-    return total / max(count, 1)
+        bar.set_postfix(loss=f"{total / count:.5f}", img_s=f"{count / (time.time() - started):.0f}")
+    return total / max(count, 1), count / (time.time() - started)
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device) -> tuple[float, float]:
+def validate(model, loader, loss_fn, device, amp: str) -> tuple[float, float]:
     """Mean loss and mean NME (%) on the validation set; NME in crop coordinates equals NME in the image
     because the validation crop is a similarity transform."""
     model.eval()
@@ -186,7 +222,7 @@ def validate(model, loader, loss_fn, device) -> tuple[float, float]:
     for images, targets in loader:
         images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, amp):
             pred = model(images).float()
         losses.append(loss_fn(pred, targets).item() * len(images))
         errors.append(nme(pred.cpu().numpy().reshape(-1, 68, 2), targets.cpu().numpy().reshape(-1, 68, 2)))
@@ -257,11 +293,16 @@ def main(args: argparse.Namespace) -> list[dict]:
     if show:
         out.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, sampler = make_loaders(args, rank, world)
-    model = build_model(args.pretrained).to(device).to(memory_format=torch.channels_last)
+    model = build_model(args.pretrained, args.head)
+    if args.head == "pip":  # each landmark's neighbours, from the training faces' mean shape
+        train_set = train_loader.dataset
+        model.head.set_neighbours(torch.from_numpy(mean_shape([train_set.faces[i] for i in train_set.indices])))
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(args, optimizer, len(train_loader))
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
-    loss_fn = LOSSES[args.loss]
+    amp = resolve_amp(args.amp, device)
+    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp != "off" and not torch.cuda.is_bf16_supported())
+    loss_fn, val_loss_fn = make_loss(args, model)
     history, best, start = [], math.inf, 0
     if args.resume:
         checkpoint = load_checkpoint(args.resume, device)
@@ -272,10 +313,11 @@ def main(args: argparse.Namespace) -> list[dict]:
         if show:
             print(f"resumed from {args.resume} after epoch {start}")
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    config = vars(args) | {"margin": CROP_MARGIN}
+    config = vars(args) | {"margin": CROP_MARGIN, "precision": amp}
     if show:
         print(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation faces; "
-              f"device {device}; keeping the best validation {args.select}")
+              f"device {device}; {args.head} head; precision {'bf16 autocast' if amp == 'bf16' else 'fp32'} "
+              f"(--amp {args.amp}); keeping the best validation {args.select}")
 
     def checkpoint_state(epoch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -289,12 +331,12 @@ def main(args: argparse.Namespace) -> list[dict]:
             if sampler is not None:
                 sampler.set_epoch(epoch)
             train_loader.generator.manual_seed(args.seed + epoch)
-            train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, scaler, device,
-                                         f"epoch {epoch + 1}/{args.epochs}", show)
-            val_loss, val_nme = validate(model, val_loader, loss_fn, device)
+            train_loss, img_s = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, scaler, device,
+                                                amp, f"epoch {epoch + 1}/{args.epochs}", show)
+            val_loss, val_nme = validate(model, val_loader, val_loss_fn, device, amp)
             row = dict(epoch=epoch + 1, train_loss=round(train_loss, 6), val_loss=round(val_loss, 6),
                        val_nme=round(val_nme, 3), lr=optimizer.param_groups[0]["lr"],
-                       seconds=round(time.time() - started, 1))
+                       seconds=round(time.time() - started, 1), train_img_s=round(img_s, 1))
             history.append(row)
             if not show:
                 continue
@@ -307,7 +349,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             saved = epoch + 1
             write_log(history, out)
             print(f"epoch {epoch + 1}/{args.epochs}  train_loss {train_loss:.5f}  val_loss {val_loss:.5f}  "
-                  f"val_nme {val_nme:.2f}%  {row['seconds']:.0f}s{'  *' if score == best else ''}", flush=True)
+                  f"val_nme {val_nme:.2f}%  {img_s:.0f} img/s  {row['seconds']:.0f}s{'  *' if score == best else ''}", flush=True)
     except KeyboardInterrupt:
         if show:
             report_interrupt(checkpoint_state, len(history), saved, out)

@@ -112,3 +112,8 @@ class Transforms:
     def to_image(self, target: np.ndarray, box: Box) -> np.ndarray:
         """A prediction for a face cropped without augmentation -> (68, 2) image pixels."""
         return target_to_points(target, self.matrix(box), self.img_size)
+
+
+def mean_shape(faces: list) -> np.ndarray:
+    """The average face (K, 2) in crop coordinates of a validation crop; needs only the labels, no pixels."""
+    return np.mean([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces], axis=0)
