@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model import load_model
+from model import load_checkpoint, load_model, release_copy, save_atomic
 
 OPSET = 17
 # The check runs a batch of a size the export never saw, which proves the batch axis is dynamic.
@@ -20,7 +20,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", help="ONNX file to write (default: the weights path with .onnx)")
     parser.add_argument("--torchscript", action="store_true",
                         help="also write TorchScript, next to the ONNX file as .torchscript.pt")
+    parser.add_argument("--release", metavar="FILE",
+                        help="instead, write the weights in fp16 for release (as weights/ holds them) and check "
+                             "that they predict as the original")
     return parser.parse_args(argv)
+
+
+def write_release(args: argparse.Namespace) -> float:
+    """The fp16 copy, and the largest difference between its predictions and the original's."""
+    path = Path(args.release)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_atomic(release_copy(load_checkpoint(args.weights)), path)
+    original, config = load_model(args.weights)
+    released, _ = load_model(path)
+    size = config.get("img_size", 224)
+    inputs = torch.rand(CHECK_BATCH, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.inference_mode():
+        difference = float((released(inputs) - original(inputs)).abs().max())
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); largest |fp16 copy - original| over "
+          f"{CHECK_BATCH} random inputs: {difference:.2e}")
+    return difference
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -54,6 +73,8 @@ def onnx_runner(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
 
 def main(args: argparse.Namespace) -> float:
     """Writes the files and returns the largest |onnxruntime - PyTorch| over a batch of random inputs."""
+    if args.release:
+        return write_release(args)
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401

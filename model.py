@@ -23,7 +23,6 @@ Network = Callable[[torch.Tensor], torch.Tensor]
 HEADS = ("regression", "pip")
 # PIPNet's defaults (Jin et al. 2021): each landmark also predicts its 10 nearest neighbours in the mean shape.
 PIP_NEIGHBOURS = 10
-BACKBONE_STRIDE = 32
 
 
 class PIPHead(nn.Module):
@@ -265,6 +264,13 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise SystemExit(f"{path}: not a weights file written by train.py (no 'model' entry)")
     return checkpoint
+
+
+def release_copy(checkpoint: dict) -> dict:
+    """What weights/ ships: the network's floating tensors in fp16 (half the size; loading turns them back
+    into fp32), the settings it was trained with and its validation figures; no optimiser state."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    return {"model": state, **{k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme") if k in checkpoint}}
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,6 +217,7 @@ def predict_photos(model: Network, config: dict, args: argparse.Namespace, devic
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     records, taken, unreadable = [], set(), 0
+    started, detecting, landmarking = time.perf_counter(), 0.0, 0.0  # where the time goes, for the summary
     for path in files:
         try:
             photo = read_photo(path)
@@ -225,8 +227,11 @@ def predict_photos(model: Network, config: dict, args: argparse.Namespace, devic
             unreadable += 1
             continue
         gray = to_gray(photo)
+        tick = time.perf_counter()
         boxes = [args.box] if args.box else detect_faces(detector, gray, args.upsample)
+        tock = time.perf_counter()
         faces = predict_faces(model, transform, gray, boxes, device)
+        detecting, landmarking = detecting + tock - tick, landmarking + time.perf_counter() - tock
         png = out_dir / png_name(path, taken)
         draw_predictions(photo, gray, faces, png)
         records.append({"image": str(path), "width": photo.width, "height": photo.height,
@@ -236,8 +241,11 @@ def predict_photos(model: Network, config: dict, args: argparse.Namespace, devic
     result = {"weights": str(args.weights), "images": records}
     (out_dir / "predictions.json").write_text(json.dumps(result))
     n_faces = sum(len(r["faces"]) for r in records)
+    seconds = time.perf_counter() - started
     print(f"wrote {out_dir / 'predictions.json'}: {plural(len(records), 'image')}, {plural(n_faces, 'face')}"
           + (f", {unreadable} unreadable" if unreadable else ""))
+    print(f"{len(records) / seconds:.1f} images/s: face detector {100 * detecting / seconds:.0f}% of the time, "
+          f"landmarks {100 * landmarking / seconds:.0f}%, reading, drawing and writing the rest")
     if unreadable:
         raise SystemExit(1)  # each file was already named on its own line
     return result

