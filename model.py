@@ -14,6 +14,9 @@ from dataset import NUM_LANDMARKS
 
 # A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
 Network = Callable[[torch.Tensor], torch.Tensor]
+# ResNet18 halves its input five times: below 32 px its last feature map is under a pixel. Above 1024 px
+# a batch of crops no longer fits in memory, and the labels are not that precise anyway.
+MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 1024
 
 
 def build_model(pretrained: bool = False) -> nn.Module:
