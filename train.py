@@ -6,7 +6,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -315,8 +315,8 @@ def check_labels(checkpoint: dict, labels: str, args: argparse.Namespace) -> Non
                          f"anyway")
 
 
-def load_training_state(optimizer, scheduler, checkpoint: dict, args: argparse.Namespace,
-                        steps_per_epoch: int) -> None:
+def load_training_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                        checkpoint: dict, args: argparse.Namespace, steps_per_epoch: int) -> None:
     """The optimiser's and schedule's state from the checkpoint, then the flags given now win: lr and weight
     decay live in the optimiser's groups, and the schedule counted steps of the old --batch-size towards the
     old --epochs. With the same flags this reproduces the saved state exactly."""
@@ -341,7 +341,7 @@ def stop_if_diverged(loss: float, which: str, epoch: int, saved: int, args: argp
 
 
 @contextmanager
-def hold_folder(out: Path):
+def hold_folder(out: Path) -> Iterator[None]:
     """An exclusive lock on OUT/.lock while the run lasts, so that a second run on the same --out stops with
     one line instead of interleaving its checkpoints and log with this one's. The kernel drops the lock
     when the process ends, however it ends; a lock file left by a killed run is simply taken over."""
