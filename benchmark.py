@@ -16,8 +16,9 @@ from torch.utils.data import DataLoader
 
 import dlib_baseline
 import train
-from dataset import TRAIN_XML, FaceLandmarksDataset, open_gray
-from model import HEADS, build_model, inference_autocast, optimize_for_inference, pick_device, resolve_amp
+from dataset import TRAIN_XML, FaceLandmarksDataset, number_in, open_gray, out_file
+from model import (HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, inference_autocast, optimize_for_inference,
+                   pick_device, resolve_amp)
 
 # The batch the throughput figure `infer_bs64_img_s` is named for, whatever --batch-size says.
 INFER_BATCH = 64
@@ -32,18 +33,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", default="../shared/data/300w_subset",
                    help="folder holding dlib's XML and images (default: ../shared/data/300w_subset)")
     p.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
-    p.add_argument("--img-sizes", type=int, nargs="+", default=[224, 128, 160], metavar="N",
+    p.add_argument("--img-sizes", type=number_in(int, MIN_IMG_SIZE, MAX_IMG_SIZE), nargs="+",
+                   default=[224, 128, 160], metavar="N",
                    help="network input sides to measure (default: 224 128 160)")
-    p.add_argument("--batch-size", type=int, default=64, help="loader and training batch (default: 64)")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], metavar="N",
+    p.add_argument("--batch-size", type=number_in(int, 1), default=64, help="loader and training batch (default: 64)")
+    p.add_argument("--workers", type=number_in(int, 0), nargs="+", default=[0, 1, 2], metavar="N",
                    help="loader processes to measure the loader with; end to end uses the largest (default: 0 1 2)")
-    p.add_argument("--batches", type=int, default=10, help="batches timed for each figure (default: 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed batches before each figure (default: 2)")
-    p.add_argument("--runs", type=int, default=30, help="batch-1 inferences timed; the median is shown (default: 30)")
+    p.add_argument("--batches", type=number_in(int, 1), default=10, help="batches timed for each figure (default: 10)")
+    p.add_argument("--warmup", type=number_in(int, 0), default=2,
+                   help="untimed batches before each figure (default: 2)")
+    p.add_argument("--runs", type=number_in(int, 1), default=30,
+                   help="batch-1 inferences timed; the median is shown (default: 30)")
     p.add_argument("--head", choices=list(HEADS), default="regression",
                    help="the network's head, as train.py --head (default: regression)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
-    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--json", metavar="FILE", type=out_file, help="also write the figures to FILE as JSON")
     return p.parse_args(argv)
 
 
@@ -259,6 +263,7 @@ def main(args: argparse.Namespace) -> list[dict]:
               f"{r['infer_bs1_ms']:>7.2f} {r.get('infer_bs1_ms_fp32', r['infer_bs1_ms']):>6.2f} {r['infer_bs1_ms_eager']:>6.2f} "
               f"{dlib_ms:>6} {ratio:>6} {r['infer_bs64_img_s']:>11.1f}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
     return rows

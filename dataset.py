@@ -1,4 +1,4 @@
-"""dlib's 300-W XML -> checked face records -> FaceLandmarksDataset, the train/val split, the crop cache and a demo-data maker."""
+"""dlib's 300-W XML -> checked face records -> FaceLandmarksDataset, the train/val split, the crop cache and a demo-data maker; the flag checks every script shares."""
 import argparse
 import hashlib
 import math
@@ -7,6 +7,7 @@ import random
 import sys
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -24,6 +25,11 @@ TEST_XML = "labels_ibug_300W_test.xml"
 # jitter still find real pixels rather than padding.
 CACHE_EXTENT = 1.25
 CACHE_VERSION = 1
+# On the 300-W subset the outer eye corners lie 0.33 to 0.81 box sides apart and every point within 0.95
+# box sides of the box's centre: labels far beyond either are typos, and would turn NME into inf or noise.
+MIN_EYE_DISTANCE, MAX_POINT_DISTANCE = 0.1, 1.5  # in box sides
+# numpy's and Python's seeders take at most 32 bits; train.py adds the rank and the epoch.
+SEED_MAX = 2**31 - 1
 
 
 class DataError(ValueError):
@@ -54,6 +60,7 @@ class Face:
     image: Path
     box: Box
     points: np.ndarray  # (68, 2) float32, image pixels
+    index: int = 0  # which box of its image, counting those not marked ignore, as error messages say
 
 
 def nme(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
@@ -102,7 +109,7 @@ def open_gray(path: Path, reduce: int = 1) -> tuple[Image.Image, int]:
             image = image.reduce(reduce)
     except FileNotFoundError:
         raise DataError(f"{path}: image not found", "image not found") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
     return image, 2 ** round(math.log2(width / image.size[0]))
 
@@ -120,7 +127,7 @@ def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]
     """One <box> with its 68 <part>s -> Face, or DataError saying what is wrong with it."""
     where = f"{path}: box {index}"
     try:
-        box = Box(*(float(element.get(k)) for k in ("left", "top", "width", "height")))
+        box = Box(*(finite(element.get(k)) for k in ("left", "top", "width", "height")))
     except (TypeError, ValueError):
         raise DataError(f"{where} lacks a numeric left, top, width or height", "bad box") from None
     if box.width <= 0 or box.height <= 0:
@@ -131,18 +138,44 @@ def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]
     parts = element.findall("part")
     for part in parts:
         name = part.get("name", "")
-        if not name.isdigit() or int(name) >= NUM_LANDMARKS:
+        if not (name.isascii() and name.isdigit()) or int(name) >= NUM_LANDMARKS:
             raise DataError(f"{where} has a part named {name!r}, expected '00'..'{NUM_LANDMARKS - 1}'",
                             "bad part name")
         if not np.isnan(points[int(name), 0]):
             raise DataError(f"{where} has part {name} twice", "duplicate part")
         try:
-            points[int(name)] = float(part.get("x")), float(part.get("y"))
+            points[int(name)] = finite(part.get("x")), finite(part.get("y"))
         except (TypeError, ValueError):
             raise DataError(f"{where} part {name} lacks a numeric x or y", "bad part") from None
     if len(parts) != NUM_LANDMARKS:
         raise DataError(f"{where} has {len(parts)} parts, expected {NUM_LANDMARKS}", "wrong part count")
-    return Face(path, box, points)
+    return Face(path, box, points, index)
+
+
+def finite(text: str | None) -> float:
+    """A coordinate: a number, and neither NaN nor infinite (float() takes 'nan' and '1e999')."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is not finite")
+    return value
+
+
+def label_problem(face: Face) -> str | None:
+    """Why labels that parse still cannot be learnt from or scored, naming the file and box; None if fine.
+
+    The outer eye corners normalise the NME: when they (nearly) coincide it becomes inf or noise.
+    A point far outside its box is a typo, or belongs to another face.
+    """
+    where = f"{face.image}: box {face.index}"
+    side = face.box.side
+    eyes = float(np.linalg.norm(face.points[LEFT_EYE_OUTER] - face.points[RIGHT_EYE_OUTER]))
+    if not eyes >= MIN_EYE_DISTANCE * side:
+        return (f"{where} has its outer eye corners (points {LEFT_EYE_OUTER} and {RIGHT_EYE_OUTER}) {eyes:.3g} px "
+                f"apart, under {MIN_EYE_DISTANCE:g} box sides, so its NME would divide by almost nothing")
+    far = float(np.abs(face.points - face.box.center).max()) / side
+    if not far <= MAX_POINT_DISTANCE:
+        return f"{where} has a point {far:.3g} box sides from the box's centre, beyond {MAX_POINT_DISTANCE:g}"
+    return None
 
 
 def read_xml(xml_path: Path) -> ET.Element:
@@ -150,23 +183,29 @@ def read_xml(xml_path: Path) -> ET.Element:
         raise SystemExit(f"{xml_path}: labels file not found (run `bash download.sh`, or pass --data-dir)")
     try:
         return ET.parse(xml_path).getroot()
-    except ET.ParseError as e:
+    except (ET.ParseError, ValueError, LookupError) as e:  # expat: ValueError, LookupError for encodings
         raise SystemExit(f"{xml_path}: malformed XML ({e})") from None
 
 
-def load_faces(xml_path: Path, skip_bad: bool = False) -> list[Face]:
+def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = False) -> list[Face]:
     """Every <box> of every <image> in a dlib XML, with each image decoded once to prove it readable.
 
     The first problem stops the program with one line naming the file; with skip_bad the faces
-    concerned are dropped instead and a summary of what was skipped is printed.
+    concerned are dropped instead and a summary of what was skipped is printed. Faces whose labels
+    parse but are degenerate (label_problem) count as problems unless keep_degenerate: evaluate.py
+    keeps them, to name them and leave them out of its averages.
     """
     xml_path = Path(xml_path)
     root = read_xml(xml_path)
     faces, skipped = [], Counter()
-    for image_element in root.iter("image"):
-        path = xml_path.parent / image_element.get("file", "")
+    for number, image_element in enumerate(root.iter("image")):
+        name = image_element.get("file", "")
+        path = xml_path.parent / name
         boxes = [b for b in image_element.findall("box") if b.get("ignore", "0") != "1"]
         try:
+            if not name.isprintable():  # a character reference such as &#10; would break the one-line messages
+                raise DataError(f"{xml_path}: <image> {number} has the file name {name!r}, with control "
+                                f"characters", "bad file name")
             size = check_image(path) if boxes else None
         except DataError as e:
             if not skip_bad:
@@ -175,7 +214,11 @@ def load_faces(xml_path: Path, skip_bad: bool = False) -> list[Face]:
             continue
         for index, element in enumerate(boxes):
             try:
-                faces.append(parse_box(element, path, index, size))
+                face = parse_box(element, path, index, size)
+                problem = None if keep_degenerate else label_problem(face)
+                if problem:
+                    raise DataError(problem, "degenerate labels")
+                faces.append(face)
             except DataError as e:
                 if not skip_bad:
                     raise SystemExit(str(e)) from None
@@ -193,6 +236,16 @@ def split_faces(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[
     order = np.random.default_rng(seed).permutation(n).tolist()
     n_val = max(1, round(n * val_fraction))
     return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def labels_fingerprint(faces: list[Face], root: Path) -> str:
+    """sha256 of the faces as loaded, in order (file relative to root, box, points): what the split is
+    drawn from. Unlike the XML's bytes it also changes when --skip-bad drops another face."""
+    digest = hashlib.sha256()
+    for face in faces:
+        digest.update(f"{os.path.relpath(face.image, root)}|{tuple(face.box)}|{face.index}|".encode())
+        digest.update(np.ascontiguousarray(face.points, np.float32).tobytes())
+    return digest.hexdigest()
 
 
 def trained_split(n: int, config: dict) -> tuple[list[int], list[int]]:
@@ -239,30 +292,48 @@ class FaceCache:
         self.center = np.stack([f.box.center for f in faces])
         self.faces = faces
         if not self.path.exists():
+            self.build_or_stop(workers, fallback)
+        self.crops = None  # opened lazily, so each DataLoader worker maps the file itself
+
+    def build_or_stop(self, workers: int, fallback: Path) -> None:
+        """Build beside the XML, or in the user's cache folder where the data folder is read-only;
+        a full disk stops the program with one line."""
+        try:
             try:
                 self.build(workers)
             except PermissionError:
                 self.path = fallback
                 self.build(workers)
-        self.crops = None  # opened lazily, so each DataLoader worker maps the file itself
+        except OSError as e:
+            raise SystemExit(f"{self.path}: cannot write the crop cache ({e.strerror or e}); no partial cache "
+                             f"file was left; free some disk space, or train without --cache") from None
 
     def build(self, workers: int) -> None:
+        """Plain writes to a temporary file, renamed into place only when whole. A memory map would be
+        killed by SIGBUS on a full disk; a write raises OSError, and the temporary file is deleted."""
         from tqdm import tqdm
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}.npy")
-        crops = np.lib.format.open_memmap(tmp, "w+", np.uint8, (len(self.faces), self.size, self.size))
         jobs = [(f, self.size, self.margin) for f in self.faces]
         bar = dict(total=len(jobs), desc=f"caching crops to {self.path.name}", unit="face")
-        if workers > 1:
-            with Pool(workers) as pool:
-                for i, crop in enumerate(tqdm(pool.imap(cache_crop, jobs, chunksize=8), **bar)):
-                    crops[i] = crop
-        else:
-            for i, crop in enumerate(tqdm(map(cache_crop, jobs), **bar)):
-                crops[i] = crop
-        crops.flush()
-        del crops
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                         "shape": (len(jobs), self.size, self.size)})
+                if hasattr(os, "posix_fallocate"):  # claim the space first: a full disk fails before any work
+                    os.posix_fallocate(f.fileno(), 0, f.tell() + len(jobs) * self.size ** 2)
+                if workers > 1:
+                    with Pool(workers) as pool:
+                        for crop in tqdm(pool.imap(cache_crop, jobs, chunksize=8), **bar):
+                            f.write(crop.tobytes())
+                else:
+                    for crop in tqdm(map(cache_crop, jobs), **bar):
+                        f.write(crop.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def get(self, i: int) -> tuple[Image.Image, Box, np.ndarray]:
         if self.crops is None:
@@ -405,16 +476,73 @@ def plot_samples(dataset: FaceLandmarksDataset, augmented: FaceLandmarksDataset,
     print(f"wrote {out}")
 
 
+# ---------------------------------------------------------------- checking what users type (every script)
+
+def number_in(kind: type, low: float | None = None, high: float | None = None, *,
+              low_open: bool = False, high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse `type=`: the text as `kind` (int or float) inside [low, high] (open where asked), else
+    argparse's one-line error naming the flag and the range. NaN and infinity are never inside."""
+    show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
+    bounds = ([f"{'above' if low_open else 'at least'} {show(low)}"] if low is not None else []) + \
+             ([f"{'below' if high_open else 'at most'} {show(high)}"] if high is not None else [])
+    wanted = f"{'a whole number' if kind is int else 'a number'} {' and '.join(bounds)}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        inside = (math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
+                  and (high is None or (value < high if high_open else value <= high)))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` can be neither used nor made as an output folder, or None."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} cannot be made: {parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{path} cannot be made: {parent} is not writable"
+
+
+def out_folder(text: str) -> str:
+    """An argparse `type=` for --out/--out-dir folders: one that exists or can be made."""
+    problem = folder_problem(Path(text))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def out_file(text: str) -> str:
+    """An argparse `type=` for a file to write: not a folder, and in a folder that exists or can be made."""
+    path = Path(text)
+    problem = f"{path} is a folder; expected a file name" if path.is_dir() else folder_problem(path.parent)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Check the data: draw faces as loaded and as augmented, "
                                                  "or write a small demo dataset.")
     parser.add_argument("--data-dir", default="data", help="folder holding dlib's XMLs (default: data)")
     parser.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
-    parser.add_argument("--n", type=int, default=8, help="faces to draw (default: 8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", default="samples.png", help="PNG to write (default: samples.png)")
+    parser.add_argument("--n", type=number_in(int, 1), default=8, help="faces to draw (default: 8)")
+    parser.add_argument("--seed", type=number_in(int, 0, SEED_MAX), default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", type=out_file, default="samples.png", help="PNG to write (default: samples.png)")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
-    parser.add_argument("--make-demo", metavar="DIR", help="write a small demo dataset into DIR and exit")
+    parser.add_argument("--make-demo", metavar="DIR", type=out_folder,
+                        help="write a small demo dataset into DIR and exit")
     return parser.parse_args(argv)
 
 
@@ -427,6 +555,7 @@ def main(args: argparse.Namespace) -> None:
     faces = load_faces(Path(args.data_dir) / args.xml, args.skip_bad)
     train, _ = split_faces(len(faces), seed=args.seed)
     n = min(args.n, len(train))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     shown = FaceLandmarksDataset(faces, Transforms(train=False), train[:n])
     augmented = FaceLandmarksDataset(faces, Transforms(train=True), train[:n])
     plot_samples(shown, augmented, n, Path(args.out))

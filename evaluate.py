@@ -2,6 +2,7 @@
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import dlib_baseline
-from dataset import TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, load_faces, nme, trained_split
+from dataset import (TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, label_problem, load_faces, nme, number_in,
+                     out_file, out_folder, trained_split)
 from model import Network, inference_autocast, load_for_inference, pick_device
 from transforms import CROP_MARGIN, Transforms, face_matrix, mean_shape, points_to_target, unflip
 
@@ -34,13 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-xml", default=TRAIN_XML,
                    help=f"XML inside --data-dir whose training split gives the mean shape (default: {TRAIN_XML})")
     p.add_argument("--flip-test", action="store_true", help="average with the prediction on the mirrored face")
-    p.add_argument("--batch-size", type=int, default=32, help="faces per batch (default: 32)")
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--batch-size", type=number_in(int, 1), default=32, help="faces per batch (default: 32)")
+    p.add_argument("--workers", type=number_in(int, 0), default=2, help="data-loading processes (default: 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
     p.add_argument("--eager", action="store_true",
                    help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
-    p.add_argument("--out-dir", default="eval", help="folder for the CED plot and per-face CSVs (default: eval)")
-    p.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    p.add_argument("--out-dir", type=out_folder, default="eval",
+                   help="folder for the CED plot and per-face CSVs (default: eval)")
+    p.add_argument("--json", metavar="FILE", type=out_file, help="also write the table as JSON")
     p.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
     return p.parse_args(argv)
 
@@ -108,15 +111,30 @@ def predict_targets(model: Network, loader: DataLoader, device: torch.device, fl
     return np.concatenate(preds).reshape(-1, 68, 2), np.concatenate(truths).reshape(-1, 68, 2)
 
 
+def scorable(faces: list[Face], xml: Path) -> list[Face]:
+    """The faces whose labels can be scored; each one left out is named, so no average becomes inf or NaN."""
+    kept = []
+    for face in faces:
+        problem = label_problem(face)
+        if problem:
+            print(f"{problem}; left out of the averages", file=sys.stderr)
+        else:
+            kept.append(face)
+    if not kept:
+        raise SystemExit(f"{xml}: no face has labels that can be scored")
+    return kept
+
+
 def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Path]:
-    """The faces to score: the whole XML, or the validation split recorded in the weights."""
+    """The faces to score: the whole XML, or the validation split recorded in the weights (loaded as
+    training loaded them, so that the split is the same)."""
     if args.split == "val":
         xml = Path(args.data_dir) / (args.xml or config.get("xml", TRAIN_XML))
-        faces = load_faces(xml, args.skip_bad)
+        faces = load_faces(xml, args.skip_bad or config.get("skip_bad", False))
         _, val_idx = trained_split(len(faces), config)
         return [faces[i] for i in val_idx], xml
     xml = Path(args.data_dir) / (args.xml or TEST_XML)
-    return load_faces(xml, args.skip_bad), xml
+    return scorable(load_faces(xml, args.skip_bad, keep_degenerate=True), xml), xml
 
 
 def write_faces_csv(path: Path, faces: list[Face], errors: np.ndarray) -> None:
@@ -174,7 +192,7 @@ def main(args: argparse.Namespace) -> dict:
         faces, xml = select_faces(args, config)
     if MEAN_SHAPE in args.baseline:
         train_xml = Path(args.data_dir) / args.train_xml
-        train_faces = load_faces(train_xml, args.skip_bad)
+        train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False))
         train_idx, _ = trained_split(len(train_faces), config)
         shape = mean_shape([train_faces[i] for i in train_idx])
         truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
@@ -188,6 +206,7 @@ def main(args: argparse.Namespace) -> dict:
     print(f"\nwrote {out / 'ced.png'} and per-face CSVs in {out}/")
     if args.json:
         table = next(iter(results.values())) if len(results) == 1 else results
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(table, indent=2))
     return results
 

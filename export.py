@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dataset import out_file
 from model import load_checkpoint, load_model, release_copy, save_atomic
 
 OPSET = 17
@@ -17,7 +18,7 @@ EXPORT_BATCH, CHECK_BATCH = 2, 3
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--weights", default="runs/best.pt", help="weights from train.py (default: runs/best.pt)")
-    parser.add_argument("--out", help="ONNX file to write (default: the weights path with .onnx)")
+    parser.add_argument("--out", type=out_file, help="ONNX file to write (default: the weights path with .onnx)")
     parser.add_argument("--torchscript", action="store_true",
                         help="also write TorchScript, next to the ONNX file as .torchscript.pt")
     parser.add_argument("--release", metavar="FILE",

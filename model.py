@@ -18,6 +18,9 @@ from dataset import NUM_LANDMARKS
 RELEASED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_300w_68.pt"
 # A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
 Network = Callable[[torch.Tensor], torch.Tensor]
+# ResNet18 halves its input five times: below 32 px its last feature map is under a pixel. Above 1024 px
+# a batch of crops no longer fits in memory, and the labels are not that precise anyway.
+MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 1024
 
 
 HEADS = ("regression", "pip")

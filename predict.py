@@ -1,6 +1,7 @@
 """Pictures of predictions: a grid of validation faces, truth green and prediction red; landmarks on your own photos."""
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -11,9 +12,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from dataset import NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, to_gray, trained_split
+from dataset import (NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, number_in, out_file, out_folder, to_gray,
+                     trained_split)
 from model import RELEASED_WEIGHTS, Network, load_for_inference, pick_device
 from transforms import Transforms
+
+MAX_UPSAMPLE = 4
 
 
 def box_arg(text: str) -> Box:
@@ -22,16 +26,11 @@ def box_arg(text: str) -> Box:
         box = Box(*(float(v) for v in text.split(",")))
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"{text!r}: expected four numbers, left,top,width,height") from None
+    if not all(map(math.isfinite, box)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected four finite numbers")
     if box.width <= 0 or box.height <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
     return box
-
-
-def count_arg(text: str) -> int:
-    """A whole number, 0 or more: dlib refuses negative upsampling with a traceback."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number, 0 or more")
-    return int(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,17 +42,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eager", action="store_true",
                         help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
     grid = parser.add_argument_group("validation grid (without --image)")
-    grid.add_argument("--n", type=int, default=8, help="validation faces to show (default: 8)")
+    grid.add_argument("--n", type=number_in(int, 1), default=8, help="validation faces to show (default: 8)")
     grid.add_argument("--data-dir", help="dataset folder (default: the one the weights were trained on)")
-    grid.add_argument("--out", default="predictions.png", help="PNG to write (default: predictions.png)")
+    grid.add_argument("--out", type=out_file, default="predictions.png",
+                      help="PNG to write (default: predictions.png)")
     photos = parser.add_argument_group("your own photos")
     photos.add_argument("--image", nargs="+", metavar="PATH",
                         help="image files, or folders of them; each face found gets 68 points")
-    photos.add_argument("--out-dir", default="predictions",
+    photos.add_argument("--out-dir", type=out_folder, default="predictions",
                         help="folder for one annotated PNG per image and predictions.json (default: predictions)")
     photos.add_argument("--box", type=box_arg, metavar="L,T,W,H",
                         help="use this face box in every image instead of detecting faces")
-    photos.add_argument("--upsample", type=count_arg, default=1,
+    # dlib refuses negative upsampling with a traceback; each step quadruples the pixels it scans.
+    photos.add_argument("--upsample", type=number_in(int, 0, MAX_UPSAMPLE), default=1,
                         help="times the detector doubles the image first; more finds smaller faces, slower "
                              "(default: 1)")
     return parser.parse_args(argv)
@@ -89,6 +90,7 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
             crop = (points + 0.5) * size - 0.5
             ax.scatter(crop[:, 0], crop[:, 1], s=4, c=colour)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     print(f"wrote {path}")
     show_or_close(fig)

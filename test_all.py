@@ -1,8 +1,10 @@
 """The test suite: every script, on small data the tests make themselves (run: pytest test_all.py)."""
 import http.server
 import json
+import math
 import os
 import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -14,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import benchmark
@@ -783,7 +787,7 @@ def test_an_image_without_a_face_gives_an_empty_list_and_the_run_goes_on(trained
 
 @pytest.mark.parametrize("flag, value, problem", [("--box", "1,2,3", "expected four numbers"),
                                                    ("--box", "1,2,0,3", "must be positive"),
-                                                   ("--upsample", "-1", "0 or more")])
+                                                   ("--upsample", "-1", "at least 0 and at most 4")])
 def test_image_flags_refuse_malformed_values_before_any_work(flag, value, problem, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["--image", "x.jpg", flag, value])
@@ -920,3 +924,361 @@ def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_pat
     assert row["img_size"] == 64 and set(row["loader_img_s"]) == {"0", "1"}
     assert all(v > 0 for v in row["loader_img_s"].values()) and row["infer_bs1_ms"] > 0
     assert row["epoch_vs_model"] == pytest.approx(row["model_train_img_s"] / row["e2e_train_img_s"])
+
+
+# ---------------------------------------------------------------- issue 14: flags, resume, divergence, degenerate labels, fuzzing
+
+BAD_FLAGS = [  # (script, flag, value, the range its one line must name)
+    (train, "--epochs", "0", "a whole number at least 1"),
+    (train, "--batch-size", "0", "a whole number at least 1"),
+    (train, "--val-batch-size", "-2", "a whole number at least 1"),
+    (train, "--lr", "0", "a number above 0"),
+    (train, "--lr", "nan", "a number above 0"),
+    (train, "--seed", "-1", "a whole number at least 0 and at most 2147483647"),
+    (train, "--workers", "-1", "a whole number at least 0"),
+    (train, "--val-fraction", "1", "a number above 0 and below 1"),
+    (train, "--img-size", "8", "a whole number at least 32 and at most 1024"),
+    (train, "--rotation", "200", "a number at least 0 and at most 180"),
+    (train, "--scale", "1", "a number at least 0 and below 1"),
+    (train, "--shift", "0.9", "a number at least 0 and at most 0.5"),
+    (train, "--weight-decay", "-0.1", "a number at least 0"),
+    (train, "--warmup-epochs", "1.5", "a whole number at least 0"),
+    (evaluate, "--batch-size", "0", "a whole number at least 1"),
+    (evaluate, "--workers", "-1", "a whole number at least 0"),
+    (predict, "--n", "0", "a whole number at least 1"),
+    (predict, "--upsample", "5", "a whole number at least 0 and at most 4"),
+    (benchmark, "--img-sizes", "16", "a whole number at least 32 and at most 1024"),
+    (benchmark, "--batch-size", "0", "a whole number at least 1"),
+    (benchmark, "--workers", "-1", "a whole number at least 0"),
+    (benchmark, "--batches", "0", "a whole number at least 1"),
+    (benchmark, "--warmup", "-1", "a whole number at least 0"),
+    (benchmark, "--runs", "0", "a whole number at least 1"),
+    (dataset, "--n", "0", "a whole number at least 1"),
+    (dataset, "--seed", "-1", "a whole number at least 0 and at most 2147483647"),
+]
+
+
+@pytest.mark.parametrize("script, flag, value, allowed", BAD_FLAGS,
+                         ids=[f"{s.__name__}{f}={v}" for s, f, v, _ in BAD_FLAGS])
+def test_a_numeric_flag_out_of_range_stops_with_one_line_naming_the_flag_and_range(script, flag, value, allowed,
+                                                                                    capsys):
+    with pytest.raises(SystemExit) as stop:
+        script.parse_args([flag, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: expected {allowed}, got '{value}'" in error
+
+
+def test_a_bad_flag_from_the_command_line_stops_before_any_work_without_a_traceback(tmp_path):
+    result = run_script("train.py", "--lr", "-0.001", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "train.py: error: argument --lr: expected a number above 0, " \
+                                                     "got '-0.001'"
+    assert not (tmp_path / "run").exists()
+
+
+OUT_FLAGS = [(train, "--out"), (evaluate, "--out-dir"), (evaluate, "--json"), (predict, "--out"),
+             (predict, "--out-dir"), (export, "--out"), (benchmark, "--json"), (dataset, "--out"),
+             (dataset, "--make-demo")]
+
+
+@pytest.mark.parametrize("script, flag", OUT_FLAGS, ids=[f"{s.__name__}{f}" for s, f in OUT_FLAGS])
+def test_an_output_path_that_cannot_be_made_is_refused_with_one_line(script, flag, tmp_path, capsys):
+    (tmp_path / "file").write_text("a file, not a folder")
+    with pytest.raises(SystemExit):
+        script.parse_args([flag, str(tmp_path / "file" / "sub" / "x.png")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: " in error and f"{tmp_path / 'file'} is a file, not a folder" in error
+
+
+def faces_xml(root: Path, n_faces: int, extra: list[str] = ()) -> Path:
+    """n good faces (the same drawn box) in one image, plus any extra <box> elements after them."""
+    Image.new("RGB", (200, 200), 128).save(root / "good.jpg")
+    return write_xml(root / dataset.TRAIN_XML, [("good.jpg", [good_face_xml()] * n_faces + list(extra))])
+
+
+def test_a_split_that_leaves_no_training_face_stops_with_one_line(tmp_path):
+    faces_xml(tmp_path, 1)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *FAST]))
+    message = str(stop.value.code)
+    assert "leaves 0 for training and 1 for validation" in message and "\n" not in message
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.fixture(scope="session")
+def one_epoch(demo, tmp_path_factory) -> Path:
+    """A finished one-epoch run that resume tests copy, so that each starts from the same files."""
+    out = tmp_path_factory.mktemp("one_epoch")
+    train.main(train.parse_args(["--data-dir", str(demo), "--epochs", "1", "--out", str(out), *FAST]))
+    return out
+
+
+def copy_run(one_epoch: Path, tmp_path: Path) -> Path:
+    import shutil
+    return Path(shutil.copytree(one_epoch, tmp_path / "run"))
+
+
+def test_resume_from_best_pt_says_why_not_and_to_pass_last_pt(one_epoch, tmp_path):
+    run = copy_run(one_epoch, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--resume", str(run / "best.pt"), "--out", str(run), "--epochs", "2"])
+    message = str(stop.value.code)
+    assert message.startswith(f"{run / 'best.pt'}: holds no optimizer") and "\n" not in message
+    assert message.endswith(f"pass --resume {run / 'last.pt'}")
+
+
+@pytest.mark.parametrize("flag, value", [("--img-size", "96"), ("--seed", "1"), ("--optimizer", "adamw")])
+def test_resume_refuses_a_flag_that_fixes_the_run_with_one_line(flag, value, one_epoch, tmp_path, capsys):
+    run = copy_run(one_epoch, tmp_path)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", str(run / "last.pt"), "--out", str(run), "--epochs", "2", flag, value])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}: {value} differs from" in error and "start a new run with another --out" in error
+
+
+def test_resume_with_no_epoch_left_to_train_says_what_to_pass(one_epoch, tmp_path, capsys):
+    run = copy_run(one_epoch, tmp_path)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--resume", str(run / "last.pt"), "--out", str(run)])
+    assert "has trained 1 epochs of 1; pass --epochs above 1" in capsys.readouterr().err
+
+
+def test_resume_gives_lr_and_weight_decay_given_now_to_the_optimiser(one_epoch, tmp_path):
+    run = copy_run(one_epoch, tmp_path)
+    history = train.main(train.parse_args(["--resume", str(run / "last.pt"), "--out", str(run), "--epochs", "2",
+                                           "--lr", "5e-4", "--weight-decay", "0.01"]))
+    assert [row["lr"] for row in history] == [1e-3, 5e-4]
+    state = torch.load(run / "last.pt", weights_only=True)
+    assert state["optimizer"]["param_groups"][0]["weight_decay"] == 0.01
+    assert state["config"]["lr"] == 5e-4
+
+
+def test_resume_with_more_epochs_and_another_batch_size_follows_the_new_cosine_schedule(demo, tmp_path):
+    base = ["--data-dir", str(demo), "--out", str(tmp_path), "--sched", "cosine", *FAST]
+    train.main(train.parse_args([*base, "--epochs", "2"]))
+    history = train.main(train.parse_args(["--resume", str(tmp_path / "last.pt"), "--out", str(tmp_path),
+                                           "--epochs", "4", "--batch-size", "8"]))
+    # After 3 of 4 epochs the cosine from 1e-3 to zero stands here, whatever the steps per epoch were.
+    assert history[2]["lr"] == pytest.approx(0.5 * 1e-3 * (1 + math.cos(math.pi * 3 / 4)))
+
+
+def changed_labels(demo: Path, tmp_path: Path) -> Path:
+    """The demo data with one landmark moved by a pixel."""
+    import re
+    import shutil
+    data = Path(shutil.copytree(demo, tmp_path / "data", ignore=shutil.ignore_patterns(".cache")))
+    xml = data / dataset.TRAIN_XML
+    xml.write_text(re.sub(r"x='(\d+)'", lambda m: f"x='{int(m.group(1)) + 1}'", xml.read_text(), count=1))
+    return data
+
+
+def test_resume_on_changed_labels_stops_with_one_line_unless_allowed(demo, one_epoch, tmp_path):
+    run, data = copy_run(one_epoch, tmp_path), changed_labels(demo, tmp_path)
+    args = ["--resume", str(run / "last.pt"), "--out", str(run), "--data-dir", str(data), "--epochs", "2"]
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(args))
+    message = str(stop.value.code)
+    assert "the labels differ" in message and "--allow-changed-labels" in message and "\n" not in message
+    history = train.main(train.parse_args([*args, "--allow-changed-labels"]))
+    assert [row["epoch"] for row in history] == [1, 2]
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(demo, tmp_path):
+    out = tmp_path / "run"
+    with train.hold_folder(out):
+        result = run_script("train.py", "--data-dir", str(demo), "--out", str(out), "--epochs", "1", *FAST)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"{out}: another train.py (pid {os.getpid()}) is writing to this folder; "
+                                     f"wait for it to end, or pass another --out")
+    assert sorted(p.name for p in out.iterdir()) == []  # the lock is gone with the run that held it
+
+
+def test_a_diverging_run_stops_at_once_naming_the_epoch_and_keeps_the_last_good_checkpoints(demo, tmp_path,
+                                                                                          monkeypatch):
+    import torch.nn.functional as F
+    seen = {"validated": False, "steps_after": 0}
+
+    def loss_that_explodes_after_epoch_one(pred, target):
+        if not torch.is_grad_enabled():  # validation
+            seen["validated"] = True
+        elif seen["validated"]:
+            seen["steps_after"] += 1
+            return F.mse_loss(pred, target) * math.nan
+        return F.mse_loss(pred, target)
+
+    monkeypatch.setitem(train.LOSSES, "mse", loss_that_explodes_after_epoch_one)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(demo), "--out", str(tmp_path), "--epochs", "3", *FAST]))
+    message = str(stop.value.code)
+    assert message.startswith("epoch 2: the training loss became nan") and "\n" not in message
+    assert "best.pt and last.pt keep epoch 1" in message and "lower --lr" in message
+    assert seen["steps_after"] == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "log.csv").read_text().count("\n") == 2
+
+
+def degenerate_face_xml(case: str) -> str:
+    points = template_shape() * 100 + [100, 100]
+    if case == "eye corners coincide":
+        points[45] = points[36]
+    else:
+        points[8] += [400, 0]
+    return box_xml(points, box=(50, 40, 100, 100))
+
+
+DEGENERATE_CASES = {"eye corners coincide": "outer eye corners (points 36 and 45) 0 px apart",
+                    "point far outside the box": "box sides from the box's centre, beyond 1.5"}
+
+
+@pytest.mark.parametrize("case", DEGENERATE_CASES)
+def test_degenerate_labels_stop_training_with_one_line_naming_file_and_box(case, tmp_path):
+    faces_xml(tmp_path, 2, [degenerate_face_xml(case)])
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), *FAST]))
+    message = str(stop.value.code)
+    assert message.startswith(f"{tmp_path / 'good.jpg'}: box 2 has") and "\n" not in message
+    assert DEGENERATE_CASES[case] in message
+
+
+def test_skip_bad_skips_degenerate_labels_and_says_so(tmp_path, capsys):
+    faces_xml(tmp_path, 2, [degenerate_face_xml("eye corners coincide")])
+    assert len(load_faces(tmp_path / dataset.TRAIN_XML, skip_bad=True)) == 2
+    assert "skipped 1 bad faces (1 x degenerate labels)" in capsys.readouterr().err
+
+
+def test_evaluate_leaves_degenerate_faces_out_of_the_averages_and_names_them(trained, tmp_path, capsys):
+    xml = faces_xml(tmp_path, 2, [degenerate_face_xml("eye corners coincide")])
+    results = evaluate.main(evaluate.parse_args([
+        "--weights", str(trained / "best.pt"), "--data-dir", str(tmp_path), "--xml", xml.name, "--workers", "0",
+        "--eager", "--out-dir", str(tmp_path / "eval"), "--json", str(tmp_path / "t.json")]))
+    [table] = results.values()
+    assert table["Full"]["faces"] == 2 and all(math.isfinite(v) for v in table["Full"].values())
+    saved = (tmp_path / "t.json").read_text()
+    assert "NaN" not in saved and "Infinity" not in saved
+    assert f"{tmp_path / 'good.jpg'}: box 2 has its outer eye corners" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_caching_leaves_no_partial_cache_and_says_so_in_one_line(tmp_path):
+    import resource
+    import signal
+
+    def small_files():  # a file may grow to 32 kB, as on a nearly full disk; the cache needs 77 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32_000, 32_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so the write fails with an error, as ENOSPC does
+
+    faces_xml(tmp_path, 3)
+    result = subprocess.run([sys.executable, "train.py", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"),
+                             "--cache", *FAST, "--img-size", "128"], cwd=HERE, capture_output=True, text=True,
+                            timeout=300, preexec_fn=small_files, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert "\n" not in message and "cannot write the crop cache" in message and "no partial cache" in message
+    assert list((tmp_path / ".cache").iterdir()) == []
+
+
+# ---- the parser under fuzzing: it loads, or stops with one line naming a file, never with a traceback
+
+ATTRIBUTE = re.compile(r"(\w+)='([^']*)'")
+PART = re.compile(r"<part [^>]*/>")
+BAD_VALUES = ["", "x", "nan", "inf", "-inf", "1e999", "-5", "0", "1,5", " 3", "0x10", "²", "٣", "68", "9" * 400,
+              ".", "..", "good.jpg", "gööd.jpg"]
+ENTITIES = {
+    "defined": ("<!ENTITY v '12'>", "&v;"),
+    "undefined": ("", "&nope;"),
+    "newline reference": ("", "&#10;"),
+    "nul reference": ("", "&#0;"),
+    "external": ("<!ENTITY e SYSTEM 'file:///etc/hostname'>", "&e;"),
+    "laughs": ("<!ENTITY a 'aaaaaaaaaa'><!ENTITY b '&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;'>"
+               "<!ENTITY c '&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;'>", "&c;"),
+}
+
+
+def choose(draw, found: list):
+    return found[draw(st.integers(0, len(found) - 1))] if found else None
+
+
+def drop_attribute(text: str, draw) -> str:
+    m = choose(draw, list(ATTRIBUTE.finditer(text)))
+    return text if m is None else text[:m.start()] + text[m.end():]
+
+
+def bad_value(text: str, draw) -> str:
+    m = choose(draw, list(ATTRIBUTE.finditer(text)))
+    value = draw(st.sampled_from(BAD_VALUES) | st.text("0123456789.-+eExn ", max_size=6))
+    return text if m is None else text[:m.start(2)] + value + text[m.end(2):]
+
+
+def remove_part(text: str, draw) -> str:
+    m = choose(draw, list(PART.finditer(text)))
+    return text if m is None else text[:m.start()] + text[m.end():]
+
+
+def duplicate_part(text: str, draw) -> str:
+    m = choose(draw, list(PART.finditer(text)))
+    return text if m is None else text[:m.end()] + m.group() + text[m.end():]
+
+
+def truncate(text: str, draw) -> str:
+    return text[:draw(st.integers(0, len(text)))]
+
+
+def nest_wrongly(text: str, draw) -> str:
+    part = PART.search(text)
+    how = draw(st.sampled_from(["part outside its box", "box inside a part", "closing tags swapped",
+                                "image inside an image", "box outside any image"]))
+    if part is None:
+        return text
+    if how == "part outside its box":
+        return (text[:part.start()] + text[part.end():]).replace("</box>", "</box>" + part.group(), 1)
+    if how == "box inside a part":
+        return text[:part.end() - 2] + "><box top='1' left='1' width='5' height='5'/></part>" + text[part.end():]
+    if how == "closing tags swapped":
+        return text.replace("</box></image>", "</image></box>", 1)
+    if how == "image inside an image":
+        return text.replace("<images>", "<images><image file='good.jpg'>", 1).replace("</images>", "</image></images>")
+    return text.replace("<images>", "<images>" + good_face_xml(), 1)
+
+
+def add_entity(text: str, draw) -> str:
+    declaration, use = ENTITIES[draw(st.sampled_from(sorted(ENTITIES)))]
+    m = choose(draw, list(ATTRIBUTE.finditer(text)))
+    if m is not None:
+        text = text[:m.start(2)] + use + text[m.end(2):]
+    return text.replace("<dataset>", f"<!DOCTYPE dataset [{declaration}]><dataset>", 1)
+
+
+MUTATIONS = [drop_attribute, bad_value, remove_part, duplicate_part, truncate, nest_wrongly, add_entity]
+
+
+def encode(text: str, draw) -> bytes:
+    """The document under some XML declaration, in some encoding: matching, mismatched or unsupported."""
+    declared = draw(st.sampled_from([None, "UTF-8", "ISO-8859-1", "UTF-16", "utf-32", "shift_jis", "foo", "cp500"]))
+    codec = draw(st.sampled_from(["utf-8", "latin-1", "utf-16", "utf-8-sig"]))
+    head = "<?xml version='1.0'?>" if declared is None else f"<?xml version='1.0' encoding='{declared}'?>"
+    return text.replace("<?xml version='1.0'?>", head, 1).encode(codec, errors="replace")
+
+
+@pytest.fixture(scope="session")
+def fuzz_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz")
+    faces_xml(root, 2)
+    return root
+
+
+@settings(max_examples=300, derandomize=True, deadline=None, database=None)
+@given(data=st.data())
+def test_a_mutated_xml_loads_or_stops_with_one_line_naming_the_file(fuzz_root, data):
+    text = (fuzz_root / dataset.TRAIN_XML).read_text()
+    for _ in range(data.draw(st.integers(1, 3))):
+        text = data.draw(st.sampled_from(MUTATIONS))(text, data.draw)
+    xml = fuzz_root / "fuzzed.xml"
+    xml.write_bytes(encode(text, data.draw))
+    try:
+        faces = load_faces(xml)
+    except SystemExit as stop:
+        message = str(stop.code)
+        assert "\n" not in message and message.startswith(str(fuzz_root)), message
+        return
+    assert faces and all(np.isfinite(face.points).all() for face in faces)

@@ -6,7 +6,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from dataset import CACHE_EXTENT, TRAIN_XML, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces
-from model import AMP_CHOICES, HEADS, autocast, build_model, load_checkpoint, pick_device, resolve_amp, save_atomic
+from dataset import (CACHE_EXTENT, SEED_MAX, TRAIN_XML, FaceCache, FaceLandmarksDataset, labels_fingerprint,
+                     load_faces, nme, number_in, out_folder, split_faces)
+from model import (AMP_CHOICES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, autocast, build_model, load_checkpoint,
+                   pick_device, resolve_amp, save_atomic)
 from transforms import CROP_MARGIN, Transforms, mean_shape
+
+try:
+    import fcntl
+except ImportError:  # Windows: two runs on one --out are not guarded there
+    fcntl = None
 
 # The write-up's recipe: what `python train.py` runs when no flag says otherwise.
 DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_batch_size=8, lr=1e-4, seed=0,
@@ -37,6 +45,16 @@ RECIPES = {
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
 RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "loss", "optimizer", "weight_decay", "sched",
                "warmup_epochs", "pretrained", "recipe", "head"]
+# With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),
+# what the weights are (img_size, pretrained, head), the optimiser's state (optimizer) or what the validation
+# loss means (loss, recipe). Every other flag given now wins, including those whose values also live in the
+# optimiser's and schedule's state (lr, weight_decay, epochs, sched, warmup_epochs, batch_size), which
+# load_training_state writes in after loading, --amp, which takes effect from the next step, and --select,
+# whose best score is read again from the log. A new flag goes here unless it can take effect so.
+RESUME_FIXED = ["seed", "val_fraction", "img_size", "pretrained", "head", "optimizer", "loss", "recipe"]
+# What a checkpoint needs to resume from; best.pt holds only the weights, settings and scores.
+RESUME_KEYS = ["model", "optimizer", "scheduler", "epoch", "best", "history", "config"]
+LOCK_NAME = ".lock"
 # Wing loss (Feng et al. 2018) in pixels of a 224 px crop, whatever --img-size is.
 WING_W, WING_EPSILON, WING_PIXELS = 10.0, 2.0, 224
 # PIPNet's weight of the score maps against the offsets (Jin et al. 2021).
@@ -50,32 +68,41 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, argument_default=argparse.SUPPRESS)
     p.add_argument("--data-dir", help=f"folder holding dlib's XML and images (default: {d['data_dir']})")
     p.add_argument("--xml", help=f"labels file inside --data-dir (default: {d['xml']})")
-    p.add_argument("--epochs", type=int, help=f"epochs to train (default: {d['epochs']})")
-    p.add_argument("--batch-size", type=int, help=f"training batch size (default: {d['batch_size']})")
-    p.add_argument("--val-batch-size", type=int, help=f"validation batch size (default: {d['val_batch_size']})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default: {d['lr']})")
-    p.add_argument("--seed", type=int, help=f"seed for the split, the augmentation and the init "
-                                            f"(default: {d['seed']})")
-    p.add_argument("--workers", type=int, help=f"data-loading processes (default: {d['workers']})")
+    p.add_argument("--epochs", type=number_in(int, 1), help=f"epochs to train (default: {d['epochs']})")
+    p.add_argument("--batch-size", type=number_in(int, 1), help=f"training batch size (default: {d['batch_size']})")
+    p.add_argument("--val-batch-size", type=number_in(int, 1),
+                   help=f"validation batch size (default: {d['val_batch_size']})")
+    p.add_argument("--lr", type=number_in(float, 0, low_open=True), help=f"learning rate (default: {d['lr']})")
+    p.add_argument("--seed", type=number_in(int, 0, SEED_MAX),
+                   help=f"seed for the split, the augmentation and the init (default: {d['seed']})")
+    p.add_argument("--workers", type=number_in(int, 0), help=f"data-loading processes (default: {d['workers']})")
     p.add_argument("--device", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
-    p.add_argument("--out", help=f"folder for weights, checkpoint, log and curves (default: {d['out']})")
+    p.add_argument("--out", type=out_folder,
+                   help=f"folder for weights, checkpoint, log and curves (default: {d['out']})")
     p.add_argument("--resume", nargs="?", const="", metavar="CKPT",
                    help="continue from a checkpoint (default file: OUT/last.pt), with its settings")
+    p.add_argument("--allow-changed-labels", action="store_true", default=False,
+                   help="with --resume: go on although the labels changed since the checkpoint (the split changes)")
     p.add_argument("--cache", action=argparse.BooleanOptionalAction,
                    help="crop every face once into a memory-mapped cache beside the XML (default: off)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping at the first")
-    p.add_argument("--val-fraction", type=float, help=f"share held out for validation (default: {d['val_fraction']})")
+    p.add_argument("--val-fraction", type=number_in(float, 0, 1, low_open=True, high_open=True),
+                   help=f"share held out for validation (default: {d['val_fraction']})")
     p.add_argument("--recipe", choices=sorted(RECIPES), help="preset: writeup (default) or best; flags override it")
-    p.add_argument("--img-size", type=int, help=f"side of the network input (default: {d['img_size']})")
-    p.add_argument("--rotation", type=float, help=f"max random rotation, degrees (default: {d['rotation']})")
-    p.add_argument("--scale", type=float, help="random zoom of the crop, +-fraction (default: 0)")
-    p.add_argument("--shift", type=float, help="random shift of the crop, +-fraction of its side (default: 0)")
+    p.add_argument("--img-size", type=number_in(int, MIN_IMG_SIZE, MAX_IMG_SIZE),
+                   help=f"side of the network input (default: {d['img_size']})")
+    p.add_argument("--rotation", type=number_in(float, 0, 180),
+                   help=f"max random rotation, degrees (default: {d['rotation']})")
+    p.add_argument("--scale", type=number_in(float, 0, 1, high_open=True),
+                   help="random zoom of the crop, +-fraction (default: 0)")
+    p.add_argument("--shift", type=number_in(float, 0, 0.5),
+                   help="random shift of the crop, +-fraction of its side (default: 0)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default: off)")
     p.add_argument("--loss", choices=["mse", "l1", "smoothl1", "wing"], help="loss (default: mse)")
     p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimiser (default: adam)")
-    p.add_argument("--weight-decay", type=float, help="weight decay (default: 0)")
+    p.add_argument("--weight-decay", type=number_in(float, 0), help="weight decay (default: 0)")
     p.add_argument("--sched", choices=["none", "cosine"], help="learning-rate schedule (default: none)")
-    p.add_argument("--warmup-epochs", type=int, help="linear warm-up before the cosine (default: 0)")
+    p.add_argument("--warmup-epochs", type=number_in(int, 0), help="linear warm-up before the cosine (default: 0)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
                    help="start from torchvision's ImageNet weights (needs internet once; default: off)")
     p.add_argument("--head", choices=list(HEADS),
@@ -90,12 +117,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     config.update(RECIPES[given.get("recipe", DEFAULTS["recipe"])])
     if given.get("resume") is not None:
         given["resume"] = given["resume"] or str(Path(given.get("out", config["out"])) / "last.pt")
-        config.update(load_checkpoint(given["resume"])["config"])
+        checkpoint = resumable_checkpoint(given["resume"])
+        for key in RESUME_FIXED:
+            saved = checkpoint["config"].get(key, config[key])
+            if key in given and given[key] != saved:
+                p.error(f"argument --{key.replace('_', '-')}: {given[key]} differs from {saved} in "
+                        f"{given['resume']}, and it fixes the run; resume without it, or start a new run "
+                        f"with another --out")
+        config.update(checkpoint["config"])
+        if given.get("epochs", config["epochs"]) <= checkpoint["epoch"]:
+            p.error(f"argument --epochs: {given['resume']} has trained {checkpoint['epoch']} epochs of "
+                    f"{given.get('epochs', config['epochs'])}; pass --epochs above {checkpoint['epoch']} to go on")
     config.update(given)
     if config["select"] is None:
         beyond = any(config[k] != DEFAULTS[k] for k in RECIPE_KEYS)
         config["select"] = "nme" if beyond else "loss"
     return argparse.Namespace(**config)
+
+
+def resumable_checkpoint(path: str) -> dict:
+    """A checkpoint --resume can continue from, or one line saying why not and what to pass instead."""
+    checkpoint = load_checkpoint(path)
+    missing = [key for key in RESUME_KEYS if key not in checkpoint]
+    if missing:
+        last = Path(path).parent / "last.pt"
+        instead = (f"pass --resume {last}" if last.is_file() and last.resolve() != Path(path).resolve()
+                   else "start a new run without --resume")
+        raise SystemExit(f"{path}: holds no {', '.join(missing)}, so training cannot resume from it (best.pt "
+                         f"keeps only the weights, last.pt the whole state); {instead}")
+    return checkpoint
 
 
 # ---------------------------------------------------------------- pieces of the loop
@@ -171,6 +221,9 @@ def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataL
     xml = Path(args.data_dir) / args.xml
     faces = load_faces(xml, args.skip_bad)
     train_idx, val_idx = split_faces(len(faces), args.val_fraction, args.seed)
+    if not train_idx or not val_idx:
+        raise SystemExit(f"{xml}: --val-fraction {args.val_fraction:g} of {len(faces)} faces leaves {len(train_idx)} "
+                         f"for training and {len(val_idx)} for validation; each needs at least one face")
     cache = None
     if args.cache:
         if rank == 0:  # one process builds the cache; the others wait, then read it
@@ -209,6 +262,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
         scaler.update()
         scheduler.step()
         total, count = total + loss.item() * len(images), count + len(images)
+        if not math.isfinite(total):
+            break  # diverged: the caller stops the run, and nothing of this epoch is saved
         bar.set_postfix(loss=f"{total / count:.5f}", img_s=f"{count / (time.time() - started):.0f}")
     return total / max(count, 1), count / (time.time() - started)
 
@@ -283,9 +338,86 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# ---------------------------------------------------------------- resuming, and guarding the run
+
+def check_labels(checkpoint: dict, labels: str, args: argparse.Namespace) -> None:
+    """Other labels than the checkpoint's would silently draw another split: stop, unless the user says so."""
+    saved = checkpoint.get("labels_sha256")
+    if saved is None:
+        print(f"note: {args.resume} records no fingerprint of its labels (older train.py); they are not checked",
+              file=sys.stderr)
+    elif saved != labels and not args.allow_changed_labels:
+        raise SystemExit(f"{Path(args.data_dir) / args.xml}: the labels differ from those {args.resume} was trained "
+                         f"on, so the train/validation split would change; pass --allow-changed-labels to resume "
+                         f"anyway")
+
+
+def load_training_state(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                        checkpoint: dict, args: argparse.Namespace, steps_per_epoch: int) -> None:
+    """The optimiser's and schedule's state from the checkpoint, then the flags given now win: lr and weight
+    decay live in the optimiser's groups, and the schedule counted steps of the old --batch-size towards the
+    old --epochs. With the same flags this reproduces the saved state exactly."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scheduler.last_epoch = checkpoint["epoch"] * steps_per_epoch
+    scheduler.base_lrs = [args.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["weight_decay"] = args.lr, args.weight_decay
+        group["lr"] = args.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+
+def stop_if_diverged(loss: float, which: str, epoch: int, saved: int, args: argparse.Namespace) -> None:
+    """A NaN or infinite loss ends the run before anything of this epoch is saved."""
+    if math.isfinite(loss):
+        return
+    last = Path(args.out) / "last.pt"
+    kept = f"best.pt and last.pt keep epoch {saved}" if saved else "no weights were saved"
+    again = f" (python train.py --resume {last} --lr {args.lr / 10:g})" if saved else ""
+    raise SystemExit(f"epoch {epoch}: the {which} loss became {loss}, the run diverged; {kept}; "
+                     f"try a lower --lr than {args.lr:g}{again}")
+
+
+@contextmanager
+def hold_folder(out: Path) -> Iterator[None]:
+    """An exclusive lock on OUT/.lock while the run lasts, so that a second run on the same --out stops with
+    one line instead of interleaving its checkpoints and log with this one's. The kernel drops the lock
+    when the process ends, however it ends; a lock file left by a killed run is simply taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    path = out / LOCK_NAME
+    while True:
+        lock = open(path, "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise SystemExit(f"{out}: another train.py ({holder}) is writing to this folder; wait for it to "
+                             f"end, or pass another --out") from None
+        try:
+            ours = os.path.samestat(os.fstat(lock.fileno()), os.stat(path))
+        except FileNotFoundError:
+            ours = False
+        if ours:
+            break
+        lock.close()  # the file was deleted by the run that just ended: lock the one in its place
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()}")
+    lock.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        lock.close()
+
+
 # ---------------------------------------------------------------- main
 
-def main(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace) -> list[dict]:
     rank, world, device = setup_distributed(args)
     seed_everything(args.seed + rank)
     show = rank == 0
@@ -293,6 +425,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if show:
         out.mkdir(parents=True, exist_ok=True)
     train_loader, val_loader, sampler = make_loaders(args, rank, world)
+    labels = labels_fingerprint(train_loader.dataset.faces, (Path(args.data_dir) / args.xml).parent)
     model = build_model(args.pretrained, args.head)
     if args.head == "pip":  # each landmark's neighbours, from the training faces' mean shape
         train_set = train_loader.dataset
@@ -306,10 +439,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     history, best, start = [], math.inf, 0
     if args.resume:
         checkpoint = load_checkpoint(args.resume, device)
+        check_labels(checkpoint, labels, args)
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
+        load_training_state(optimizer, scheduler, checkpoint, args, len(train_loader))
         history, best, start = checkpoint["history"], checkpoint["best"], checkpoint["epoch"]
+        if args.select != checkpoint["config"].get("select"):  # the best so far by the figure chosen now
+            best = min(row["val_nme" if args.select == "nme" else "val_loss"] for row in history)
         if show:
             print(f"resumed from {args.resume} after epoch {start}")
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -322,7 +457,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     def checkpoint_state(epoch: int) -> dict:
         return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                "config": config}
+                "config": config, "labels_sha256": labels}
 
     saved = start  # epochs held by the last.pt on disk
     try:
@@ -333,7 +468,9 @@ def main(args: argparse.Namespace) -> list[dict]:
             train_loader.generator.manual_seed(args.seed + epoch)
             train_loss, img_s = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, scaler, device,
                                                 amp, f"epoch {epoch + 1}/{args.epochs}", show)
+            stop_if_diverged(train_loss, "training", epoch + 1, saved, args)
             val_loss, val_nme = validate(model, val_loader, val_loss_fn, device, amp)
+            stop_if_diverged(val_loss, "validation", epoch + 1, saved, args)
             row = dict(epoch=epoch + 1, train_loss=round(train_loss, 6), val_loss=round(val_loss, 6),
                        val_nme=round(val_nme, 3), lr=optimizer.param_groups[0]["lr"],
                        seconds=round(time.time() - started, 1), train_img_s=round(img_s, 1))
@@ -343,13 +480,14 @@ def main(args: argparse.Namespace) -> list[dict]:
             score = val_nme if args.select == "nme" else val_loss
             if score < best:
                 save_or_warn({"model": model.state_dict(), "config": config, "epoch": epoch + 1,
-                              "val_loss": val_loss, "val_nme": val_nme}, out / "best.pt")
+                              "val_loss": val_loss, "val_nme": val_nme, "labels_sha256": labels}, out / "best.pt")
                 best = score
             save_or_warn(checkpoint_state(epoch + 1), out / "last.pt")
             saved = epoch + 1
             write_log(history, out)
             print(f"epoch {epoch + 1}/{args.epochs}  train_loss {train_loss:.5f}  val_loss {val_loss:.5f}  "
-                  f"val_nme {val_nme:.2f}%  {img_s:.0f} img/s  {row['seconds']:.0f}s{'  *' if score == best else ''}", flush=True)
+                  f"val_nme {val_nme:.2f}%  {img_s:.0f} img/s  {row['seconds']:.0f}s{'  *' if score == best else ''}",
+                  flush=True)
     except KeyboardInterrupt:
         if show:
             report_interrupt(checkpoint_state, len(history), saved, out)
@@ -361,6 +499,12 @@ def main(args: argparse.Namespace) -> list[dict]:
     if world > 1:
         dist.destroy_process_group()
     return history
+
+
+def main(args: argparse.Namespace) -> list[dict]:
+    """The run, holding --out against a second run there (rank 0 only: the other ranks write nothing)."""
+    with hold_folder(Path(args.out)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+        return run(args)
 
 
 if __name__ == "__main__":
