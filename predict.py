@@ -256,6 +256,9 @@ def predict_photos(model: Network, config: dict, args: argparse.Namespace, devic
 def main(args: argparse.Namespace) -> dict | None:
     device = pick_device(args.device)
     args.weights = args.weights or (RELEASED_WEIGHTS if args.image else "runs/best.pt")
+    if args.weights == RELEASED_WEIGHTS and not RELEASED_WEIGHTS.is_file():
+        raise SystemExit(f"{RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train with "
+                         f"`python train.py --recipe best --out runs/best` and pass --weights runs/best/best.pt")
     model, config = load_for_inference(args.weights, device, args.eager)
     if args.image:
         return predict_photos(model, config, args, device)

@@ -706,6 +706,7 @@ def test_predict_image_on_a_real_photo_writes_68_points_inside_it_and_an_annotat
     assert Image.open(record["annotated"]).size == (512, 512)
 
 
+@pytest.mark.skipif(not model.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
 def test_predict_image_without_weights_uses_the_released_ones_and_finds_a_plausible_face(tmp_path):
     photo = astronaut_jpg(tmp_path)
     result = run_script(str(HERE / "predict.py"), "--image", str(photo), "--out-dir", str(tmp_path / "out"),
@@ -722,11 +723,19 @@ def test_predict_image_without_weights_uses_the_released_ones_and_finds_a_plausi
     assert "images/s: face detector" in result.stdout
 
 
+@pytest.mark.skipif(not model.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
 def test_released_weights_are_small_and_record_how_they_were_trained():
     checkpoint = torch.load(model.RELEASED_WEIGHTS, map_location="cpu", weights_only=True)
     assert model.RELEASED_WEIGHTS.stat().st_size <= 25 * 2**20
     assert checkpoint["config"]["recipe"] == "best" and "optimizer" not in checkpoint
     assert all(v.dtype != torch.float32 for v in checkpoint["model"].values())
+
+
+def test_predict_image_without_weights_or_a_release_says_what_to_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(predict, "RELEASED_WEIGHTS", tmp_path / "weights" / "none.pt")
+    with pytest.raises(SystemExit) as stop:
+        predict.main(predict.parse_args(["--image", str(astronaut_jpg(tmp_path)), "--out-dir", str(tmp_path)]))
+    assert "--weights" in str(stop.value.code) and "\n" not in str(stop.value.code)
 
 
 def image_in_mode(mode: str) -> Image.Image:
