@@ -804,3 +804,153 @@ def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_pat
     assert row["img_size"] == 64 and set(row["loader_img_s"]) == {"0", "1"}
     assert all(v > 0 for v in row["loader_img_s"].values()) and row["infer_bs1_ms"] > 0
     assert row["epoch_vs_model"] == pytest.approx(row["model_train_img_s"] / row["e2e_train_img_s"])
+
+
+# ---- issue 13: video
+
+import cv2  # noqa: E402  (this block's imports stay in this block)
+
+import video  # noqa: E402
+from video import OneEuroFilter  # noqa: E402
+
+
+def drawn_face_clip(path: Path, centers: np.ndarray, size: float = 110, frame=(320, 240), noise: float = 0,
+                    fps: float = 25) -> np.ndarray:
+    """A clip of one drawn face whose nose follows `centers` (N, 2), camera-like noise added per frame;
+    returns the true points (N, 68, 2). The face's colours are the same in every frame."""
+    import cv2
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frame)
+    truth = []
+    for center in centers:
+        image = Image.new("L", frame, 90)
+        points = template_shape() * size + center
+        dataset.draw_face(ImageDraw.Draw(image), points, random.Random(0))
+        pixels = np.asarray(image, np.float64) + rng.normal(0, noise, (frame[1], frame[0]))
+        writer.write(cv2.cvtColor(np.clip(pixels, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
+        truth.append(points)
+    writer.release()
+    return np.array(truth)
+
+
+def predict_video(trained: Path, out_dir: Path, clip: Path, *args: str) -> dict:
+    predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out_dir),
+                                     "--video", str(clip), *args]))
+    return json.loads((out_dir / f"{clip.stem}.json").read_text())
+
+
+def test_one_euro_filter_steadies_a_still_point_and_follows_a_moving_one():
+    rng = np.random.default_rng(0)
+    still = OneEuroFilter(min_cutoff=1.0, beta=10.0)
+    noisy = 5 + rng.normal(0, 0.02, (100, 3, 2))
+    out = np.array([still.update(x, i / 30) for i, x in enumerate(noisy)])
+    assert np.abs(np.diff(out[20:], axis=0)).mean() < np.abs(np.diff(noisy[20:], axis=0)).mean() / 3
+    moving = OneEuroFilter(min_cutoff=1.0, beta=10.0)
+    ramp = [np.full((3, 2), 0.02 * i) for i in range(60)]  # 0.6 face sides per second
+    out = [moving.update(x, i / 30) for i, x in enumerate(ramp)]
+    assert np.abs(out[-1] - ramp[-1]).max() < 0.02  # behind by under one frame's movement
+    moving.reset()
+    np.testing.assert_array_equal(moving.update(ramp[7], 0.0), ramp[7])  # after reset the first value passes
+
+
+def test_one_euro_filter_smooths_faces_of_any_size_alike():
+    rng = np.random.default_rng(1)
+    signal = np.cumsum(rng.normal(0, 0.01, (50, 4, 2)), axis=0)
+    small, large = OneEuroFilter(), OneEuroFilter()
+    for i, x in enumerate(signal):
+        np.testing.assert_allclose(large.update(10 * x, i / 25, scale=10.0), 10 * small.update(x, i / 25), rtol=1e-9)
+
+
+def test_the_box_relation_fit_recovers_a_known_relation_and_maps_points_back_to_their_box():
+    relation = dataset.BoxRelation(side=2.5, dx=0.1, dy=-0.2)
+    rng = np.random.default_rng(2)
+    faces = [Face(Path("a.jpg"), dataset.box_from_points(points, relation), points)
+             for points in (template_shape() * rng.uniform(50, 300) + rng.uniform(0, 500, 2) for _ in range(20))]
+    fitted, misfit = dataset.fit_box_relation(faces)
+    np.testing.assert_allclose(fitted, relation, atol=1e-6)
+    assert max(misfit.values()) < 1e-6
+    box = dataset.box_from_points(faces[0].points, fitted)
+    np.testing.assert_allclose(box, faces[0].box, atol=1e-6)
+    assert box.width == box.height  # dlib's boxes are square
+
+
+class FakeFaces:
+    """A scene for FaceTracker without a network: faces are boxes; the 'network' places the template in a
+    box and says whether a face is really there (drift 0) or not (drift 1)."""
+
+    def __init__(self, boxes: dict[str, Box]):
+        self.boxes, self.detector_frames, self.frame = dict(boxes), [], 0
+
+    def detect(self, gray) -> list[Box]:
+        self.detector_frames.append(self.frame)
+        return [box for box in self.boxes.values() if video.visible_share(box, *gray.size) > 0.5]
+
+    @staticmethod
+    def points_in(box: Box) -> np.ndarray:
+        """Template points whose box (dataset.box_from_points) is `box`."""
+        mean, spread = dataset.point_spread(template_shape())
+        relation, scale = dataset.DLIB_BOX, box.side / dataset.DLIB_BOX.side
+        center = box.center - np.array([relation.dx, relation.dy]) * scale
+        return (template_shape() - mean) / spread * scale + center
+
+    def locate(self, gray, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+        """A face under the box: its points (the network finds it); none: the template in the box, drift 1."""
+        points, drift = [], []
+        for box in boxes:
+            near = max(self.boxes.values(), key=lambda real: video.iou(box, real), default=None)
+            found = near is not None and video.iou(box, near) > 0.3
+            points.append(self.points_in(near if found else box))
+            drift.append(0.0 if found else 1.0)
+        return np.array(points).reshape(len(boxes), -1, 2), np.array(drift)
+
+
+def run_tracker(scene: FakeFaces, tracker: "video.FaceTracker", moves: list[dict[str, Box | None]]) -> list:
+    gray, seen = Image.new("L", (640, 480)), []
+    for scene.frame, move in enumerate(moves):
+        scene.boxes.update(move)
+        scene.boxes = {k: v for k, v in scene.boxes.items() if v is not None}
+        seen.append(tracker.update(gray, scene.frame / 30))
+    return seen
+
+
+def test_tracker_keeps_each_face_its_id_and_runs_the_detector_every_k_frames():
+    scene = FakeFaces({"left": Box(100, 100, 80, 80), "right": Box(400, 120, 90, 90)})
+    tracker = video.FaceTracker(scene.locate, scene.detect, detect_every=5)
+    moves = [{"left": Box(100 + 4 * i, 100, 80, 80), "right": Box(400 - 3 * i, 120 + i, 90, 90)} for i in range(12)]
+    seen = run_tracker(scene, tracker, moves)
+    assert scene.detector_frames == [0, 5, 10] and tracker.detector_runs == 3
+    ids = [{f.id: f.box.center[0] for f in faces} for faces in seen]
+    assert all(set(frame) == {0, 1} for frame in ids)
+    assert all(frame[0] < 300 < frame[1] for frame in ids)  # the left face stays 0, the right one 1
+    assert [f.detected for f in seen[5]] == [True, True] and [f.detected for f in seen[6]] == [False, False]
+
+
+def test_a_face_that_is_covered_or_leaves_the_frame_is_dropped_at_once_and_a_new_one_gets_a_new_id():
+    scene = FakeFaces({"a": Box(100, 100, 80, 80), "b": Box(540, 100, 80, 80)})
+    tracker = video.FaceTracker(scene.locate, scene.detect, detect_every=100)
+    covered = [{}, {}, {"a": None}, {}]                                 # a is covered: the network finds no face
+    leaving = [{"b": Box(540 + 40 * i, 100, 80, 80)} for i in (1, 2)]   # b walks out to the right
+    seen = run_tracker(scene, tracker, covered + leaving + [{"c": Box(200, 300, 80, 80)}])
+    assert [sorted(f.id for f in faces) for faces in seen] == [[0, 1], [0, 1], [1], [1], [1], [], [2]]
+    assert scene.detector_frames == [0, 2, 5, 6]  # the first frame, each frame that lost a face, and no face
+
+
+def test_video_points_follow_a_moving_face_and_the_json_has_every_frame(trained, tmp_path):
+    centers = np.stack([np.linspace(110, 210, 24), np.linspace(115, 125, 24)], 1)
+    truth = drawn_face_clip(tmp_path / "walk.mp4", centers)
+    saved = predict_video(trained, tmp_path / "out", tmp_path / "walk.mp4", "--detect-every", "4")
+    assert {k: saved[k] for k in ("video", "fps", "width", "height")} == {
+        "video": str(tmp_path / "walk.mp4"), "fps": 25.0, "width": 320, "height": 240}
+    assert saved["weights"] == str(trained / "best.pt")
+    assert [f["frame"] for f in saved["frames"]] == list(range(24))
+    np.testing.assert_allclose([f["time"] for f in saved["frames"]], np.arange(24) / 25, atol=1e-4)
+    assert all(len(f["faces"]) == 1 for f in saved["frames"])
+    faces = [f["faces"][0] for f in saved["frames"]]
+    assert {f["id"] for f in faces} == {0} and faces[0]["detected"] and len(faces[0]["box"]) == 4
+    points = np.array([f["points"] for f in faces])
+    assert points.shape == truth.shape
+    # The tiny model is rough, but its points ride along with the face over the 100 pixels it moves.
+    moved = points.mean(1)[:, 0] - points.mean(1)[0, 0]
+    assert np.abs(moved - (centers[:, 0] - centers[0, 0])).max() < 25
+    written = cv2.VideoCapture(str(tmp_path / "out" / "walk_landmarks.mp4"))
+    assert written.get(cv2.CAP_PROP_FRAME_COUNT) == 24 and written.read()[1].shape == (240, 320, 3)
