@@ -814,22 +814,40 @@ import video  # noqa: E402
 from video import OneEuroFilter  # noqa: E402
 
 
-def drawn_face_clip(path: Path, centers: np.ndarray, size: float = 110, frame=(320, 240), noise: float = 0,
-                    fps: float = 25) -> np.ndarray:
-    """A clip of one drawn face whose nose follows `centers` (N, 2), camera-like noise added per frame;
-    returns the true points (N, 68, 2). The face's colours are the same in every frame."""
-    import cv2
+def drawn_face_frames(centers: np.ndarray, size: float = 110, frame=(320, 240), noise: float = 0):
+    """(BGR frame, true points) of one drawn face whose nose follows `centers` (N, 2), camera-like noise
+    added per frame. The face's colours are the same in every frame."""
     rng = np.random.default_rng(0)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, frame)
-    truth = []
     for center in centers:
         image = Image.new("L", frame, 90)
         points = template_shape() * size + center
         dataset.draw_face(ImageDraw.Draw(image), points, random.Random(0))
-        pixels = np.asarray(image, np.float64) + rng.normal(0, noise, (frame[1], frame[0]))
-        writer.write(cv2.cvtColor(np.clip(pixels, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2BGR))
-        truth.append(points)
+        pixels = np.clip(np.asarray(image, np.float64) + rng.normal(0, noise, (frame[1], frame[0])), 0, 255)
+        yield cv2.cvtColor(pixels.astype(np.uint8), cv2.COLOR_GRAY2BGR), points
+
+
+def write_clip(path: Path, frames, fps: int = 25) -> None:
+    """MP4 (mp4v), MJPG in an AVI, or grey YUV4MPEG2 (.y4m: raw frames, any size, where OpenCV's writer
+    rounds sizes down to even)."""
+    frames = list(frames)
+    height, width = frames[0].shape[:2]
+    if path.suffix == ".y4m":
+        with open(path, "wb") as f:
+            f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 Cmono\n".encode())
+            for frame in frames:
+                f.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).tobytes())
+        return
+    codec = "MJPG" if path.suffix == ".avi" else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+    for frame in frames:
+        writer.write(frame)
     writer.release()
+
+
+def drawn_face_clip(path: Path, centers: np.ndarray, **kwargs) -> np.ndarray:
+    """A clip of drawn_face_frames; returns the true points (N, 68, 2)."""
+    frames, truth = zip(*drawn_face_frames(centers, **kwargs))
+    write_clip(path, frames)
     return np.array(truth)
 
 
@@ -954,3 +972,123 @@ def test_video_points_follow_a_moving_face_and_the_json_has_every_frame(trained,
     assert np.abs(moved - (centers[:, 0] - centers[0, 0])).max() < 25
     written = cv2.VideoCapture(str(tmp_path / "out" / "walk_landmarks.mp4"))
     assert written.get(cv2.CAP_PROP_FRAME_COUNT) == 24 and written.read()[1].shape == (240, 320, 3)
+
+
+def jitter_of(saved: dict) -> float:
+    points = np.array([f["faces"][0]["points"] for f in saved["frames"]])
+    return float(np.linalg.norm(np.diff(points, axis=0), axis=-1).mean())
+
+
+def test_smoothing_lowers_the_jitter_of_a_still_face(trained, tmp_path):
+    drawn_face_clip(tmp_path / "still.mp4", np.tile([160.0, 120.0], (30, 1)), noise=12)
+    raw = predict_video(trained, tmp_path / "raw", tmp_path / "still.mp4", "--no-smooth")
+    smooth = predict_video(trained, tmp_path / "smooth", tmp_path / "still.mp4")
+    assert all(len(f["faces"]) == 1 for f in raw["frames"] + smooth["frames"])
+    assert jitter_of(smooth) < jitter_of(raw) / 2
+
+
+def test_a_video_without_a_face_gives_every_frame_with_an_empty_face_list(trained, tmp_path):
+    drawn_face_clip(tmp_path / "wall.mp4", np.tile([-500.0, -500.0], (12, 1)))  # the face is off the frame
+    saved = predict_video(trained, tmp_path / "out", tmp_path / "wall.mp4")
+    assert [f["faces"] for f in saved["frames"]] == [[]] * 12
+    assert (tmp_path / "out" / "wall_landmarks.mp4").is_file()
+
+
+def rotate_in_metadata(path: Path) -> None:
+    """Mark an MP4 as 'turn 90 degrees clockwise to view', as phones store portrait clips: the track
+    header's display matrix (ISO/IEC 14496-12 tkhd, version 0) becomes a rotation."""
+    import struct
+    data = bytearray(path.read_bytes())
+    matrix = data.index(b"tkhd") + 4 + 40
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+
+
+def test_a_clip_with_rotation_metadata_is_turned_upright_and_odd_sizes_work(trained, tmp_path):
+    upright = [frame for frame, _ in drawn_face_frames(np.tile([120.0, 150.0], (6, 1)), frame=(240, 320))]
+    write_clip(tmp_path / "phone.mp4", [np.ascontiguousarray(np.rot90(f, 1)) for f in upright])  # stored sideways
+    rotate_in_metadata(tmp_path / "phone.mp4")
+    saved = predict_video(trained, tmp_path / "out", tmp_path / "phone.mp4")
+    assert (saved["width"], saved["height"]) == (240, 320)
+    assert all(len(f["faces"]) == 1 for f in saved["frames"])  # the detector saw the face upright
+    assert cv2.VideoCapture(str(tmp_path / "out" / "phone_landmarks.mp4")).read()[1].shape == (320, 240, 3)
+    drawn_face_clip(tmp_path / "odd.y4m", np.tile([120.0, 150.0], (6, 1)), frame=(241, 321))
+    odd = predict_video(trained, tmp_path / "out", tmp_path / "odd.y4m")
+    assert (odd["width"], odd["height"]) == (241, 321) and all(len(f["faces"]) == 1 for f in odd["frames"])
+    # mp4v holds only even sizes: the annotated video gets one black column and row rather than losing them
+    assert cv2.VideoCapture(str(tmp_path / "out" / "odd_landmarks.mp4")).read()[1].shape == (322, 242, 3)
+
+
+def bad_video(tmp_path: Path, case: str) -> str:
+    if case == "camera that is not there":
+        return "9"
+    if case == "missing file":
+        return str(tmp_path / "nowhere.mp4")
+    path = tmp_path / "bad.mp4"
+    if case == "not a video":
+        path.write_text("not a video")
+    else:  # MP4 as OpenCV writes it keeps its index at the end: half the file has none
+        drawn_face_clip(path, np.tile([160.0, 120.0], (10, 1)))
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return str(path)
+
+
+@pytest.mark.parametrize("case, problem", [("not a video", "cannot read video"), ("truncated MP4", "cannot read video"),
+                                           ("missing file", "video not found"),
+                                           ("camera that is not there", "--video 9: cannot open camera 9")])
+def test_a_bad_video_or_camera_stops_with_one_line_naming_it(case, problem, trained, tmp_path):
+    source = bad_video(tmp_path, case)
+    with pytest.raises(SystemExit) as stop:
+        predict_video(trained, tmp_path / "out", Path(source))
+    message = str(stop.value.code)
+    assert problem in message and source in message and "\n" not in message
+
+
+def test_a_bad_video_from_the_command_line_gives_one_line_and_a_non_zero_exit(trained, tmp_path):
+    result = run_script("predict.py", "--weights", str(trained / "best.pt"), "--out-dir", str(tmp_path / "out"),
+                        "--video", bad_video(tmp_path, "not a video"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"{tmp_path / 'bad.mp4'}: cannot read video (not a video file, "
+                                                  "or truncated)"]
+
+
+def test_a_video_cut_short_keeps_the_frames_before_the_cut_and_says_it_was_truncated(trained, tmp_path):
+    drawn_face_clip(tmp_path / "cut.avi", np.tile([160.0, 120.0], (20, 1)))  # AVI: its header counts the frames
+    data = (tmp_path / "cut.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as stop:
+        predict_video(trained, tmp_path / "out", tmp_path / "cut.avi")
+    message = str(stop.value.code)
+    assert "truncated" in message and str(tmp_path / "cut.avi") in message and "\n" not in message
+    saved = json.loads((tmp_path / "out" / "cut.json").read_text())
+    assert 0 < len(saved["frames"]) < 20
+
+
+def test_ctrl_c_stops_a_video_with_the_frames_done_written(trained, tmp_path, monkeypatch):
+    drawn_face_clip(tmp_path / "long.mp4", np.tile([160.0, 120.0], (20, 1)))
+    update, calls = video.FaceTracker.update, []
+
+    def interrupted(self, gray, t):
+        calls.append(t)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return update(self, gray, t)
+
+    monkeypatch.setattr(video.FaceTracker, "update", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        predict_video(trained, tmp_path / "out", tmp_path / "long.mp4")
+    assert stop.value.code == 130
+    saved = json.loads((tmp_path / "out" / "long.json").read_text())
+    assert [f["frame"] for f in saved["frames"]] == [0, 1, 2, 3]
+    assert cv2.VideoCapture(str(tmp_path / "out" / "long_landmarks.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 4
+
+
+@pytest.mark.parametrize("flags, problem", [(["--detect-every", "0"], "1 or more"),
+                                            (["--smooth-min-cutoff", "0"], "> 0"),
+                                            (["--smooth-d-cutoff", "nan"], "> 0"),
+                                            (["--smooth-beta", "-1"], ">= 0"),
+                                            (["--image", "a.jpg"], "--video takes neither")])
+def test_video_flags_refuse_bad_values_before_any_work(flags, problem, capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--video", "clip.mp4", *flags])
+    assert problem in capsys.readouterr().err
