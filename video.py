@@ -175,50 +175,62 @@ class FaceTracker:
     def update(self, gray: Image.Image, t: float) -> list[TrackedFace]:
         scheduled = self.frame % self.detect_every == 0 or not self.tracks
         self.frame += 1
-        plan = self.plan(gray, detect=scheduled)
-        if not scheduled and any(lost for *_, lost in plan):
-            plan = self.plan(gray, detect=True)  # the same frame again, now with the detector's boxes
-        return self.commit(plan, t)
+        sightings = self.look(gray, detect=scheduled)
+        if not scheduled and any(s.lost for s in sightings):
+            sightings = self.look(gray, detect=True)  # the same frame again, now with the detector's boxes
+        return self.commit(sightings, t)
 
-    def plan(self, gray: Image.Image, detect: bool) -> list[tuple[Track | None, Box, np.ndarray, float, bool, bool]]:
-        """(track or None for a new face, box, points, drift, detected, lost) per face; changes no track."""
+    def look(self, gray: Image.Image, detect: bool) -> list["Sighting"]:
+        """Each tracked face, then each new one the detector found, on this frame; changes no track."""
         tracked = [box_from_points(track.points) for track in self.tracks]
         detections = self.detect(gray) if detect else []
         self.detector_runs += detect
         matched = match_boxes(tracked, detections)
         boxes = [detections[matched[i]] if i in matched else box for i, box in enumerate(tracked)]
-        new = [box for j, box in enumerate(detections) if j not in matched.values()]
-        points, drift = self.locate(gray, boxes + new)
-        plan = []
-        for i, box in enumerate(boxes + new):
+        boxes += [box for j, box in enumerate(detections) if j not in matched.values()]
+        points, drift = self.locate(gray, boxes)
+        sightings = []
+        for i, box in enumerate(boxes):
             track = self.tracks[i] if i < len(self.tracks) else None
             detected = track is None or i in matched
+            # The detector's word beats the drift; a face that went on its own is lost if the network no
+            # longer follows it, or if where its points now are is mostly outside the frame.
             lost = not detected and (drift[i] > self.lost_drift
                                      or visible_share(box_from_points(points[i]), *gray.size) < MIN_VISIBLE)
-            plan.append((track, box, points[i], float(drift[i]), detected, lost))
-        return plan
+            sightings.append(Sighting(track, box, points[i], float(drift[i]), detected, lost))
+        return sightings
 
-    def commit(self, plan, t: float) -> list[TrackedFace]:
-        kept: list[tuple[Track, Box, np.ndarray, float, bool]] = []
-        for track, box, points, drift, detected, lost in plan:
-            if lost:
-                continue
+    def commit(self, sightings: list["Sighting"], t: float) -> list[TrackedFace]:
+        kept: list[Sighting] = []
+        for s in sightings:
             # A face found twice (a detection beside a track that drifted) keeps its older id.
-            if any(iou(box, other) > DUPLICATE_IOU for _, other, *_ in kept):
+            if s.lost or any(iou(s.box, other.box) > DUPLICATE_IOU for other in kept):
                 continue
-            if track is None:
+            if s.track is None:
                 smoother = None if self.smoothing is None else OneEuroFilter(**self.smoothing)
-                track = Track(self.next_id, points, smoother)
+                s.track = Track(self.next_id, s.points, smoother)
                 self.next_id += 1
-            track.points = points
-            kept.append((track, box, points, drift, detected))
-        self.tracks = [track for track, *_ in kept]
+            s.track.points = s.points
+            kept.append(s)
+        self.tracks = [s.track for s in kept]
         faces = []
-        for track, box, points, drift, detected in kept:
-            if track.smoother is not None:
-                points = track.smoother.update(points, t, scale=box_from_points(points).side)
-            faces.append(TrackedFace(track.id, box, points, detected, drift))
+        for s in kept:
+            points = s.points
+            if s.track.smoother is not None:
+                points = s.track.smoother.update(points, t, scale=box_from_points(points).side)
+            faces.append(TrackedFace(s.track.id, s.box, points, s.detected, s.drift))
         return faces
+
+
+@dataclass
+class Sighting:
+    """One face on one frame, before the tracker commits to it."""
+    track: Track | None  # None: a face the detector found that no track follows
+    box: Box
+    points: np.ndarray
+    drift: float
+    detected: bool
+    lost: bool
 
 
 # ---------------------------------------------------------------- reading, drawing, writing
