@@ -12,7 +12,7 @@ from PIL import Image
 import predict
 import video
 from dataset import (LEFT_EYE_OUTER, RIGHT_EYE_OUTER, TRAIN_XML, Face, box_from_points, fit_box_relation, load_faces,
-                     nme, trained_split)
+                     nme, parse_box, read_xml, trained_split)
 
 FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
 FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
@@ -33,7 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smooth-min-cutoff", type=float, default=video.MIN_CUTOFF)
     p.add_argument("--smooth-beta", type=float, default=video.BETA)
     p.add_argument("--smooth-d-cutoff", type=float, default=video.D_CUTOFF)
+    p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
+                        "(to try other --smooth-* values)")
     p.add_argument("--fit-box", action="store_true",
                    help="only fit dataset.DLIB_BOX on --xml's faces and print it with its misfit")
     return p.parse_args(argv)
@@ -109,26 +113,40 @@ def cover(frame: np.ndarray, box, share: float) -> np.ndarray:
 
 # ---------------------------------------------------------------- running predict.py and scoring it
 
-def run_predict(args: argparse.Namespace, clip: Path, smooth: bool) -> tuple[np.ndarray, video.VideoRun]:
-    """predict.py --video on a clip, as a user runs it: the points of the face (NaN where none) and the run."""
+def run_predict(args: argparse.Namespace, clip: Path, smooth: bool) -> video.VideoRun:
+    """predict.py --video on a clip, as a user runs it, with or without smoothing."""
     flags = ["--weights", args.weights, "--video", str(clip), "--out-dir", str(clip.parent / ("smooth" if smooth
                                                                                                else "raw")),
              "--smooth-min-cutoff", str(args.smooth_min_cutoff), "--smooth-beta", str(args.smooth_beta),
              "--smooth-d-cutoff", str(args.smooth_d_cutoff)] + ([] if smooth else ["--no-smooth"])
     options = predict.parse_args(flags)
-    smoothing = None if options.no_smooth else dict(min_cutoff=options.smooth_min_cutoff,
-                                                    beta=options.smooth_beta, d_cutoff=options.smooth_d_cutoff)
+    smoothing = None if options.no_smooth else smoothing_of(options)
     tracker = video.video_tracker(args.model, args.config, args.device, args.detector, options.upsample,
                                   options.detect_every, smoothing)
-    run = video.run_video(str(clip), tracker, Path(options.out_dir), args.weights)
-    frames = run.record["frames"]
+    return video.run_video(str(clip), tracker, Path(options.out_dir), args.weights)
+
+
+def smoothing_of(args: argparse.Namespace) -> dict:
+    return dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta, d_cutoff=args.smooth_d_cutoff)
+
+
+def face_points(record: dict, smoothing: dict | None = None) -> np.ndarray:
+    """The points of the clip's face in each frame (NaN where none), from predict.py's JSON; with
+    `smoothing`, through the One Euro filter as the tracker runs it (one filter per id, the same times and
+    scale), so that raw and smoothed figures come from the very same tracking."""
+    frames = record["frames"]
     k = next((len(f["faces"][0]["points"]) for f in frames if f["faces"]), 1)
-    points = np.full((len(frames), k, 2), np.nan)
+    points, filters = np.full((len(frames), k, 2), np.nan), {}
     for i, frame in enumerate(frames):
-        if frame["faces"]:  # one face in these clips; should a second appear, the biggest is the face
-            biggest = max(frame["faces"], key=lambda f: f["box"][2])
-            points[i] = biggest["points"]
-    return points, run
+        for face in frame["faces"]:
+            p = np.array(face["points"])
+            if smoothing is not None:
+                smoother = filters.setdefault(face["id"], video.OneEuroFilter(**smoothing))
+                p = smoother.update(p, frame["time"], scale=box_from_points(p).side)
+            # One face in these clips; should the detector find a second, the biggest is the face.
+            if face is max(frame["faces"], key=lambda f: f["box"][2]):
+                points[i] = p
+    return points
 
 
 def ocular(truth: np.ndarray) -> np.ndarray:
@@ -166,49 +184,71 @@ def drift_on(args: argparse.Namespace, clip: Path, boxes: list) -> np.ndarray:
     return np.array(drifts)
 
 
-def measure_face(args: argparse.Namespace, face: Face, index: int, rng: np.random.Generator) -> dict:
+def make_clips(face: Face, folder: Path, seconds: float, rng: np.random.Generator) -> None:
+    """still, moving, covered and leaving .mp4, each with its true points in a .npy beside it."""
     photo = cv2.imread(str(face.image))
-    folder = Path(args.out_dir) / f"face{index}"
     folder.mkdir(parents=True, exist_ok=True)
-    n = round(args.seconds * FPS)
-    still_truth = write_clip(folder / "still.mp4", photo, face, [{}] * n, rng)
-    moving_truth = write_clip(folder / "moving.mp4", photo, face, moving_path(n), rng)
-    row = {"image": str(face.image), "box_side": face.box.side}
-    for smooth in (False, True):
-        key = "smooth" if smooth else "raw"
-        still, _ = run_predict(args, folder / "still.mp4", smooth)
-        moving, run = run_predict(args, folder / "moving.mp4", smooth)
+    n = round(seconds * FPS)
+    walk = [dict(shift=(min(1.0, i / (n / 2)) * (FRAME[0] / 2 + FACE_SIDE), 0.0)) for i in range(n)]
+    for name, poses, cover_from in (("still", [{}] * n, None), ("moving", moving_path(n), None),
+                                    ("covered", [{}] * n, n // 3), ("leaving", walk, None)):
+        np.save(folder / f"{name}.npy", write_clip(folder / f"{name}.mp4", photo, face, poses, rng, cover_from))
+
+
+def run_face(args: argparse.Namespace, folder: Path) -> dict:
+    """predict.py --no-smooth on each clip (JSON in folder/raw), and once smoothed on the moving clip, timed
+    end to end; the drift the lost check reads on the face and where it was covered."""
+    for name in ("still", "moving", "covered", "leaving"):
+        run_predict(args, folder / f"{name}.mp4", smooth=False)
+    timed = run_predict(args, folder / "moving.mp4", smooth=True)
+    replayed = face_points(json.loads((folder / "raw" / "moving.json").read_text()), smoothing_of(args))
+    # The filter replayed on the raw JSON is the filter the tracker ran: scores below rest on that.
+    assert np.allclose(face_points(timed.record), replayed, atol=0.05, equal_nan=True)
+    moving, covered = np.load(folder / "moving.npy"), np.load(folder / "covered.npy")
+    covered_from = len(covered) // 3 + 5
+    return {"fps": len(timed.record["frames"]) / timed.seconds, "detector_runs": timed.detector_runs,
+            "frames": len(timed.record["frames"]),
+            "drift_face": drift_on(args, folder / "moving.mp4", [box_from_points(p) for p in moving]).tolist(),
+            "drift_covered": drift_on(args, folder / "covered.mp4",
+                                      [box_from_points(p) for p in covered])[covered_from:].tolist()}
+
+
+def score_face(folder: Path, smoothing: dict) -> dict:
+    """Jitter, NME and lag, raw and smoothed, and frames with points after the face was covered or left."""
+    def raw(name: str) -> dict:
+        return json.loads((folder / "raw" / f"{name}.json").read_text())
+
+    row = {}
+    for key, smooth in (("raw", None), ("smooth", smoothing)):
+        still, still_truth = face_points(raw("still"), smooth), np.load(folder / "still.npy")
+        moving, moving_truth = face_points(raw("moving"), smooth), np.load(folder / "moving.npy")
         found = ~np.isnan(moving[:, 0, 0])
         row[f"jitter_{key}"] = jitter(still, still_truth)
         row[f"nme_{key}"] = float(nme(moving[found], moving_truth[found]).mean())
         row[f"found_{key}"] = float(found.mean())
         row[f"lag_{key}_frames"] = lag_frames(moving, moving_truth)
-        if smooth:
-            row["fps"] = len(run.record["frames"]) / run.seconds
-            row["detector_runs"], row["frames"] = run.detector_runs, len(run.record["frames"])
-    # Lost faces: covered from frame n/3 on (fully 5 frames later), or walking out of the frame to the right.
-    covered_from = n // 3
-    covered_truth = write_clip(folder / "covered.mp4", photo, face, [{}] * n, rng, cover_from=covered_from)
-    walk = [dict(shift=(min(1.0, i / (n / 2)) * (FRAME[0] / 2 + FACE_SIDE), 0.0)) for i in range(n)]
-    walk_truth = write_clip(folder / "leaving.mp4", photo, face, walk, rng)
-    covered, _ = run_predict(args, folder / "covered.mp4", True)
-    leaving, _ = run_predict(args, folder / "leaving.mp4", True)
-    gone = next(i for i, p in enumerate(walk_truth)
-                if video.visible_share(box_from_points(p), *FRAME) < video.MIN_VISIBLE)
-    row["frames_shown_after_covered"] = int((~np.isnan(covered[covered_from + 5:, 0, 0])).sum())
-    row["frames_shown_after_leaving"] = int((~np.isnan(leaving[gone:, 0, 0])).sum())
-    # The drift the lost check reads, on the face (moving clip, true box) and where it was once covered.
-    true_boxes = [box_from_points(p) for p in moving_truth]
-    row["drift_face"] = drift_on(args, folder / "moving.mp4", true_boxes).tolist()
-    row["drift_covered"] = drift_on(args, folder / "covered.mp4",
-                                    [box_from_points(p) for p in covered_truth])[covered_from + 5:].tolist()
+    covered, walk = face_points(raw("covered")), np.load(folder / "leaving.npy")
+    gone = next(i for i, p in enumerate(walk) if video.visible_share(box_from_points(p), *FRAME) < video.MIN_VISIBLE)
+    row["frames_shown_after_covered"] = int((~np.isnan(covered[len(covered) // 3 + 5:, 0, 0])).sum())
+    row["frames_shown_after_leaving"] = int((~np.isnan(face_points(raw("leaving"))[gone:, 0, 0])).sum())
     return row
+
+
+def read_faces(xml_path: Path) -> list[Face]:
+    """load_faces' faces in its order, without decoding every image to check it (a minute on this CPU, for
+    the few faces used here; their photos are decoded when the clips are made)."""
+    faces = []
+    for image in read_xml(xml_path).iter("image"):
+        boxes = [b for b in image.findall("box") if b.get("ignore", "0") != "1"]
+        faces += [parse_box(b, xml_path.parent / image.get("file", ""), i, (math.inf, math.inf))
+                  for i, b in enumerate(boxes)]
+    return faces
 
 
 def pick_faces(args: argparse.Namespace, n: int) -> list[Face]:
     """The first n faces, by a seeded shuffle, of the weights' validation split that are at least
     FACE_SIDE pixels wide, so the clips never enlarge the photo."""
-    faces = load_faces(Path(args.data_dir) / args.xml, skip_bad=True)
+    faces = read_faces(Path(args.data_dir) / args.xml)
     _, val = trained_split(len(faces), args.config)
     order = np.random.default_rng(0).permutation(val)
     return [faces[i] for i in order if faces[i].box.side >= FACE_SIDE][:n]
@@ -229,24 +269,35 @@ def summarise(rows: list[dict]) -> dict:
 def main(args: argparse.Namespace) -> dict:
     if args.fit_box:
         return report_box_fit(load_faces(Path(args.data_dir) / args.xml, skip_bad=True))
-    from faces import load_detector
-    from model import load_for_inference, pick_device
-    args.device = pick_device("auto")
-    args.model, args.config = load_for_inference(args.weights, args.device)
-    args.detector = load_detector()
-    rng = np.random.default_rng(0)
+    out = Path(args.out_dir)
     start = time.perf_counter()
-    rows = [measure_face(args, face, i, rng) for i, face in enumerate(pick_faces(args, args.faces))]
+    if args.rescore:
+        folders = sorted(out.glob("face*"))
+        runs = json.loads((out / "runs.json").read_text())
+    else:
+        from faces import load_detector
+        from model import load_for_inference, pick_device
+        args.device = pick_device("auto")
+        args.model, args.config = load_for_inference(args.weights, args.device, args.eager)
+        args.detector = load_detector()
+        rng = np.random.default_rng(0)
+        folders = [out / f"face{i}" for i in range(args.faces)]
+        for face, folder in zip(pick_faces(args, args.faces), folders):
+            make_clips(face, folder, args.seconds, rng)
+        runs = [run_face(args, folder) for folder in folders]
+        (out / "runs.json").write_text(json.dumps(runs))
+    rows = [{**score_face(folder, smoothing_of(args)), **run} for folder, run in zip(folders, runs)]
     summary = summarise(rows)
     print(f"\n{len(rows)} faces, clips of {args.seconds:g} s at {FRAME[0]}x{FRAME[1]}, {FPS:g} frames/s "
-          f"({time.perf_counter() - start:.0f} s in all), weights {args.weights}")
+          f"({time.perf_counter() - start:.0f} s in all), weights {args.weights}, "
+          f"smoothing {smoothing_of(args)}")
     print(f"still-face jitter: {summary['jitter_raw']:.3f}% raw, {summary['jitter_smooth']:.3f}% smoothed "
           f"({summary['jitter_cut']:.1f}x less)")
     print(f"moving-face NME: {summary['nme_raw']:.2f}% raw, {summary['nme_smooth']:.2f}% smoothed "
           f"({summary['nme_cost_pct']:+.1f}%); lag {summary['lag_raw_frames']:.2f} -> "
           f"{summary['lag_smooth_frames']:.2f} frames ({summary['lag_added_ms']:+.0f} ms added by smoothing); "
-          f"face found on {100 * summary['found_smooth']:.1f}% of frames")
-    print(f"end to end (read, track, landmarks, draw, write), smoothed, moving clips: {summary['fps']:.1f} frames/s; "
+          f"face found on {100 * summary['found_raw']:.1f}% of frames")
+    print(f"end to end (read, track, landmarks, smooth, draw, write), moving clips: {summary['fps']:.1f} frames/s; "
           f"detector on {summary['detector_runs']:.1f} of {summary['frames']:.0f} frames")
     print(f"lost faces: points shown on {summary['frames_shown_after_covered']:.1f} frames after the face was "
           f"covered, {summary['frames_shown_after_leaving']:.1f} after it left the frame")
@@ -254,7 +305,7 @@ def main(args: argparse.Namespace) -> dict:
     low, mid = summary["drift_covered_min_p50"]
     print(f"drift (lost when > {video.LOST_DRIFT:g}): on faces median {p50:.2f}, 99th percentile {p99:.2f}, "
           f"max {top:.2f}; where the face was covered min {low:.2f}, median {mid:.2f}")
-    result = {"weights": args.weights, "summary": summary, "faces": rows}
+    result = {"weights": args.weights, "smoothing": smoothing_of(args), "summary": summary, "faces": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
