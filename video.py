@@ -44,7 +44,7 @@ MIN_VISIBLE = 0.5
 MATCH_IOU = 0.3
 DUPLICATE_IOU = 0.5
 # The One Euro filter's defaults (predict.py's --smooth-* flags); speeds are in face box sides per second.
-MIN_CUTOFF, BETA, D_CUTOFF = 1.0, 10.0, 1.0
+MIN_CUTOFF, BETA, D_CUTOFF = 0.5, 20.0, 1.0
 
 
 class OneEuroFilter:
