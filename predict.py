@@ -1,21 +1,21 @@
-"""Pictures of predictions: a grid of validation faces, truth green and prediction red; landmarks on your own photos."""
+"""Pictures of predictions: a grid of validation faces, truth green and prediction red; landmarks on your own photos and videos (video.py tracks and smooths)."""
 import argparse
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from dataset import (NUM_LANDMARKS, Box, FaceLandmarksDataset, load_faces, number_in, out_file, out_folder, to_gray,
-                     trained_split)
+from dataset import Box, FaceLandmarksDataset, load_faces, number_in, out_file, out_folder, to_gray, trained_split
+from faces import FacePrediction, detect_faces, load_detector, predict_faces
 from model import RELEASED_WEIGHTS, Network, load_for_inference, pick_device
 from transforms import Transforms
+import video
 
 MAX_UPSAMPLE = 4
 
@@ -50,14 +50,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     photos.add_argument("--image", nargs="+", metavar="PATH",
                         help="image files, or folders of them; each face found gets 68 points")
     photos.add_argument("--out-dir", type=out_folder, default="predictions",
-                        help="folder for one annotated PNG per image and predictions.json (default: predictions)")
+                        help="folder for one annotated PNG per image and predictions.json, or for the video's "
+                             "<name>_landmarks.mp4 and <name>.json (default: predictions)")
     photos.add_argument("--box", type=box_arg, metavar="L,T,W,H",
                         help="use this face box in every image instead of detecting faces")
     # dlib refuses negative upsampling with a traceback; each step quadruples the pixels it scans.
     photos.add_argument("--upsample", type=number_in(int, 0, MAX_UPSAMPLE), default=1,
                         help="times the detector doubles the image first; more finds smaller faces, slower "
                              "(default: 1)")
-    return parser.parse_args(argv)
+    clips = parser.add_argument_group("video (also takes --out-dir and --upsample)")
+    clips.add_argument("--video", metavar="PATH|N",
+                       help="a video file, or camera number N; faces are tracked and their points smoothed")
+    clips.add_argument("--detect-every", type=number_in(int, 1), default=video.DETECT_EVERY, metavar="K",
+                       help="run the detector every K frames; between, each face's box follows its points, and "
+                            f"a lost face is looked for at once (default: {video.DETECT_EVERY})")
+    clips.add_argument("--no-smooth", action="store_true", help="raw points: no One Euro filter")
+    clips.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF, metavar="HZ",
+                       help=f"One Euro cutoff of a still face; lower is steadier (default: {video.MIN_CUTOFF:g})")
+    clips.add_argument("--smooth-beta", type=number_in(float, 0), default=video.BETA,
+                       help="how fast the cutoff rises with the speed, in face box sides per second; higher lags "
+                            f"less (default: {video.BETA:g})")
+    clips.add_argument("--smooth-d-cutoff", type=number_in(float, 0, low_open=True), default=video.D_CUTOFF, metavar="HZ",
+                       help=f"cutoff of the speed estimate (default: {video.D_CUTOFF:g})")
+    args = parser.parse_args(argv)
+    if args.video is not None and (args.image or args.box):
+        parser.error("--video takes neither --image nor --box")
+    return args
 
 
 def has_display() -> bool:
@@ -110,12 +128,6 @@ def plot_validation(model: Network, config: dict, args: argparse.Namespace, devi
 
 # ---------------------------------------------------------------- the user's own photos
 
-@dataclass(frozen=True)
-class FacePrediction:
-    box: Box
-    points: np.ndarray  # (68, 2) image pixels of the upright photo
-
-
 def image_files(paths: list[str]) -> list[Path]:
     """Files as given; folders -> the files inside that PIL can open, by name. Missing paths stay, to be reported."""
     Image.init()
@@ -138,38 +150,6 @@ def read_photo(path: Path) -> Image.Image:
         raise ValueError(f"{path}: image not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
-
-
-def load_detector():
-    """dlib's HOG frontal face detector: the one whose boxes the 300-W training labels use."""
-    try:
-        import dlib
-    except ImportError:
-        raise SystemExit("--image needs dlib's face detector: pip install dlib-bin "
-                         "(or pass --box left,top,width,height)") from None
-    return dlib.get_frontal_face_detector()
-
-
-def detect_faces(detector, gray: Image.Image, upsample: int = 1) -> list[Box]:
-    """Face boxes in dlib's XML convention (rect.width() counts both edge pixels, as the labels do).
-
-    The detector sees the grayscale the network sees: on the colour original it also took the mission
-    patch on the astronaut's suit, in the tests' photo, for a face.
-    """
-    rects = detector(np.asarray(gray, np.uint8), upsample)
-    return [Box(r.left(), r.top(), r.width(), r.height()) for r in rects]
-
-
-def predict_faces(model: Network, transform: Transforms, gray: Image.Image, boxes: list[Box],
-                  device: torch.device) -> list[FacePrediction]:
-    """All faces of one image as one batch."""
-    if not boxes:
-        return []
-    no_points = np.zeros((NUM_LANDMARKS, 2))
-    batch = torch.stack([transform(gray, box, no_points)[0] for box in boxes])
-    with torch.inference_mode():
-        pred = model(batch.to(device)).float().cpu().numpy()
-    return [FacePrediction(box, transform.to_image(p, box)) for p, box in zip(pred, boxes)]
 
 
 def draw_predictions(photo: Image.Image, gray: Image.Image, faces: list[FacePrediction], path: Path) -> None:
@@ -253,13 +233,31 @@ def predict_photos(model: Network, config: dict, args: argparse.Namespace, devic
     return result
 
 
+def predict_video(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Landmarks on every frame of --video: the annotated MP4 and its JSON in --out-dir (video.py does it)."""
+    smoothing = None if args.no_smooth else dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta,
+                                                 d_cutoff=args.smooth_d_cutoff)
+    tracker = video.video_tracker(model, config, device, load_detector(), args.upsample, args.detect_every,
+                                  smoothing)
+    run = video.run_video(args.video, tracker, Path(args.out_dir), str(args.weights),
+                          show=args.video.isdigit() and has_display())
+    if run.missing:
+        raise SystemExit(f"{args.video}: truncated: {run.missing} of its frames could not be read "
+                         f"(the {len(run.record['frames'])} before were written)")
+    if run.interrupted and not args.video.isdigit():
+        raise SystemExit(130)  # as train.py: the files hold what was done, the exit code says it was cut short
+    return run.record
+
+
 def main(args: argparse.Namespace) -> dict | None:
     device = pick_device(args.device)
-    args.weights = args.weights or (RELEASED_WEIGHTS if args.image else "runs/best.pt")
+    args.weights = args.weights or (RELEASED_WEIGHTS if args.image or args.video is not None else "runs/best.pt")
     if args.weights == RELEASED_WEIGHTS and not RELEASED_WEIGHTS.is_file():
         raise SystemExit(f"{RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train with "
                          f"`python train.py --recipe best --out runs/best` and pass --weights runs/best/best.pt")
     model, config = load_for_inference(args.weights, device, args.eager)
+    if args.video is not None:
+        return predict_video(model, config, args, device)
     if args.image:
         return predict_photos(model, config, args, device)
     plot_validation(model, config, args, device)

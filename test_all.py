@@ -1291,3 +1291,291 @@ def test_a_mutated_xml_loads_or_stops_with_one_line_naming_the_file(fuzz_root, d
         assert "\n" not in message and message.startswith(str(fuzz_root)), message
         return
     assert faces and all(np.isfinite(face.points).all() for face in faces)
+
+
+# ---- issue 13: video
+
+import cv2  # noqa: E402  (this block's imports stay in this block)
+
+import video  # noqa: E402
+from video import OneEuroFilter  # noqa: E402
+
+
+def drawn_face_frames(centers: np.ndarray, size: float = 110, frame=(320, 240), noise: float = 0):
+    """(BGR frame, true points) of one drawn face whose nose follows `centers` (N, 2), camera-like noise
+    added per frame. The face's colours are the same in every frame."""
+    rng = np.random.default_rng(0)
+    for center in centers:
+        image = Image.new("L", frame, 90)
+        points = template_shape() * size + center
+        dataset.draw_face(ImageDraw.Draw(image), points, random.Random(0))
+        pixels = np.clip(np.asarray(image, np.float64) + rng.normal(0, noise, (frame[1], frame[0])), 0, 255)
+        yield cv2.cvtColor(pixels.astype(np.uint8), cv2.COLOR_GRAY2BGR), points
+
+
+def write_clip(path: Path, frames, fps: int = 25) -> None:
+    """MP4 (mp4v), MJPG in an AVI, or grey YUV4MPEG2 (.y4m: raw frames, any size, where OpenCV's writer
+    rounds sizes down to even)."""
+    frames = list(frames)
+    height, width = frames[0].shape[:2]
+    if path.suffix == ".y4m":
+        with open(path, "wb") as f:
+            f.write(f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 Cmono\n".encode())
+            for frame in frames:
+                f.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY).tobytes())
+        return
+    codec = "MJPG" if path.suffix == ".avi" else "mp4v"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, (width, height))
+    for frame in frames:
+        writer.write(frame)
+    writer.release()
+
+
+def drawn_face_clip(path: Path, centers: np.ndarray, **kwargs) -> np.ndarray:
+    """A clip of drawn_face_frames; returns the true points (N, 68, 2)."""
+    frames, truth = zip(*drawn_face_frames(centers, **kwargs))
+    write_clip(path, frames)
+    return np.array(truth)
+
+
+def predict_video(trained: Path, out_dir: Path, clip: Path, *args: str) -> dict:
+    predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out_dir),
+                                     "--video", str(clip), *args]))
+    return json.loads((out_dir / f"{clip.stem}.json").read_text())
+
+
+def test_one_euro_filter_steadies_a_still_point_and_follows_a_moving_one():
+    rng = np.random.default_rng(0)
+    still = OneEuroFilter(min_cutoff=1.0, beta=10.0)
+    noisy = 5 + rng.normal(0, 0.02, (100, 3, 2))
+    out = np.array([still.update(x, i / 30) for i, x in enumerate(noisy)])
+    assert np.abs(np.diff(out[20:], axis=0)).mean() < np.abs(np.diff(noisy[20:], axis=0)).mean() / 3
+    moving = OneEuroFilter(min_cutoff=1.0, beta=10.0)
+    ramp = [np.full((3, 2), 0.02 * i) for i in range(60)]  # 0.6 face sides per second
+    out = [moving.update(x, i / 30) for i, x in enumerate(ramp)]
+    assert np.abs(out[-1] - ramp[-1]).max() < 0.02  # behind by under one frame's movement
+    moving.reset()
+    np.testing.assert_array_equal(moving.update(ramp[7], 0.0), ramp[7])  # after reset the first value passes
+
+
+def test_one_euro_filter_smooths_faces_of_any_size_alike():
+    rng = np.random.default_rng(1)
+    signal = np.cumsum(rng.normal(0, 0.01, (50, 4, 2)), axis=0)
+    small, large = OneEuroFilter(), OneEuroFilter()
+    for i, x in enumerate(signal):
+        np.testing.assert_allclose(large.update(10 * x, i / 25, scale=10.0), 10 * small.update(x, i / 25), rtol=1e-9)
+
+
+def test_the_box_relation_fit_recovers_a_known_relation_and_maps_points_back_to_their_box():
+    relation = dataset.BoxRelation(side=2.5, dx=0.1, dy=-0.2)
+    rng = np.random.default_rng(2)
+    faces = [Face(Path("a.jpg"), dataset.box_from_points(points, relation), points)
+             for points in (template_shape() * rng.uniform(50, 300) + rng.uniform(0, 500, 2) for _ in range(20))]
+    fitted, misfit = dataset.fit_box_relation(faces)
+    np.testing.assert_allclose(fitted, relation, atol=1e-6)
+    assert max(misfit.values()) < 1e-6
+    box = dataset.box_from_points(faces[0].points, fitted)
+    np.testing.assert_allclose(box, faces[0].box, atol=1e-6)
+    assert box.width == box.height  # dlib's boxes are square
+
+
+class FakeFaces:
+    """A scene for FaceTracker without a network: faces are boxes; the 'network' places the template in a
+    box and says whether a face is really there (drift 0) or not (drift 1)."""
+
+    def __init__(self, boxes: dict[str, Box]):
+        self.boxes, self.detector_frames, self.frame = dict(boxes), [], 0
+
+    def detect(self, gray) -> list[Box]:
+        self.detector_frames.append(self.frame)
+        return [box for box in self.boxes.values() if video.visible_share(box, *gray.size) > 0.5]
+
+    @staticmethod
+    def points_in(box: Box) -> np.ndarray:
+        """Template points whose box (dataset.box_from_points) is `box`."""
+        mean, spread = dataset.point_spread(template_shape())
+        relation, scale = dataset.DLIB_BOX, box.side / dataset.DLIB_BOX.side
+        center = box.center - np.array([relation.dx, relation.dy]) * scale
+        return (template_shape() - mean) / spread * scale + center
+
+    def locate(self, gray, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+        """A face under the box: its points (the network finds it); none: the template in the box, drift 1."""
+        points, drift = [], []
+        for box in boxes:
+            near = max(self.boxes.values(), key=lambda real: video.iou(box, real), default=None)
+            found = near is not None and video.iou(box, near) > 0.3
+            points.append(self.points_in(near if found else box))
+            drift.append(0.0 if found else 1.0)
+        return np.array(points).reshape(len(boxes), -1, 2), np.array(drift)
+
+
+def run_tracker(scene: FakeFaces, tracker: "video.FaceTracker", moves: list[dict[str, Box | None]]) -> list:
+    gray, seen = Image.new("L", (640, 480)), []
+    for scene.frame, move in enumerate(moves):
+        scene.boxes.update(move)
+        scene.boxes = {k: v for k, v in scene.boxes.items() if v is not None}
+        seen.append(tracker.update(gray, scene.frame / 30))
+    return seen
+
+
+def test_tracker_keeps_each_face_its_id_and_runs_the_detector_every_k_frames():
+    scene = FakeFaces({"left": Box(100, 100, 80, 80), "right": Box(400, 120, 90, 90)})
+    tracker = video.FaceTracker(scene.locate, scene.detect, detect_every=5)
+    moves = [{"left": Box(100 + 4 * i, 100, 80, 80), "right": Box(400 - 3 * i, 120 + i, 90, 90)} for i in range(12)]
+    seen = run_tracker(scene, tracker, moves)
+    assert scene.detector_frames == [0, 5, 10] and tracker.detector_runs == 3
+    ids = [{f.id: f.box.center[0] for f in faces} for faces in seen]
+    assert all(set(frame) == {0, 1} for frame in ids)
+    assert all(frame[0] < 300 < frame[1] for frame in ids)  # the left face stays 0, the right one 1
+    assert [f.detected for f in seen[5]] == [True, True] and [f.detected for f in seen[6]] == [False, False]
+
+
+def test_a_face_that_is_covered_or_leaves_the_frame_is_dropped_at_once_and_a_new_one_gets_a_new_id():
+    scene = FakeFaces({"a": Box(100, 100, 80, 80), "b": Box(540, 100, 80, 80)})
+    tracker = video.FaceTracker(scene.locate, scene.detect, detect_every=100)
+    covered = [{}, {}, {"a": None}, {}]                                 # a is covered: the network finds no face
+    leaving = [{"b": Box(540 + 40 * i, 100, 80, 80)} for i in (1, 2)]   # b walks out to the right
+    seen = run_tracker(scene, tracker, covered + leaving + [{"c": Box(200, 300, 80, 80)}])
+    assert [sorted(f.id for f in faces) for faces in seen] == [[0, 1], [0, 1], [1], [1], [1], [], [2]]
+    assert scene.detector_frames == [0, 2, 5, 6]  # the first frame, each frame that lost a face, and no face
+
+
+def test_video_points_follow_a_moving_face_and_the_json_has_every_frame(trained, tmp_path):
+    centers = np.stack([np.linspace(110, 210, 24), np.linspace(115, 125, 24)], 1)
+    truth = drawn_face_clip(tmp_path / "walk.mp4", centers)
+    saved = predict_video(trained, tmp_path / "out", tmp_path / "walk.mp4", "--detect-every", "4")
+    assert {k: saved[k] for k in ("video", "fps", "width", "height")} == {
+        "video": str(tmp_path / "walk.mp4"), "fps": 25.0, "width": 320, "height": 240}
+    assert saved["weights"] == str(trained / "best.pt")
+    assert [f["frame"] for f in saved["frames"]] == list(range(24))
+    np.testing.assert_allclose([f["time"] for f in saved["frames"]], np.arange(24) / 25, atol=1e-4)
+    assert all(len(f["faces"]) == 1 for f in saved["frames"])
+    faces = [f["faces"][0] for f in saved["frames"]]
+    assert {f["id"] for f in faces} == {0} and faces[0]["detected"] and len(faces[0]["box"]) == 4
+    points = np.array([f["points"] for f in faces])
+    assert points.shape == truth.shape
+    # The tiny model is rough, but its points ride along with the face over the 100 pixels it moves.
+    moved = points.mean(1)[:, 0] - points.mean(1)[0, 0]
+    assert np.abs(moved - (centers[:, 0] - centers[0, 0])).max() < 25
+    written = cv2.VideoCapture(str(tmp_path / "out" / "walk_landmarks.mp4"))
+    assert written.get(cv2.CAP_PROP_FRAME_COUNT) == 24 and written.read()[1].shape == (240, 320, 3)
+
+
+def jitter_of(saved: dict) -> float:
+    points = np.array([f["faces"][0]["points"] for f in saved["frames"]])
+    return float(np.linalg.norm(np.diff(points, axis=0), axis=-1).mean())
+
+
+def test_smoothing_lowers_the_jitter_of_a_still_face(trained, tmp_path):
+    drawn_face_clip(tmp_path / "still.mp4", np.tile([160.0, 120.0], (30, 1)), noise=12)
+    raw = predict_video(trained, tmp_path / "raw", tmp_path / "still.mp4", "--no-smooth")
+    smooth = predict_video(trained, tmp_path / "smooth", tmp_path / "still.mp4")
+    assert all(len(f["faces"]) == 1 for f in raw["frames"] + smooth["frames"])
+    assert jitter_of(smooth) < jitter_of(raw) / 2
+
+
+def test_a_video_without_a_face_gives_every_frame_with_an_empty_face_list(trained, tmp_path):
+    drawn_face_clip(tmp_path / "wall.mp4", np.tile([-500.0, -500.0], (12, 1)))  # the face is off the frame
+    saved = predict_video(trained, tmp_path / "out", tmp_path / "wall.mp4")
+    assert [f["faces"] for f in saved["frames"]] == [[]] * 12
+    assert (tmp_path / "out" / "wall_landmarks.mp4").is_file()
+
+
+def rotate_in_metadata(path: Path) -> None:
+    """Mark an MP4 as 'turn 90 degrees clockwise to view', as phones store portrait clips: the track
+    header's display matrix (ISO/IEC 14496-12 tkhd, version 0) becomes a rotation."""
+    import struct
+    data = bytearray(path.read_bytes())
+    matrix = data.index(b"tkhd") + 4 + 40
+    data[matrix:matrix + 36] = struct.pack(">9i", 0, 1 << 16, 0, -(1 << 16), 0, 0, 0, 0, 1 << 30)
+    path.write_bytes(bytes(data))
+
+
+def test_a_clip_with_rotation_metadata_is_turned_upright_and_odd_sizes_work(trained, tmp_path):
+    upright = [frame for frame, _ in drawn_face_frames(np.tile([120.0, 150.0], (6, 1)), frame=(240, 320))]
+    write_clip(tmp_path / "phone.mp4", [np.ascontiguousarray(np.rot90(f, 1)) for f in upright])  # stored sideways
+    rotate_in_metadata(tmp_path / "phone.mp4")
+    saved = predict_video(trained, tmp_path / "out", tmp_path / "phone.mp4")
+    assert (saved["width"], saved["height"]) == (240, 320)
+    assert all(len(f["faces"]) == 1 for f in saved["frames"])  # the detector saw the face upright
+    assert cv2.VideoCapture(str(tmp_path / "out" / "phone_landmarks.mp4")).read()[1].shape == (320, 240, 3)
+    drawn_face_clip(tmp_path / "odd.y4m", np.tile([120.0, 150.0], (6, 1)), frame=(241, 321))
+    odd = predict_video(trained, tmp_path / "out", tmp_path / "odd.y4m")
+    assert (odd["width"], odd["height"]) == (241, 321) and all(len(f["faces"]) == 1 for f in odd["frames"])
+    # mp4v holds only even sizes: the annotated video gets one black column and row rather than losing them
+    assert cv2.VideoCapture(str(tmp_path / "out" / "odd_landmarks.mp4")).read()[1].shape == (322, 242, 3)
+
+
+def bad_video(tmp_path: Path, case: str) -> str:
+    if case == "camera that is not there":
+        return "9"
+    if case == "missing file":
+        return str(tmp_path / "nowhere.mp4")
+    path = tmp_path / "bad.mp4"
+    if case == "not a video":
+        path.write_text("not a video")
+    else:  # MP4 as OpenCV writes it keeps its index at the end: half the file has none
+        drawn_face_clip(path, np.tile([160.0, 120.0], (10, 1)))
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return str(path)
+
+
+@pytest.mark.parametrize("case, problem", [("not a video", "cannot read video"), ("truncated MP4", "cannot read video"),
+                                           ("missing file", "video not found"),
+                                           ("camera that is not there", "--video 9: cannot open camera 9")])
+def test_a_bad_video_or_camera_stops_with_one_line_naming_it(case, problem, trained, tmp_path):
+    source = bad_video(tmp_path, case)
+    with pytest.raises(SystemExit) as stop:
+        predict_video(trained, tmp_path / "out", Path(source))
+    message = str(stop.value.code)
+    assert problem in message and source in message and "\n" not in message
+
+
+def test_a_bad_video_from_the_command_line_gives_one_line_and_a_non_zero_exit(trained, tmp_path):
+    result = run_script("predict.py", "--weights", str(trained / "best.pt"), "--out-dir", str(tmp_path / "out"),
+                        "--video", bad_video(tmp_path, "not a video"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [f"{tmp_path / 'bad.mp4'}: cannot read video (not a video file, "
+                                                  "or truncated)"]
+
+
+def test_a_video_cut_short_keeps_the_frames_before_the_cut_and_says_it_was_truncated(trained, tmp_path):
+    drawn_face_clip(tmp_path / "cut.avi", np.tile([160.0, 120.0], (20, 1)))  # AVI: its header counts the frames
+    data = (tmp_path / "cut.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[:len(data) // 2])
+    with pytest.raises(SystemExit) as stop:
+        predict_video(trained, tmp_path / "out", tmp_path / "cut.avi")
+    message = str(stop.value.code)
+    assert "truncated" in message and str(tmp_path / "cut.avi") in message and "\n" not in message
+    saved = json.loads((tmp_path / "out" / "cut.json").read_text())
+    assert 0 < len(saved["frames"]) < 20
+
+
+def test_ctrl_c_stops_a_video_with_the_frames_done_written(trained, tmp_path, monkeypatch):
+    drawn_face_clip(tmp_path / "long.mp4", np.tile([160.0, 120.0], (20, 1)))
+    update, calls = video.FaceTracker.update, []
+
+    def interrupted(self, gray, t):
+        calls.append(t)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return update(self, gray, t)
+
+    monkeypatch.setattr(video.FaceTracker, "update", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        predict_video(trained, tmp_path / "out", tmp_path / "long.mp4")
+    assert stop.value.code == 130
+    saved = json.loads((tmp_path / "out" / "long.json").read_text())
+    assert [f["frame"] for f in saved["frames"]] == [0, 1, 2, 3]
+    assert cv2.VideoCapture(str(tmp_path / "out" / "long_landmarks.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 4
+
+
+@pytest.mark.parametrize("flags, problem", [(["--detect-every", "0"], "a whole number at least 1"),
+                                            (["--smooth-min-cutoff", "0"], "a number above 0"),
+                                            (["--smooth-d-cutoff", "nan"], "a number above 0"),
+                                            (["--smooth-beta", "-1"], "a number at least 0"),
+                                            (["--image", "a.jpg"], "--video takes neither")])
+def test_video_flags_refuse_bad_values_before_any_work(flags, problem, capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--video", "clip.mp4", *flags])
+    assert problem in capsys.readouterr().err

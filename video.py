@@ -1,0 +1,382 @@
+"""Landmarks on video: frames from a file or a camera, faces tracked between detections, points smoothed by a One Euro filter, the annotated video and its JSON written."""
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dataset import Box, box_from_points
+from faces import detect_faces, predict_faces
+from model import Network
+from transforms import Transforms
+
+# FFmpeg and OpenCV otherwise print their own warnings (a missing moov atom, a camera that is not there)
+# beside the one line this file gives for a bad input. Set before cv2 is first imported; a user's own wins.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+import cv2  # noqa: E402
+
+# The detector runs on the first frame, on every DETECT_EVERY-th frame after it and on any frame where a
+# tracked face is lost. Every 10th frame costs about 7 ms a frame on average at 640x480 (dlib's HOG takes
+# 67 ms there with --upsample 1, 17 ms without, on this 2-core CPU), a fifth of a 30 frames/s budget,
+# and finds a face that walks in within a third of a second at 30 frames/s. Lost faces do not wait for it.
+DETECT_EVERY = 10
+# A tracked face is checked on every frame by cropping it twice, shifted by +-CHECK_SHIFT of the box side
+# along both axes: points on a face stay on the face, so they barely move between the two crops; points
+# on a background move with the crop (the network draws a face where it is told one is). LOST_DRIFT is the
+# share of the shift the points may follow before the face counts as lost (video_bench.py measures the
+# share on real faces and on the background they leave; README, "Video"). The two crops' points are
+# averaged, which also halves part of the network's noise.
+CHECK_SHIFT = 0.05
+LOST_DRIFT = 0.5
+# A face whose box (from this frame's points) is less than half inside the frame is lost too: the next crop
+# would be mostly padding.
+MIN_VISIBLE = 0.5
+# A detection continues the track whose box it overlaps most, above this IoU (the fitted box meets dlib's
+# with a median IoU of 0.83, dataset.DLIB_BOX); two tracks overlapping above DUPLICATE_IOU are one face.
+MATCH_IOU = 0.3
+DUPLICATE_IOU = 0.5
+# The One Euro filter's defaults (predict.py's --smooth-* flags); speeds are in face box sides per second.
+MIN_CUTOFF, BETA, D_CUTOFF = 0.5, 20.0, 1.0
+
+
+class OneEuroFilter:
+    """Casiez, Roussel and Vogel's One Euro filter (CHI 2012): a causal low-pass whose cutoff rises with
+    the speed, so a still face stops shaking and a moving one does not lag.
+
+    cutoff = min_cutoff + beta * speed, in Hz, where speed is the filtered speed in units of `scale` per
+    second (the face box side): faces of any size are smoothed alike. For (K, 2) points the speed is the
+    mean of the points' speeds, so the whole face speeds up together rather than point by point.
+    """
+
+    def __init__(self, min_cutoff: float = MIN_CUTOFF, beta: float = BETA, d_cutoff: float = D_CUTOFF):
+        self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
+        self.reset()
+
+    def reset(self) -> None:
+        self.x: np.ndarray | None = None
+        self.dx: np.ndarray | None = None
+        self.t = 0.0
+
+    @staticmethod
+    def alpha(cutoff: float, dt: float) -> float:
+        tau = 1 / (2 * math.pi * cutoff)
+        return 1 / (1 + tau / dt)
+
+    def update(self, x: np.ndarray, t: float, scale: float = 1.0) -> np.ndarray:
+        """The filtered value of x, seen at time t seconds; the first value after reset() passes unchanged."""
+        x = np.asarray(x, np.float64)
+        if self.x is None:
+            self.x, self.dx, self.t = x.copy(), np.zeros_like(x), t
+            return x.copy()
+        dt = t - self.t
+        if dt <= 0:  # a repeated timestamp carries no speed
+            return self.x.copy()
+        self.dx += self.alpha(self.d_cutoff, dt) * ((x - self.x) / dt - self.dx)
+        speed = np.linalg.norm(self.dx, axis=-1).mean() if x.ndim > 1 else np.abs(self.dx).mean()
+        cutoff = self.min_cutoff + self.beta * speed / scale
+        self.x += self.alpha(cutoff, dt) * (x - self.x)
+        self.t = t
+        return self.x.copy()
+
+
+# ---------------------------------------------------------------- tracking
+
+def iou(a: Box, b: Box) -> float:
+    w = min(a.left + a.width, b.left + b.width) - max(a.left, b.left)
+    h = min(a.top + a.height, b.top + b.height) - max(a.top, b.top)
+    inter = max(w, 0) * max(h, 0)
+    return inter / (a.width * a.height + b.width * b.height - inter)
+
+
+def match_boxes(tracked: list[Box], detected: list[Box], min_iou: float = MATCH_IOU) -> dict[int, int]:
+    """Tracked index -> detected index, greedily by the largest overlap, each box used once."""
+    pairs = sorted(((iou(a, b), i, j) for i, a in enumerate(tracked) for j, b in enumerate(detected)), reverse=True)
+    matched: dict[int, int] = {}
+    for overlap, i, j in pairs:
+        if overlap >= min_iou and i not in matched and j not in matched.values():
+            matched[i] = j
+    return matched
+
+
+def visible_share(box: Box, width: int, height: int) -> float:
+    """How much of the box lies inside the frame."""
+    w = min(box.left + box.width, width) - max(box.left, 0)
+    h = min(box.top + box.height, height) - max(box.top, 0)
+    return max(w, 0) * max(h, 0) / (box.width * box.height)
+
+
+# (gray frame, boxes) -> (points (N, K, 2) in frame pixels, drift (N,)): what the tracker asks of the network.
+Locate = Callable[[Image.Image, list[Box]], tuple[np.ndarray, np.ndarray]]
+
+
+def shifted(box: Box, by: float) -> Box:
+    return Box(box.left + by, box.top + by, box.width, box.height)
+
+
+def network_locator(model: Network, transform: Transforms, device: torch.device,
+                    shift: float = CHECK_SHIFT) -> Locate:
+    """Points for each box from two crops shifted by +-shift of its side, their mean, and their drift: the
+    share of the crops' shift that the points followed (0 on a face, 1 where the network sees none)."""
+    def locate(gray: Image.Image, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+        if not boxes:
+            return np.zeros((0, 0, 2)), np.zeros(0)
+        crops = [shifted(box, sign * shift * box.side) for box in boxes for sign in (1, -1)]
+        pairs = np.stack([f.points for f in predict_faces(model, transform, gray, crops, device)])
+        pairs = pairs.reshape(len(boxes), 2, *pairs.shape[1:])
+        moved = (pairs[:, 0] - pairs[:, 1]).mean(axis=1)  # (N, 2): mean displacement between the crops
+        offset = np.array([[2 * shift * box.side] * 2 for box in boxes])
+        drift = (moved * offset).sum(1) / (offset ** 2).sum(1)
+        return pairs.mean(axis=1), drift
+    return locate
+
+
+@dataclass
+class Track:
+    id: int
+    points: np.ndarray  # the network's points in the last frame, unsmoothed: the next frame's box comes from them
+    smoother: OneEuroFilter | None
+
+
+@dataclass(frozen=True)
+class TrackedFace:
+    id: int
+    box: Box             # the box the face was cropped with: the detector's, or the one from last frame's points
+    points: np.ndarray   # (K, 2) frame pixels, smoothed unless smoothing is off
+    detected: bool       # the detector gave the box on this frame
+    drift: float         # see network_locator
+
+
+class FaceTracker:
+    """Faces across the frames of one video, each with a stable id: the detector on the first frame, every
+    `detect_every` frames and when a face is lost; between them each face's box comes from its previous
+    points (dataset.box_from_points). `smoothing` holds OneEuroFilter's arguments, or None for raw points.
+    reset() starts a new video; update(gray, t) takes one frame and its time in seconds."""
+
+    def __init__(self, locate: Locate, detect: Callable[[Image.Image], list[Box]],
+                 detect_every: int = DETECT_EVERY, smoothing: dict | None = None, lost_drift: float = LOST_DRIFT):
+        self.locate, self.detect, self.detect_every = locate, detect, detect_every
+        self.smoothing, self.lost_drift = smoothing, lost_drift
+        self.reset()
+
+    def reset(self) -> None:
+        self.tracks: list[Track] = []
+        self.frame = 0
+        self.next_id = 0
+        self.detector_runs = 0
+
+    def update(self, gray: Image.Image, t: float) -> list[TrackedFace]:
+        scheduled = self.frame % self.detect_every == 0 or not self.tracks
+        self.frame += 1
+        sightings = self.look(gray, detect=scheduled)
+        if not scheduled and any(s.lost for s in sightings):
+            sightings = self.look(gray, detect=True)  # the same frame again, now with the detector's boxes
+        return self.commit(sightings, t)
+
+    def look(self, gray: Image.Image, detect: bool) -> list["Sighting"]:
+        """Each tracked face, then each new one the detector found, on this frame; changes no track."""
+        tracked = [box_from_points(track.points) for track in self.tracks]
+        detections = self.detect(gray) if detect else []
+        self.detector_runs += detect
+        matched = match_boxes(tracked, detections)
+        boxes = [detections[matched[i]] if i in matched else box for i, box in enumerate(tracked)]
+        boxes += [box for j, box in enumerate(detections) if j not in matched.values()]
+        points, drift = self.locate(gray, boxes)
+        sightings = []
+        for i, box in enumerate(boxes):
+            track = self.tracks[i] if i < len(self.tracks) else None
+            detected = track is None or i in matched
+            # The detector's word beats the drift; a face that went on its own is lost if the network no
+            # longer follows it, or if where its points now are is mostly outside the frame.
+            lost = not detected and (drift[i] > self.lost_drift
+                                     or visible_share(box_from_points(points[i]), *gray.size) < MIN_VISIBLE)
+            sightings.append(Sighting(track, box, points[i], float(drift[i]), detected, lost))
+        return sightings
+
+    def commit(self, sightings: list["Sighting"], t: float) -> list[TrackedFace]:
+        kept: list[Sighting] = []
+        for s in sightings:
+            # A face found twice (a detection beside a track that drifted) keeps its older id.
+            if s.lost or any(iou(s.box, other.box) > DUPLICATE_IOU for other in kept):
+                continue
+            if s.track is None:
+                smoother = None if self.smoothing is None else OneEuroFilter(**self.smoothing)
+                s.track = Track(self.next_id, s.points, smoother)
+                self.next_id += 1
+            s.track.points = s.points
+            kept.append(s)
+        self.tracks = [s.track for s in kept]
+        faces = []
+        for s in kept:
+            points = s.points
+            if s.track.smoother is not None:
+                points = s.track.smoother.update(points, t, scale=box_from_points(points).side)
+            faces.append(TrackedFace(s.track.id, s.box, points, s.detected, s.drift))
+        return faces
+
+
+@dataclass
+class Sighting:
+    """One face on one frame, before the tracker commits to it."""
+    track: Track | None  # None: a face the detector found that no track follows
+    box: Box
+    points: np.ndarray
+    drift: float
+    detected: bool
+    lost: bool
+
+
+# ---------------------------------------------------------------- reading, drawing, writing
+
+def open_video(source: str) -> cv2.VideoCapture:
+    """A file, or camera N for a number; one line if it cannot be opened."""
+    if source.isdigit():
+        capture = cv2.VideoCapture(int(source))
+        if not capture.isOpened():
+            raise SystemExit(f"--video {source}: cannot open camera {source}")
+        return capture
+    if not Path(source).is_file():
+        raise SystemExit(f"{source}: video not found")
+    capture = cv2.VideoCapture(source)
+    if not capture.isOpened():
+        raise SystemExit(f"{source}: cannot read video (not a video file, or truncated)")
+    return capture
+
+
+def frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
+    """BGR frames, upright: OpenCV applies the rotation in the file's metadata (CAP_PROP_ORIENTATION_AUTO)."""
+    while True:
+        ok, frame = capture.read()
+        if not ok:
+            return
+        yield frame
+
+
+def draw_faces(frame: np.ndarray, faces: list[TrackedFace]) -> None:
+    """As predict.py draws photos: boxes yellow, points red, and each face's id."""
+    for face in faces:
+        box = face.box
+        thick = max(1, round(box.side / 150))
+        cv2.rectangle(frame, (round(box.left), round(box.top)),
+                      (round(box.left + box.width - 1), round(box.top + box.height - 1)), (0, 220, 255), thick)
+        cv2.putText(frame, str(face.id), (round(box.left), round(box.top) - 4), cv2.FONT_HERSHEY_SIMPLEX,
+                    max(0.4, box.side / 250), (0, 220, 255), thick)
+        radius = max(1.5, box.side / 90)
+        for x, y in face.points:  # 4 fractional bits: points sit between pixels
+            cv2.circle(frame, (round(x * 16), round(y * 16)), round(radius * 16), (40, 40, 255), -1, cv2.LINE_AA, 4)
+
+
+def even(frame: np.ndarray) -> np.ndarray:
+    """mp4v drops an odd last row or column: pad one black line instead, so no pixel is lost."""
+    h, w = frame.shape[:2]
+    if h % 2 == 0 and w % 2 == 0:
+        return frame
+    return cv2.copyMakeBorder(frame, 0, h % 2, 0, w % 2, cv2.BORDER_CONSTANT)
+
+
+def face_record(face: TrackedFace) -> dict:
+    return {"id": face.id, "box": [round(float(v), 2) for v in face.box],
+            "points": np.round(face.points.astype(np.float64), 2).tolist(), "detected": face.detected}
+
+
+class LiveView:
+    """The annotated frames in a matplotlib window (opencv-python-headless has none); closing it stops."""
+
+    def __init__(self, title: str):
+        import matplotlib.pyplot as plt
+        self.plt = plt
+        plt.ion()
+        self.figure, ax = plt.subplots(num=title)
+        ax.axis("off")
+        self.image = None
+
+    def show(self, frame: np.ndarray) -> bool:
+        """False once the window is closed."""
+        if not self.plt.fignum_exists(self.figure.number):
+            return False
+        rgb = frame[..., ::-1]
+        if self.image is None:
+            self.image = self.figure.axes[0].imshow(rgb)
+        else:
+            self.image.set_data(rgb)
+        self.plt.pause(0.001)
+        return True
+
+
+@dataclass
+class VideoRun:
+    record: dict          # what the JSON holds
+    detector_runs: int
+    seconds: float        # wall clock from the first frame read to the files written
+    interrupted: bool
+    missing: int          # frames the file's header promised but that could not be read
+
+
+def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, show: bool = False) -> VideoRun:
+    """Landmarks on every frame of `source` (a file or a camera number): OUT/<name>_landmarks.mp4 and
+    OUT/<name>.json. Ctrl-C, or closing the live window, ends the run with what was done written."""
+    from tqdm import tqdm
+    camera = source.isdigit()
+    capture = open_video(source)
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps if 0 < fps < 1000 else 30.0  # some cameras and containers report 0
+    expected = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    stream = frames(capture)
+    first = next(stream, None)
+    if first is None:
+        raise SystemExit(f"{source}: cannot read video (no frame could be decoded)")
+    name = f"camera{source}" if camera else Path(source).stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    video_path, json_path = out_dir / f"{name}_landmarks.mp4", out_dir / f"{name}.json"
+    height, width = first.shape[:2]
+    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, even(first).shape[1::-1])
+    if not writer.isOpened():
+        raise SystemExit(f"{video_path}: cannot write video")
+    view = LiveView(name) if show else None
+    tracker.reset()
+    records, interrupted, start = [], False, time.perf_counter()
+    bar = tqdm(total=expected or None, unit="frame", desc=name, disable=None)
+    try:
+        for i, frame in enumerate(chain([first], stream)):
+            t = time.perf_counter() - start if camera else i / fps
+            if frame.shape[:2] != (height, width):  # a camera that changes resolution mid-stream
+                frame = cv2.resize(frame, (width, height))
+            gray = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+            faces = tracker.update(gray, t)
+            records.append({"frame": i, "time": round(t, 4), "faces": [face_record(f) for f in faces]})
+            draw_faces(frame, faces)
+            writer.write(even(frame))
+            bar.update()
+            if view is not None and not view.show(frame):
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+        writer.release()
+        capture.release()
+    record = {"weights": weights, "video": source, "fps": fps, "width": width, "height": height, "frames": records}
+    json_path.write_text(json.dumps(record))
+    seconds = time.perf_counter() - start
+    n_faces = len({f["id"] for r in records for f in r["faces"]})
+    print(f"{'stopped: ' if interrupted else ''}wrote {video_path} and {json_path}: {len(records)} frames "
+          f"({len(records) / seconds:.1f}/s), {n_faces} face{'s' * (n_faces != 1)} tracked, "
+          f"detector ran on {tracker.detector_runs}")
+    # Frame counts in headers can be estimates: only a clear shortfall means the file ends early.
+    missing = expected - len(records) if not interrupted and expected - len(records) > max(1, expected // 100) else 0
+    return VideoRun(record, tracker.detector_runs, seconds, interrupted, missing)
+
+
+def video_tracker(model: Network, config: dict, device: torch.device, detector, upsample: int,
+                  detect_every: int, smoothing: dict | None) -> FaceTracker:
+    """The tracker predict.py runs: dlib's detector and the trained network."""
+    transform = Transforms(config.get("img_size", 224), train=False)
+    return FaceTracker(network_locator(model, transform, device),
+                       lambda gray: detect_faces(detector, gray, upsample), detect_every, smoothing)

@@ -1,0 +1,316 @@
+"""Video figures: clips made from real 300-W faces with known points in every frame, and what predict.py --video does on them (jitter, NME, lag, lost faces, frames/s); also fits dlib's box from landmarks."""
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image
+
+import predict
+import video
+from dataset import (LEFT_EYE_OUTER, RIGHT_EYE_OUTER, TRAIN_XML, Face, box_from_points, fit_box_relation, load_faces,
+                     nme, parse_box, read_xml, trained_split)
+
+FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
+FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
+FPS = 30.0
+NOISE = 4.0          # grey levels of Gaussian noise per pixel and frame, as a webcam in room light
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--weights", default="runs/best.pt", help="weights from train.py (default: runs/best.pt)")
+    p.add_argument("--data-dir", default="../shared/data/300w_subset",
+                   help="folder holding dlib's XML and images (default: ../shared/data/300w_subset)")
+    p.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
+    p.add_argument("--faces", type=number_in(int, 1), default=5,
+                   help="validation faces of the weights' split to make clips of (default: 5)")
+    p.add_argument("--seconds", type=float, default=3.0, help="length of each moving clip (default: 3)")
+    p.add_argument("--out-dir", default="clips", help="folder for the clips and predict.py's output (default: clips)")
+    p.add_argument("--smooth-min-cutoff", type=float, default=video.MIN_CUTOFF)
+    p.add_argument("--smooth-beta", type=float, default=video.BETA)
+    p.add_argument("--smooth-d-cutoff", type=float, default=video.D_CUTOFF)
+    p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
+    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--rescore", action="store_true",
+                   help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
+                        "(to try other --smooth-* values)")
+    p.add_argument("--fit-box", action="store_true",
+                   help="only fit dataset.DLIB_BOX on --xml's faces and print it with its misfit")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- dlib's box from landmarks
+
+def report_box_fit(faces: list[Face]) -> dict:
+    relation, misfit = fit_box_relation(faces)
+    ious = [video.iou(box_from_points(f.points, relation), f.box) for f in faces]
+    print(f"{len(faces)} faces: {relation}")
+    print(f"RMS misfit in units of the box side: centre x {misfit['dx']:.4f}, centre y {misfit['dy']:.4f}, "
+          f"side {misfit['side']:.4f}; IoU with dlib's box: median {np.median(ious):.3f}, "
+          f"10th percentile {np.percentile(ious, 10):.3f}")
+    return {"relation": relation._asdict(), "misfit": misfit, "iou_median": float(np.median(ious))}
+
+
+# ---------------------------------------------------------------- clips with known truth
+
+def face_matrix(face: Face, shift=(0.0, 0.0), angle: float = 0.0, zoom: float = 1.0) -> np.ndarray:
+    """2x3 map from the photo to the frame: the face's box centred, FACE_SIDE wide, then moved."""
+    scale = zoom * FACE_SIDE / face.box.side
+    c, s = math.cos(math.radians(angle)) * scale, math.sin(math.radians(angle)) * scale
+    center = face.box.center
+    target = np.array(FRAME) / 2 + shift
+    return np.array([[c, -s, target[0] - c * center[0] + s * center[1]],
+                     [s, c, target[1] - s * center[0] - c * center[1]]])
+
+
+def moving_path(n: int) -> list[dict]:
+    """Shift, roll and zoom along smooth loops, as a head moves in front of a webcam: up to 1.2 box sides
+    a second sideways, 30 degrees a second of roll, and 20% nearer and farther."""
+    t = np.arange(n) / FPS
+    w = 2 * math.pi / 3.0
+    return [dict(shift=(120 * math.sin(w * u), 40 * math.sin(2 * w * u)), angle=15 * math.sin(w * u + 1),
+                 zoom=1 + 0.2 * math.sin(w * u / 1.5)) for u in t]
+
+
+def write_clip(path: Path, photo: np.ndarray, face: Face, poses: list[dict], rng: np.random.Generator,
+               cover_from: int | None = None) -> np.ndarray:
+    """The photo warped by each pose, plus noise, into an MP4; the true points per frame (N, K, 2).
+
+    From frame `cover_from` on, a patch of the frame's own background slides over the face in 5 frames
+    and stays: the face is covered."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, FRAME)
+    truth = []
+    for i, pose in enumerate(poses):
+        matrix = face_matrix(face, **pose)
+        frame = cv2.warpAffine(photo, matrix, FRAME, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        points = face.points @ matrix[:, :2].T + matrix[:, 2]
+        if cover_from is not None and i >= cover_from:
+            frame = cover(frame, box_from_points(points), min(1.0, (i - cover_from + 1) / 5))
+        frame = np.clip(frame + rng.normal(0, NOISE, frame.shape), 0, 255).astype(np.uint8)
+        writer.write(frame)
+        truth.append(points)
+    writer.release()
+    return np.array(truth)
+
+
+def cover(frame: np.ndarray, box, share: float) -> np.ndarray:
+    """`share` of the way, a patch from the frame's top-left corner slides in from the left over the face."""
+    side = int(box.side * 1.6)
+    patch = frame[:side, :side].copy()
+    left = int(box.center[0] - side / 2 - (1 - share) * side * 1.5)
+    top = int(box.center[1] - side / 2)
+    x0, y0 = max(left, 0), max(top, 0)
+    x1, y1 = min(left + side, frame.shape[1]), min(top + side, frame.shape[0])
+    frame = frame.copy()
+    if x1 > x0 and y1 > y0:
+        frame[y0:y1, x0:x1] = patch[y0 - top:y1 - top, x0 - left:x1 - left]
+    return frame
+
+
+# ---------------------------------------------------------------- running predict.py and scoring it
+
+def run_predict(args: argparse.Namespace, clip: Path, smooth: bool) -> video.VideoRun:
+    """predict.py --video on a clip, as a user runs it, with or without smoothing."""
+    flags = ["--weights", args.weights, "--video", str(clip), "--out-dir", str(clip.parent / ("smooth" if smooth
+                                                                                               else "raw")),
+             "--smooth-min-cutoff", str(args.smooth_min_cutoff), "--smooth-beta", str(args.smooth_beta),
+             "--smooth-d-cutoff", str(args.smooth_d_cutoff)] + ([] if smooth else ["--no-smooth"])
+    options = predict.parse_args(flags)
+    smoothing = None if options.no_smooth else smoothing_of(options)
+    tracker = video.video_tracker(args.model, args.config, args.device, args.detector, options.upsample,
+                                  options.detect_every, smoothing)
+    return video.run_video(str(clip), tracker, Path(options.out_dir), args.weights)
+
+
+def smoothing_of(args: argparse.Namespace) -> dict:
+    return dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta, d_cutoff=args.smooth_d_cutoff)
+
+
+def face_points(record: dict, smoothing: dict | None = None) -> np.ndarray:
+    """The points of the clip's face in each frame (NaN where none), from predict.py's JSON; with
+    `smoothing`, through the One Euro filter as the tracker runs it (one filter per id, the same times and
+    scale), so that raw and smoothed figures come from the very same tracking."""
+    frames = record["frames"]
+    k = next((len(f["faces"][0]["points"]) for f in frames if f["faces"]), 1)
+    points, filters = np.full((len(frames), k, 2), np.nan), {}
+    for i, frame in enumerate(frames):
+        for face in frame["faces"]:
+            p = np.array(face["points"])
+            if smoothing is not None:
+                smoother = filters.setdefault(face["id"], video.OneEuroFilter(**smoothing))
+                p = smoother.update(p, frame["time"], scale=box_from_points(p).side)
+            # One face in these clips; should the detector find a second, the biggest is the face.
+            if face is max(frame["faces"], key=lambda f: f["box"][2]):
+                points[i] = p
+    return points
+
+
+def ocular(truth: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(truth[:, LEFT_EYE_OUTER] - truth[:, RIGHT_EYE_OUTER], axis=-1)
+
+
+def jitter(points: np.ndarray, truth: np.ndarray) -> float:
+    """Mean frame-to-frame movement of the points over the outer-eye-corner distance, in %."""
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=-1).mean(-1)
+    return float(100 * np.nanmean(steps / ocular(truth)[1:]))
+
+
+def lag_frames(points: np.ndarray, truth: np.ndarray) -> float:
+    """The delay, in frames (to 0.1), that best aligns the points with the truth."""
+    found = ~np.isnan(points[:, 0, 0])
+    t = np.arange(len(truth), dtype=np.float64)
+    best = (math.inf, 0.0)
+    for delay in np.arange(0, 6.01, 0.1):
+        shifted = np.stack([np.interp(t - delay, t, truth[:, j, d]) for j in range(truth.shape[1]) for d in (0, 1)],
+                           axis=1).reshape(truth.shape)
+        usable = found & (t >= 6)
+        error = np.linalg.norm(points[usable] - shifted[usable], axis=-1).mean()
+        best = min(best, (error, float(delay)))
+    return best[1]
+
+
+def drift_on(args: argparse.Namespace, clip: Path, boxes: list) -> np.ndarray:
+    """network_locator's drift for each frame of the clip, the network cropping the given box."""
+    from transforms import Transforms
+    locate = video.network_locator(args.model, Transforms(args.config.get("img_size", 224), train=False), args.device)
+    capture, drifts = cv2.VideoCapture(str(clip)), []
+    for box in boxes:
+        gray = Image.fromarray(cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2GRAY))
+        drifts.append(locate(gray, [box])[1][0])
+    return np.array(drifts)
+
+
+def make_clips(face: Face, folder: Path, seconds: float, rng: np.random.Generator) -> None:
+    """still, moving, covered and leaving .mp4, each with its true points in a .npy beside it."""
+    photo = cv2.imread(str(face.image))
+    folder.mkdir(parents=True, exist_ok=True)
+    n = round(seconds * FPS)
+    walk = [dict(shift=(min(1.0, i / (n / 2)) * (FRAME[0] / 2 + FACE_SIDE), 0.0)) for i in range(n)]
+    for name, poses, cover_from in (("still", [{}] * n, None), ("moving", moving_path(n), None),
+                                    ("covered", [{}] * n, n // 3), ("leaving", walk, None)):
+        np.save(folder / f"{name}.npy", write_clip(folder / f"{name}.mp4", photo, face, poses, rng, cover_from))
+
+
+def run_face(args: argparse.Namespace, folder: Path) -> dict:
+    """predict.py --no-smooth on each clip (JSON in folder/raw), and once smoothed on the moving clip, timed
+    end to end; the drift the lost check reads on the face and where it was covered."""
+    for name in ("still", "moving", "covered", "leaving"):
+        run_predict(args, folder / f"{name}.mp4", smooth=False)
+    timed = run_predict(args, folder / "moving.mp4", smooth=True)
+    replayed = face_points(json.loads((folder / "raw" / "moving.json").read_text()), smoothing_of(args))
+    # The filter replayed on the raw JSON is the filter the tracker ran: scores below rest on that.
+    assert np.allclose(face_points(timed.record), replayed, atol=0.05, equal_nan=True)
+    moving, covered = np.load(folder / "moving.npy"), np.load(folder / "covered.npy")
+    covered_from = len(covered) // 3 + 5
+    return {"fps": len(timed.record["frames"]) / timed.seconds, "detector_runs": timed.detector_runs,
+            "frames": len(timed.record["frames"]),
+            "drift_face": drift_on(args, folder / "moving.mp4", [box_from_points(p) for p in moving]).tolist(),
+            "drift_covered": drift_on(args, folder / "covered.mp4",
+                                      [box_from_points(p) for p in covered])[covered_from:].tolist()}
+
+
+def score_face(folder: Path, smoothing: dict) -> dict:
+    """Jitter, NME and lag, raw and smoothed, and frames with points after the face was covered or left."""
+    def raw(name: str) -> dict:
+        return json.loads((folder / "raw" / f"{name}.json").read_text())
+
+    row = {}
+    for key, smooth in (("raw", None), ("smooth", smoothing)):
+        still, still_truth = face_points(raw("still"), smooth), np.load(folder / "still.npy")
+        moving, moving_truth = face_points(raw("moving"), smooth), np.load(folder / "moving.npy")
+        found = ~np.isnan(moving[:, 0, 0])
+        row[f"jitter_{key}"] = jitter(still, still_truth)
+        row[f"nme_{key}"] = float(nme(moving[found], moving_truth[found]).mean())
+        row[f"found_{key}"] = float(found.mean())
+        row[f"lag_{key}_frames"] = lag_frames(moving, moving_truth)
+    covered, walk = face_points(raw("covered")), np.load(folder / "leaving.npy")
+    gone = next(i for i, p in enumerate(walk) if video.visible_share(box_from_points(p), *FRAME) < video.MIN_VISIBLE)
+    row["frames_shown_after_covered"] = int((~np.isnan(covered[len(covered) // 3 + 5:, 0, 0])).sum())
+    row["frames_shown_after_leaving"] = int((~np.isnan(face_points(raw("leaving"))[gone:, 0, 0])).sum())
+    return row
+
+
+def read_faces(xml_path: Path) -> list[Face]:
+    """load_faces' faces in its order, without decoding every image to check it (a minute on this CPU, for
+    the few faces used here; their photos are decoded when the clips are made)."""
+    faces = []
+    for image in read_xml(xml_path).iter("image"):
+        boxes = [b for b in image.findall("box") if b.get("ignore", "0") != "1"]
+        faces += [parse_box(b, xml_path.parent / image.get("file", ""), i, (math.inf, math.inf))
+                  for i, b in enumerate(boxes)]
+    return faces
+
+
+def pick_faces(args: argparse.Namespace, n: int) -> list[Face]:
+    """The first n faces, by a seeded shuffle, of the weights' validation split that are at least
+    FACE_SIDE pixels wide, so the clips never enlarge the photo."""
+    faces = read_faces(Path(args.data_dir) / args.xml)
+    _, val = trained_split(len(faces), args.config)
+    order = np.random.default_rng(0).permutation(val)
+    return [faces[i] for i in order if faces[i].box.side >= FACE_SIDE][:n]
+
+
+def summarise(rows: list[dict]) -> dict:
+    mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], (int, float))}
+    face_drift = np.concatenate([r["drift_face"] for r in rows])
+    covered_drift = np.concatenate([r["drift_covered"] for r in rows])
+    return {**mean, "jitter_cut": mean["jitter_raw"] / mean["jitter_smooth"],
+            "nme_cost_pct": 100 * (mean["nme_smooth"] / mean["nme_raw"] - 1),
+            "lag_added_ms": 1000 * (mean["lag_smooth_frames"] - mean["lag_raw_frames"]) / FPS,
+            "drift_face_p50_p99_max": [float(np.percentile(face_drift, 50)), float(np.percentile(face_drift, 99)),
+                                       float(face_drift.max())],
+            "drift_covered_min_p50": [float(covered_drift.min()), float(np.percentile(covered_drift, 50))]}
+
+
+def main(args: argparse.Namespace) -> dict:
+    if args.fit_box:
+        return report_box_fit(load_faces(Path(args.data_dir) / args.xml, skip_bad=True))
+    out = Path(args.out_dir)
+    start = time.perf_counter()
+    if args.rescore:
+        folders = sorted(out.glob("face*"))
+        runs = json.loads((out / "runs.json").read_text())
+    else:
+        from faces import load_detector
+        from model import load_for_inference, pick_device
+        args.device = pick_device("auto")
+        args.model, args.config = load_for_inference(args.weights, args.device, args.eager)
+        args.detector = load_detector()
+        rng = np.random.default_rng(0)
+        folders = [out / f"face{i}" for i in range(args.faces)]
+        for face, folder in zip(pick_faces(args, args.faces), folders):
+            make_clips(face, folder, args.seconds, rng)
+        runs = [run_face(args, folder) for folder in folders]
+        (out / "runs.json").write_text(json.dumps(runs))
+    rows = [{**score_face(folder, smoothing_of(args)), **run} for folder, run in zip(folders, runs)]
+    summary = summarise(rows)
+    print(f"\n{len(rows)} faces, clips of {args.seconds:g} s at {FRAME[0]}x{FRAME[1]}, {FPS:g} frames/s "
+          f"({time.perf_counter() - start:.0f} s in all), weights {args.weights}, "
+          f"smoothing {smoothing_of(args)}")
+    print(f"still-face jitter: {summary['jitter_raw']:.3f}% raw, {summary['jitter_smooth']:.3f}% smoothed "
+          f"({summary['jitter_cut']:.1f}x less)")
+    print(f"moving-face NME: {summary['nme_raw']:.2f}% raw, {summary['nme_smooth']:.2f}% smoothed "
+          f"({summary['nme_cost_pct']:+.1f}%); lag {summary['lag_raw_frames']:.2f} -> "
+          f"{summary['lag_smooth_frames']:.2f} frames ({summary['lag_added_ms']:+.0f} ms added by smoothing); "
+          f"face found on {100 * summary['found_raw']:.1f}% of frames")
+    print(f"end to end (read, track, landmarks, smooth, draw, write), moving clips: {summary['fps']:.1f} frames/s; "
+          f"detector on {summary['detector_runs']:.1f} of {summary['frames']:.0f} frames")
+    print(f"lost faces: points shown on {summary['frames_shown_after_covered']:.1f} frames after the face was "
+          f"covered, {summary['frames_shown_after_leaving']:.1f} after it left the frame")
+    p50, p99, top = summary["drift_face_p50_p99_max"]
+    low, mid = summary["drift_covered_min_p50"]
+    print(f"drift (lost when > {video.LOST_DRIFT:g}): on faces median {p50:.2f}, 99th percentile {p99:.2f}, "
+          f"max {top:.2f}; where the face was covered min {low:.2f}, median {mid:.2f}")
+    result = {"weights": args.weights, "smoothing": smoothing_of(args), "summary": summary, "faces": rows}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())
