@@ -12,7 +12,7 @@ from PIL import Image
 import predict
 import video
 from dataset import (LEFT_EYE_OUTER, RIGHT_EYE_OUTER, TRAIN_XML, Face, box_from_points, fit_box_relation, load_faces,
-                     nme, parse_box, read_xml, trained_split)
+                     nme, number_in, parse_box, read_xml, trained_split)
 
 FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
 FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
