@@ -97,7 +97,7 @@ def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: 
     model = build_model(head=targs.head).to(device).to(memory_format=torch.channels_last)
     optimizer = train.make_optimizer(targs, model)
     scheduler = train.make_scheduler(targs, optimizer, warmup + n)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp != "off" and not torch.cuda.is_bf16_supported())
+    scaler = train.make_scaler(device, amp)
     loss_fn, _ = train.make_loss(targs, model)
 
     def steps(k: int) -> None:

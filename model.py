@@ -67,13 +67,22 @@ class PIPHead(nn.Module):
         scores, offsets, neighbour_offsets = self.maps(features)
         return (scores, offsets, neighbour_offsets) if self.training else self.decode(scores, offsets, neighbour_offsets)
 
+    @staticmethod
+    def read_cells(offsets: torch.Tensor, neighbour_offsets: torch.Tensor,
+                   cells: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The offsets each landmark's map holds at its cell (`cells`: (N, K) flat indices): (N, K, 2) of its
+        own and (N, K, M, 2) of its neighbours; what decoding reads and what the loss scores."""
+        n, k, m = neighbour_offsets.shape[:3]
+        own = offsets.flatten(3).gather(3, cells[:, :, None, None].expand(n, k, 2, 1)).squeeze(3)
+        theirs = neighbour_offsets.flatten(4).gather(4, cells[:, :, None, None, None].expand(n, k, m, 2, 1))
+        return own, theirs.squeeze(4)
+
     def decode(self, scores: torch.Tensor, offsets: torch.Tensor, neighbour_offsets: torch.Tensor) -> torch.Tensor:
         n, k, h, w = scores.shape
         m = self.neighbours
         best = scores.flatten(2).argmax(-1)                                   # (N, K): the winning cell
         cell = torch.stack([best % w, torch.div(best, w, rounding_mode="floor")], -1).to(offsets.dtype)
-        own = offsets.flatten(3).gather(3, best[:, :, None, None].expand(n, k, 2, 1)).squeeze(3)
-        theirs = neighbour_offsets.flatten(4).gather(4, best[:, :, None, None, None].expand(n, k, m, 2, 1)).squeeze(4)
+        own, theirs = self.read_cells(offsets, neighbour_offsets, best)
         own = (cell + own) / w                                                # (N, K, 2) in [0, 1]; crops are square
         theirs = (cell[:, :, None] + theirs) / w                              # (N, K, M, 2): landmark k's say on index[k]
         # Each landmark: the mean of its own estimate and of every estimate made of it from a neighbour's cell.
@@ -83,13 +92,18 @@ class PIPHead(nn.Module):
         return (merged - 0.5).flatten(1)
 
 
+def resnet_features(resnet: nn.Module) -> nn.Sequential:
+    """torchvision ResNet's convolutional part, conv1 to layer4 (stride 32), without pooling or fc."""
+    return nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, resnet.layer1, resnet.layer2,
+                         resnet.layer3, resnet.layer4)
+
+
 class LandmarkNet(nn.Module):
     """ResNet18's convolutions (1-channel conv1) and a PIPNet head: the 'pip' head of build_model."""
 
     def __init__(self, backbone: nn.Module, num_points: int):
         super().__init__()
-        self.backbone = nn.Sequential(backbone.conv1, backbone.bn1, backbone.relu, backbone.maxpool,
-                                      backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4)
+        self.backbone = resnet_features(backbone)
         self.head = PIPHead(backbone.fc.in_features, num_points)
 
     def forward(self, images: torch.Tensor):
@@ -186,8 +200,7 @@ class InferenceBody(nn.Module):
         if self.pip:
             self.body, self.last = model.backbone, model.head
         else:
-            self.body = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
-                                      model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
+            self.body = nn.Sequential(*resnet_features(model), model.avgpool, nn.Flatten(1))
             self.last = model.fc
         self.dtype = torch.bfloat16 if bf16 else torch.float32
         self.body.to(self.dtype)

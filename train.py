@@ -20,7 +20,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from dataset import (CACHE_EXTENT, SEED_MAX, TRAIN_XML, FaceCache, FaceLandmarksDataset, labels_fingerprint,
                      load_faces, nme, number_in, out_folder, split_faces)
-from model import (AMP_CHOICES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, autocast, build_model, load_checkpoint,
+from model import (AMP_CHOICES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, PIPHead, autocast, build_model, load_checkpoint,
                    pick_device, resolve_amp, save_atomic)
 from transforms import CROP_MARGIN, Transforms, mean_shape
 
@@ -164,13 +164,11 @@ def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour
     offsets read at that cell, its own and its neighbours' (in cells)."""
     scores, offsets, neighbour_offsets = (o.float() for o in outputs)
     n, k, h, w = scores.shape
-    m = neighbour_index.shape[1]
     points = (targets.view(n, k, 2) + 0.5) * w                 # grid units; crops are square
     cell = points.detach().floor().clamp(0, w - 1)
     best = (cell[..., 1] * w + cell[..., 0]).long()           # (N, K)
     score_loss = F.mse_loss(scores.flatten(2), F.one_hot(best, h * w).float())
-    own = offsets.flatten(3).gather(3, best[:, :, None, None].expand(n, k, 2, 1)).squeeze(3)
-    theirs = neighbour_offsets.flatten(4).gather(4, best[:, :, None, None, None].expand(n, k, m, 2, 1)).squeeze(4)
+    own, theirs = PIPHead.read_cells(offsets, neighbour_offsets, best)
     own_loss = F.l1_loss(own, points - cell)
     neighbour_loss = F.l1_loss(theirs, points[:, neighbour_index] - cell[:, :, None])
     return PIP_SCORE_WEIGHT * score_loss + 2 * (own_loss + neighbour_loss)  # x and y each count once, as in PIPNet
@@ -189,6 +187,11 @@ def make_loss(args: argparse.Namespace, model: nn.Module) -> tuple[Callable, Cal
 def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return kind(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling, which only fp16 needs: on CUDA without bf16 when autocast is on."""
+    return torch.amp.GradScaler(enabled=device.type == "cuda" and amp != "off" and not torch.cuda.is_bf16_supported())
 
 
 def make_scheduler(args: argparse.Namespace, optimizer, steps_per_epoch: int):
@@ -434,7 +437,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     optimizer = make_optimizer(args, model)
     scheduler = make_scheduler(args, optimizer, len(train_loader))
     amp = resolve_amp(args.amp, device)
-    scaler = torch.amp.GradScaler(enabled=device.type == "cuda" and amp != "off" and not torch.cuda.is_bf16_supported())
+    scaler = make_scaler(device, amp)
     loss_fn, val_loss_fn = make_loss(args, model)
     history, best, start = [], math.inf, 0
     if args.resume:
