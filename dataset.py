@@ -1,11 +1,13 @@
 """dlib's 300-W XML -> checked face records -> FaceLandmarksDataset, the train/val split, the crop cache and a demo-data maker; the flag checks every script shares."""
 import argparse
 import hashlib
+import json
 import math
 import os
 import random
 import sys
 import xml.etree.ElementTree as ET
+from xml.sax.saxutils import quoteattr
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +19,13 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
+# iBUG 300-W's markup, the default: 68 points, jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, lips 48-67.
 NUM_LANDMARKS = 68
 LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 36, 45
+# Each point's mirror twin: jaw, brows, nose, eyes, outer lips, inner lips (the rest lie on the middle line).
+IBUG_FLIP_PAIRS = ([(i, 16 - i) for i in range(8)] + [(17 + i, 26 - i) for i in range(5)] + [(31, 35), (32, 34)]
+                   + [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]
+                   + [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67)])
 TRAIN_XML = "labels_ibug_300W_train.xml"
 TEST_XML = "labels_ibug_300W_test.xml"
 # Crops in the cache cover this much more than the training crop, so rotation, scale and shift
@@ -59,16 +66,8 @@ class Box(NamedTuple):
 class Face:
     image: Path
     box: Box
-    points: np.ndarray  # (68, 2) float32, image pixels
+    points: np.ndarray  # (K, 2) float32, image pixels; K = 68 for iBUG's markup
     index: int = 0  # which box of its image, counting those not marked ignore, as error messages say
-
-
-def nme(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per-face mean point-to-point error over the outer-eye-corner distance, in % (inputs (N, 68, 2))."""
-    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
-    error = np.linalg.norm(pred - true, axis=-1).mean(axis=-1)
-    ocular = np.linalg.norm(true[:, LEFT_EYE_OUTER] - true[:, RIGHT_EYE_OUTER], axis=-1)
-    return 100 * error / ocular
 
 
 # ---------------------------------------------------------------- dlib's box from landmarks
@@ -115,6 +114,86 @@ def fit_box_relation(faces: list[Face]) -> tuple[BoxRelation, dict[str, float]]:
     coefficients = {k: float(spread @ y / (spread @ spread)) for k, y in targets.items()}
     misfit = {k: float(np.sqrt((((y - coefficients[k] * spread) / side) ** 2).mean())) for k, y in targets.items()}
     return BoxRelation(**coefficients), misfit
+
+
+# ---------------------------------------------------------------- the markup: which points, their twins, the NME
+
+@dataclass(frozen=True)
+class Markup:
+    """What the points of a dataset are, as far as training and scoring need it; saved with the weights."""
+    num_points: int
+    flip: tuple[int, ...] | None = None  # flip[i]: the point that point i becomes in the mirrored face
+    nme_points: tuple[int, int] | None = None  # the two points whose distance normalises NME; None: box diagonal
+    box_relation: BoxRelation = DLIB_BOX  # where dlib's box lies around these points (video tracking)
+
+    @property
+    def normalisation(self) -> str:
+        """How NME is normalised, as tables name it."""
+        if self.nme_points == (LEFT_EYE_OUTER, RIGHT_EYE_OUTER) and self.num_points == NUM_LANDMARKS:
+            return "outer eye corners"
+        return "box diagonal" if self.nme_points is None else f"distance of points {self.nme_points[0]} and " \
+                                                              f"{self.nme_points[1]}"
+
+    def to_config(self) -> dict:
+        return {"num_points": self.num_points, "flip": None if self.flip is None else list(self.flip),
+                "nme_points": None if self.nme_points is None else list(self.nme_points),
+                "box_relation": list(self.box_relation)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Markup":
+        """The markup a checkpoint's config names; weights saved before markups existed are iBUG's 68 points."""
+        saved = config.get("markup")
+        if saved is None:
+            return IBUG
+        return cls(saved["num_points"], None if saved["flip"] is None else tuple(saved["flip"]),
+                   None if saved["nme_points"] is None else tuple(saved["nme_points"]),
+                   BoxRelation(*saved.get("box_relation", DLIB_BOX)))
+
+
+def flip_permutation(pairs: list[tuple[int, int]], num_points: int) -> tuple[int, ...]:
+    """Mirror pairs -> the permutation a horizontal flip applies; points in no pair are their own twin."""
+    permutation = list(range(num_points))
+    seen = set()
+    for a, b in pairs:
+        for i in (a, b):
+            if not 0 <= i < num_points:
+                raise ValueError(f"point {i} is not among the {num_points} points 0..{num_points - 1}")
+            if i in seen:
+                raise ValueError(f"point {i} is in two mirror pairs")
+            seen.add(i)
+        permutation[a], permutation[b] = b, a
+    return tuple(permutation)
+
+
+IBUG = Markup(NUM_LANDMARKS, flip_permutation(IBUG_FLIP_PAIRS, NUM_LANDMARKS), (LEFT_EYE_OUTER, RIGHT_EYE_OUTER))
+
+
+def markup_for(num_points: int, flip_pairs: list[tuple[int, int]] | None = None,
+               nme_points: tuple[int, int] | None = None, box_relation: BoxRelation = DLIB_BOX) -> Markup:
+    """The markup of K points: iBUG's twins and eye corners for 68 unless given; for any other K only what
+    is given (no flip; NME over the box diagonal). Raises ValueError naming a bad point number."""
+    for i in nme_points or ():
+        if not 0 <= i < num_points:
+            raise ValueError(f"point {i} is not among the {num_points} points 0..{num_points - 1}")
+    if nme_points is not None and nme_points[0] == nme_points[1]:
+        raise ValueError("the two NME points must differ")
+    default = IBUG if num_points == NUM_LANDMARKS else Markup(num_points)
+    flip = default.flip if flip_pairs is None else flip_permutation(flip_pairs, num_points)
+    return Markup(num_points, flip, default.nme_points if nme_points is None else tuple(nme_points), box_relation)
+
+
+def nme(pred: np.ndarray, true: np.ndarray, markup: Markup = IBUG, diagonal: np.ndarray | None = None) -> np.ndarray:
+    """Per-face mean point-to-point error in % of the distance between the markup's two NME points (iBUG:
+    the outer eye corners), or, for a markup without them, of the box diagonal `diagonal` (N,), in the
+    points' units. Inputs (N, K, 2)."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    error = np.linalg.norm(pred - true, axis=-1).mean(axis=-1)
+    if markup.nme_points is None:
+        if diagonal is None:
+            raise ValueError("this markup normalises NME by the box diagonal: pass `diagonal`")
+        return 100 * error / np.asarray(diagonal, np.float64)
+    i, j = markup.nme_points
+    return 100 * error / np.linalg.norm(true[:, i] - true[:, j], axis=-1)
 
 
 # ---------------------------------------------------------------- reading images
@@ -169,8 +248,16 @@ def check_image(path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- parsing dlib's XML
 
-def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]) -> Face:
-    """One <box> with its 68 <part>s -> Face, or DataError saying what is wrong with it."""
+def part_name_range(num_points: int) -> str:
+    """dlib's part names for K points: two digits, three beyond 100 points."""
+    width = 3 if num_points > 100 else 2
+    return f"'{0:0{width}d}'..'{num_points - 1:0{width}d}'"
+
+
+def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int],
+              num_points: int | None = None) -> Face:
+    """One <box> with its K <part>s -> Face, or DataError saying what is wrong with it. K is num_points (the
+    file's first box's), or for the first box its own part count."""
     where = f"{path}: box {index}"
     try:
         box = Box(*(finite(element.get(k)) for k in ("left", "top", "width", "height")))
@@ -180,21 +267,23 @@ def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]
         raise DataError(f"{where} has size {box.width:g}x{box.height:g}, expected positive", "empty box")
     if box.left >= size[0] or box.top >= size[1] or box.left + box.width <= 0 or box.top + box.height <= 0:
         raise DataError(f"{where} lies entirely outside the {size[0]}x{size[1]} image", "box outside image")
-    points = np.full((NUM_LANDMARKS, 2), np.nan, np.float32)
     parts = element.findall("part")
+    k = num_points or len(parts)
+    if k < 2:
+        raise DataError(f"{where} has {len(parts)} parts; a markup needs at least 2", "wrong part count")
+    points = np.full((k, 2), np.nan, np.float32)
     for part in parts:
         name = part.get("name", "")
-        if not (name.isascii() and name.isdigit()) or int(name) >= NUM_LANDMARKS:
-            raise DataError(f"{where} has a part named {name!r}, expected '00'..'{NUM_LANDMARKS - 1}'",
-                            "bad part name")
+        if not (name.isascii() and name.isdigit()) or int(name) >= k:
+            raise DataError(f"{where} has a part named {name!r}, expected {part_name_range(k)}", "bad part name")
         if not np.isnan(points[int(name), 0]):
             raise DataError(f"{where} has part {name} twice", "duplicate part")
         try:
             points[int(name)] = finite(part.get("x")), finite(part.get("y"))
         except (TypeError, ValueError):
             raise DataError(f"{where} part {name} lacks a numeric x or y", "bad part") from None
-    if len(parts) != NUM_LANDMARKS:
-        raise DataError(f"{where} has {len(parts)} parts, expected {NUM_LANDMARKS}", "wrong part count")
+    if len(parts) != k:
+        raise DataError(f"{where} has {len(parts)} parts, expected {k} as in the file's first box", "wrong part count")
     return Face(path, box, points, index)
 
 
@@ -206,18 +295,20 @@ def finite(text: str | None) -> float:
     return value
 
 
-def label_problem(face: Face) -> str | None:
+def label_problem(face: Face, markup: Markup = IBUG) -> str | None:
     """Why labels that parse still cannot be learnt from or scored, naming the file and box; None if fine.
 
-    The outer eye corners normalise the NME: when they (nearly) coincide it becomes inf or noise.
-    A point far outside its box is a typo, or belongs to another face.
+    The markup's NME points (iBUG: the outer eye corners) normalise the NME: when they (nearly) coincide it
+    becomes inf or noise. A point far outside its box is a typo, or belongs to another face.
     """
     where = f"{face.image}: box {face.index}"
     side = face.box.side
-    eyes = float(np.linalg.norm(face.points[LEFT_EYE_OUTER] - face.points[RIGHT_EYE_OUTER]))
-    if not eyes >= MIN_EYE_DISTANCE * side:
-        return (f"{where} has its outer eye corners (points {LEFT_EYE_OUTER} and {RIGHT_EYE_OUTER}) {eyes:.3g} px "
-                f"apart, under {MIN_EYE_DISTANCE:g} box sides, so its NME would divide by almost nothing")
+    if markup.nme_points is not None:
+        i, j = markup.nme_points
+        apart = float(np.linalg.norm(face.points[i] - face.points[j]))
+        if not apart >= MIN_EYE_DISTANCE * side:
+            return (f"{where} has its NME points ({markup.normalisation}: points {i} and {j}) {apart:.3g} px "
+                    f"apart, under {MIN_EYE_DISTANCE:g} box sides, so its NME would divide by almost nothing")
     far = float(np.abs(face.points - face.box.center).max()) / side
     if not far <= MAX_POINT_DISTANCE:
         return f"{where} has a point {far:.3g} box sides from the box's centre, beyond {MAX_POINT_DISTANCE:g}"
@@ -233,8 +324,12 @@ def read_xml(xml_path: Path) -> ET.Element:
         raise SystemExit(f"{xml_path}: malformed XML ({e})") from None
 
 
-def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = False) -> list[Face]:
+def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = False,
+               markup: Callable[[int], Markup] = markup_for) -> list[Face]:
     """Every <box> of every <image> in a dlib XML, with each image decoded once to prove it readable.
+
+    The first box sets the point count K; `markup(K)` says what the points are (which ones normalise NME,
+    for the label checks), and stops the program when they cannot be those of K points.
 
     The first problem stops the program with one line naming the file; with skip_bad the faces
     concerned are dropped instead and a summary of what was skipped is printed. Faces whose labels
@@ -243,7 +338,7 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
     """
     xml_path = Path(xml_path)
     root = read_xml(xml_path)
-    faces, skipped = [], Counter()
+    faces, skipped, found = [], Counter(), None
     for number, image_element in enumerate(root.iter("image")):
         name = image_element.get("file", "")
         path = xml_path.parent / name
@@ -260,8 +355,10 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
             continue
         for index, element in enumerate(boxes):
             try:
-                face = parse_box(element, path, index, size)
-                problem = None if keep_degenerate else label_problem(face)
+                face = parse_box(element, path, index, size, faces[0].points.shape[0] if faces else None)
+                if found is None:
+                    found = markup_of_count(markup, len(face.points), xml_path)
+                problem = None if keep_degenerate else label_problem(face, found)
                 if problem:
                     raise DataError(problem, "degenerate labels")
                 faces.append(face)
@@ -273,8 +370,43 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
         reasons = "; ".join(f"{n} x {why}" for why, n in skipped.most_common())
         print(f"{xml_path}: skipped {sum(skipped.values())} bad faces ({reasons})", file=sys.stderr)
     if not faces:
-        raise SystemExit(f"{xml_path}: no usable <box> elements with 68 parts")
+        raise SystemExit(f"{xml_path}: no usable <box> elements with their <part>s")
     return faces
+
+
+def markup_of_count(markup: Callable[[int], Markup], num_points: int, xml_path: Path) -> Markup:
+    """markup(K) for a file whose boxes have K parts, or one line saying why these points cannot be it."""
+    try:
+        found = markup(num_points)
+    except ValueError as e:
+        raise SystemExit(f"{xml_path}: its boxes have {num_points} parts: {e}") from None
+    if found.num_points != num_points:
+        raise SystemExit(f"{xml_path}: its boxes have {num_points} parts, but the weights are for "
+                         f"{found.num_points} points")
+    return found
+
+
+def write_xml(path: Path, images: list[tuple[str, list[tuple[Box, np.ndarray]]]], name: str = "faces",
+              shuffle: random.Random | None = None) -> Path:
+    """dlib's XML, as imglab and dlib's 300-W files have it: per image its file (relative to the XML's folder)
+    and boxes, each box with its K parts named 00..K-1; whole pixels, as dlib stores them (its loader reads
+    integers). `shuffle` puts the parts in random document order (the demo data: read them by name)."""
+    path = Path(path)
+    width = 3 if any(len(points) > 100 for _, faces in images for _, points in faces) else 2
+    lines = ["<?xml version='1.0' encoding='ISO-8859-1'?>", "<dataset>", f"<name>{name}</name>", "<images>"]
+    for file, faces in images:
+        lines.append(f"  <image file={quoteattr(str(file))}>")
+        for box, points in faces:
+            lines.append(f"    <box top='{box.top:.0f}' left='{box.left:.0f}' width='{box.width:.0f}' "
+                         f"height='{box.height:.0f}'>")
+            order = shuffle.sample(range(len(points)), len(points)) if shuffle else range(len(points))
+            lines += [f"      <part name='{i:0{width}d}' x='{points[i, 0]:.0f}' y='{points[i, 1]:.0f}'/>" for i in order]
+            lines.append("    </box>")
+        lines.append("  </image>")
+    lines += ["</images>", "</dataset>", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines), encoding="ISO-8859-1", errors="xmlcharrefreplace")
+    return path
 
 
 def split_faces(n: int, val_fraction: float = 0.1, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -455,24 +587,64 @@ def draw_face(draw: ImageDraw.ImageDraw, points: np.ndarray, rng: random.Random)
         draw.line([tuple(points[i]) for i in stroke], fill=ink, width=width)
 
 
-def make_demo(out: Path, n_images: int = 120, seed: int = 0) -> None:
-    """Write a small dataset in dlib's layout: JPEGs of drawn faces plus train and test XMLs.
+# dlib's 5-point markup, from the 68: both corners of each eye (left to right in the picture) and the bottom
+# of the nose. Its twins are (0, 3) and (1, 2), and its outer eye corners 0 and 3 normalise NME as for 68.
+FIVE_FROM_68 = [36, 39, 42, 45, 33]
+DEMO_POINTS = (5, 68, 98)
+
+
+def demo_weights(num_points: int) -> np.ndarray:
+    """(K, 68): each demo point as a mix of the 68 iBUG points. 5: dlib's five; 68: iBUG's; 98: WFLW's
+    layout (33 jaw, 9 per brow, 9 nose, 8 per eye, 20 lips, 2 pupils), with points between iBUG's."""
+    eye = np.eye(NUM_LANDMARKS)
+    if num_points == 5:
+        return eye[FIVE_FROM_68]
+    if num_points == NUM_LANDMARKS:
+        return eye
+    if num_points != 98:
+        raise ValueError(f"demo markups have 5, 68 or 98 points, not {num_points}")
+    mid = lambda i, j: (eye[i] + eye[j]) / 2  # noqa: E731
+    jaw = [row for i in range(16) for row in (eye[i], mid(i, i + 1))] + [eye[16]]
+    brow = [eye[i] for i in range(17, 22)] + [0.8 * mid(i, i + 1) + 0.2 * eye[37 if i < 19 else 38] for i in range(17, 21)]
+    left_eye = [eye[36], eye[37], mid(37, 38), eye[38], eye[39], eye[40], mid(40, 41), eye[41]]
+    mirror = np.array(IBUG.flip)
+    twin = lambda rows: [row[mirror] for row in rows]  # noqa: E731  (the same point on the other half)
+    rows = (jaw + brow + twin(brow) + [eye[i] for i in range(27, 36)] + left_eye + twin(left_eye)
+            + [eye[i] for i in range(48, 68)] + [eye[36:42].mean(0), eye[42:48].mean(0)])
+    return np.array(rows)
+
+
+def demo_markup(num_points: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """The demo markup's mirror pairs (found by mirroring its weights with iBUG's twins) and its outer eye
+    corners (the points that are iBUG's 36 and 45)."""
+    weights = demo_weights(num_points)
+    mirrored = weights[:, np.argsort(IBUG.flip)]
+    twins = [int(np.flatnonzero(np.abs(weights - row).sum(1) < 1e-9)[0]) for row in mirrored]
+    pairs = [(i, j) for i, j in enumerate(twins) if i < j]
+    corners = tuple(int(np.flatnonzero(weights[:, k] == 1)[0]) for k in (LEFT_EYE_OUTER, RIGHT_EYE_OUTER))
+    return pairs, corners
+
+
+def make_demo(out: Path, n_images: int = 120, seed: int = 0, num_points: int = NUM_LANDMARKS) -> None:
+    """Write a small dataset in dlib's layout: JPEGs of drawn faces plus train and test XMLs, with the 68
+    iBUG points or another demo markup of them (demo_weights); beside them, for other markups, the mirror
+    pairs in flip_pairs.json.
 
     Every fifth image holds two faces. Test images are spread over dlib's subset folders.
     """
     out, rng = Path(out), random.Random(seed)
-    template = template_shape()
+    template, weights = template_shape(), demo_weights(num_points)
     sets = {TRAIN_XML: ["helen/trainset", "afw"], TEST_XML: ["helen/testset", "lfpw/testset", "ibug"]}
     for xml_name, folders in sets.items():
         n = n_images if xml_name == TRAIN_XML else max(6, n_images // 4)
-        lines = ["<?xml version='1.0' encoding='ISO-8859-1'?>", "<dataset>", "<name>demo faces</name>", "<images>"]
+        images = []
         for k in range(n):
             folder = folders[k % len(folders)]
             n_faces = 2 if k % 5 == 4 else 1
             width, height = 200 * n_faces + rng.randint(0, 60), 220 + rng.randint(0, 60)
             image = Image.new("L", (width, height), rng.randint(0, 255))
             draw = ImageDraw.Draw(image)
-            lines.append(f"  <image file='{folder}/{k:04d}.jpg'>")
+            faces = []
             for f in range(n_faces):
                 size = rng.uniform(90, 140)
                 angle = math.radians(rng.uniform(-15, 15))
@@ -483,18 +655,18 @@ def make_demo(out: Path, n_images: int = 120, seed: int = 0) -> None:
                 draw_face(draw, points, rng)
                 # Like dlib's detector: a square that misses some of the jaw.
                 side = size * rng.uniform(0.75, 0.85)
-                left, top = center[0] - side / 2, center[1] - side * 0.45
-                lines.append(f"    <box top='{top:.0f}' left='{left:.0f}' width='{side:.0f}' height='{side:.0f}'>")
-                # Document order is shuffled: parts must be read by name.
-                for i in rng.sample(range(NUM_LANDMARKS), NUM_LANDMARKS):
-                    lines.append(f"      <part name='{i:02d}' x='{points[i, 0]:.0f}' y='{points[i, 1]:.0f}'/>")
-                lines.append("    </box>")
-            lines.append("  </image>")
+                faces.append((Box(center[0] - side / 2, center[1] - side * 0.45, side, side), weights @ points))
+            images.append((f"{folder}/{k:04d}.jpg", faces))
             (out / folder).mkdir(parents=True, exist_ok=True)
             image.save(out / folder / f"{k:04d}.jpg", quality=90)
-        lines += ["</images>", "</dataset>", ""]
-        (out / xml_name).write_text("\n".join(lines))
-    print(f"wrote a demo dataset to {out}/ ({TRAIN_XML}, {TEST_XML})")
+        write_xml(out / xml_name, images, "demo faces", shuffle=rng)
+    extra = ""
+    if num_points != NUM_LANDMARKS:
+        pairs, corners = demo_markup(num_points)
+        (out / "flip_pairs.json").write_text(json.dumps(pairs) + "\n")
+        extra = (f"; {num_points} points: train with --flip-pairs {out / 'flip_pairs.json'} "
+                 f"--nme-points {corners[0]},{corners[1]} (the outer eye corners)")
+    print(f"wrote a demo dataset to {out}/ ({TRAIN_XML}, {TEST_XML}){extra}")
 
 
 # ---------------------------------------------------------------- visualising the data
@@ -579,32 +751,60 @@ def out_file(text: str) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Check the data: draw faces as loaded and as augmented, "
-                                                 "or write a small demo dataset.")
+    parser = argparse.ArgumentParser(description="Check the data: draw faces as loaded and as augmented; write a "
+                                                 "small demo dataset; or turn other formats into dlib's XML.")
     parser.add_argument("--data-dir", default="data", help="folder holding dlib's XMLs (default: data)")
     parser.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
     parser.add_argument("--n", type=number_in(int, 1), default=8, help="faces to draw (default: 8)")
     parser.add_argument("--seed", type=number_in(int, 0, SEED_MAX), default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", type=out_file, default="samples.png", help="PNG to write (default: samples.png)")
+    parser.add_argument("--out", type=out_file, help="file to write: the PNG of faces (default: samples.png), or "
+                                                     "the XML that --from-pts, --from-wflw and --pick-points write")
     parser.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
-    parser.add_argument("--make-demo", metavar="DIR", type=out_folder,
-                        help="write a small demo dataset into DIR and exit")
-    return parser.parse_args(argv)
+    make = parser.add_mutually_exclusive_group()
+    make.add_argument("--make-demo", metavar="DIR", type=out_folder,
+                      help="write a small demo dataset into DIR and exit")
+    make.add_argument("--from-pts", metavar="DIR", nargs="+", type=Path,
+                      help="images with 300-W .pts files beside them (1-based points) -> --out XML; boxes from "
+                           "dlib's detector, or from the points where it finds no face")
+    make.add_argument("--from-wflw", metavar="FILE", type=Path,
+                      help="WFLW annotation file (98 points, box, 6 flags, image name per line) -> --out XML")
+    make.add_argument("--pick-points", metavar="I,J,...",
+                      help="keep these points of --data-dir/--xml, in this order -> --out XML (a smaller markup)")
+    parser.add_argument("--images", type=Path, help="with --from-wflw: the folder its image names are relative to")
+    parser.add_argument("--points", type=int, choices=DEMO_POINTS, default=NUM_LANDMARKS,
+                        help=f"with --make-demo: the markup, {DEMO_POINTS} points (default: {NUM_LANDMARKS})")
+    args = parser.parse_args(argv)
+    converting = args.from_pts or args.from_wflw or args.pick_points
+    if converting and (args.out is None or not args.out.lower().endswith(".xml")):
+        parser.error("--from-pts, --from-wflw and --pick-points need --out FILE.xml")
+    if args.from_wflw and args.images is None:
+        parser.error("--from-wflw needs --images DIR, the folder of WFLW's images")
+    return args
 
 
 def main(args: argparse.Namespace) -> None:
     if args.make_demo:
-        make_demo(Path(args.make_demo), seed=args.seed)
+        make_demo(Path(args.make_demo), seed=args.seed, num_points=args.points)
+        return
+    if args.from_pts or args.from_wflw or args.pick_points:
+        import importers  # other formats in, dlib's XML out: their own file, as they are their own concern
+        if args.from_pts:
+            importers.from_pts(args.from_pts, Path(args.out))
+        elif args.from_wflw:
+            importers.from_wflw(args.from_wflw, args.images, Path(args.out))
+        else:
+            importers.pick_points(Path(args.data_dir) / args.xml, args.pick_points, Path(args.out))
         return
     from transforms import Transforms
     random.seed(args.seed)
     faces = load_faces(Path(args.data_dir) / args.xml, args.skip_bad)
     train, _ = split_faces(len(faces), seed=args.seed)
     n = min(args.n, len(train))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out or "samples.png")
+    out.parent.mkdir(parents=True, exist_ok=True)
     shown = FaceLandmarksDataset(faces, Transforms(train=False), train[:n])
     augmented = FaceLandmarksDataset(faces, Transforms(train=True), train[:n])
-    plot_samples(shown, augmented, n, Path(args.out))
+    plot_samples(shown, augmented, n, out)
 
 
 if __name__ == "__main__":
