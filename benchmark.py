@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 import dlib_baseline
 import train
-from dataset import TRAIN_XML, FaceLandmarksDataset, number_in, open_gray, out_file
+from dataset import NUM_LANDMARKS, TRAIN_XML, FaceLandmarksDataset, number_in, open_gray, out_file
 from model import (HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, inference_autocast, optimize_for_inference,
                    pick_device, resolve_amp)
 
@@ -94,7 +94,7 @@ def with_workers(loader: DataLoader, workers: int, dataset: FaceLandmarksDataset
 def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: int, device: torch.device,
                   amp: str) -> float:
     """Images per second of train.py's own step (forward, backward, optimiser) on a fresh model."""
-    model = build_model(head=targs.head).to(device).to(memory_format=torch.channels_last)
+    model = build_model(head=targs.head, num_points=targs.num_points).to(device).to(memory_format=torch.channels_last)
     optimizer = train.make_optimizer(targs, model)
     scheduler = train.make_scheduler(targs, optimizer, warmup + n)
     scaler = train.make_scaler(device, amp)
@@ -147,7 +147,7 @@ def training_figures(args: argparse.Namespace, targs: argparse.Namespace, loader
                      device: torch.device) -> dict:
     """train.py's step on random tensors, then fed by the training loader; in what --amp auto picks, and in fp32."""
     images = torch.rand(args.batch_size, 1, targs.img_size, targs.img_size, device=device) * 2 - 1
-    targets = torch.rand(args.batch_size, 136, device=device) - 0.5
+    targets = torch.rand(args.batch_size, 2 * targs.num_points, device=device) - 0.5
     amp = resolve_amp("auto", device)
     row = {"amp": amp}
     for precision in dict.fromkeys([amp, "off"]):  # the default first; fp32 again only if it differs
@@ -167,6 +167,9 @@ def training_figures(args: argparse.Namespace, targs: argparse.Namespace, loader
 
 def dlib_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
     """dlib's 68-point shape predictor on the same faces and boxes, one face at a time, images decoded first."""
+    if loader.dataset.faces[0].points.shape[0] != NUM_LANDMARKS:
+        print("  dlib: not measured: its model puts iBUG's 68 points, and these labels have another markup", flush=True)
+        return {"dlib_ms_per_face": None}
     if dlib_baseline.model_path() is None:
         print(f"  dlib: not measured: {dlib_baseline.INSTALL_HINT}", flush=True)
         return {"dlib_ms_per_face": None}
@@ -209,9 +212,9 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
     return ways
 
 
-def inference_figures(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
+def inference_figures(args: argparse.Namespace, img_size: int, num_points: int, device: torch.device) -> dict:
     """Batch-1 latency and batch-64 throughput of every way in inference_ways, under inference_mode."""
-    model = build_model(head=args.head).to(device).eval()
+    model = build_model(head=args.head, num_points=num_points).to(device).eval()
     one = torch.rand(1, 1, img_size, img_size, device=device) * 2 - 1
     batch = torch.rand(INFER_BATCH, 1, img_size, img_size, device=device) * 2 - 1
     row = {}
@@ -228,7 +231,8 @@ def inference_figures(args: argparse.Namespace, img_size: int, device: torch.dev
 def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
     """Every figure at one input size."""
     targs = training_args(args, img_size)
-    loader, _, _ = train.make_loaders(targs, rank=0, world=1)
+    loader, _, _, markup = train.make_loaders(targs, rank=0, world=1)
+    targs.num_points = markup.num_points  # the labels' point count sets the network's outputs
     needed = max(whole_bursts(args.warmup, w) + whole_bursts(args.batches, w) for w in args.workers)
     if len(loader) < needed:
         raise SystemExit(f"{args.xml}: {len(loader.dataset)} training faces make {len(loader)} batches of "
@@ -236,7 +240,7 @@ def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> di
     print(f"img {img_size} (crop cache {loader.dataset.cache.size} px), batch {args.batch_size}, "
           f"{len(loader.dataset)} training faces", flush=True)
     return {"img_size": img_size, **loader_figures(args, loader), **training_figures(args, targs, loader, device),
-            **inference_figures(args, img_size, device), **dlib_figures(args, loader)}
+            **inference_figures(args, img_size, markup.num_points, device), **dlib_figures(args, loader)}
 
 
 # ---------------------------------------------------------------- main

@@ -174,11 +174,14 @@ def markup_for(num_points: int, flip_pairs: list[tuple[int, int]] | None = None,
     is given (no flip; NME over the box diagonal). Raises ValueError naming a bad point number."""
     for i in nme_points or ():
         if not 0 <= i < num_points:
-            raise ValueError(f"point {i} is not among the {num_points} points 0..{num_points - 1}")
+            raise ValueError(f"--nme-points: point {i} is not among the {num_points} points 0..{num_points - 1}")
     if nme_points is not None and nme_points[0] == nme_points[1]:
-        raise ValueError("the two NME points must differ")
+        raise ValueError("--nme-points: the two points must differ")
     default = IBUG if num_points == NUM_LANDMARKS else Markup(num_points)
-    flip = default.flip if flip_pairs is None else flip_permutation(flip_pairs, num_points)
+    try:
+        flip = default.flip if flip_pairs is None else flip_permutation(flip_pairs, num_points)
+    except ValueError as e:
+        raise ValueError(f"--flip-pairs: {e}") from None
     return Markup(num_points, flip, default.nme_points if nme_points is None else tuple(nme_points), box_relation)
 
 
@@ -717,6 +720,35 @@ def number_in(kind: type, low: float | None = None, high: float | None = None, *
         return value
 
     return parse
+
+
+def flip_pairs_arg(text: str) -> list[list[int]]:
+    """An argparse `type=` for --flip-pairs: a JSON file holding [[i, j], ...], or the pairs written out as
+    "0,3 1,2". Whether the points exist is checked once the labels say how many there are."""
+    path = Path(text)
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            pairs = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise argparse.ArgumentTypeError(f"{path}: cannot read mirror pairs ({e})") from None
+        where = str(path)
+    else:
+        pairs = [[int(v) for v in pair.split(",")] if all(v.strip().isdigit() for v in pair.split(","))
+                 else pair for pair in text.split()]
+        where = repr(text)
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                            all(isinstance(v, int) and v >= 0 for v in p) for p in pairs)):
+        raise argparse.ArgumentTypeError(f"{where}: expected mirror pairs of point numbers, such as "
+                                         f"\"0,3 1,2\" or a JSON file holding [[0, 3], [1, 2]]")
+    return pairs
+
+
+def point_pair_arg(text: str) -> list[int]:
+    """An argparse `type=` for --nme-points: two point numbers, "I,J"."""
+    values = text.split(",")
+    if len(values) != 2 or not all(v.strip().isdigit() for v in values) or int(values[0]) == int(values[1]):
+        raise argparse.ArgumentTypeError(f"expected two different point numbers I,J, got {text!r}")
+    return [int(v) for v in values]
 
 
 def folder_problem(path: Path) -> str | None:

@@ -10,12 +10,12 @@ import torch
 from torch.utils.data import DataLoader
 
 import dlib_baseline
-from dataset import (TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, label_problem, load_faces, nme, number_in,
-                     out_file, out_folder, trained_split)
+from dataset import (NUM_LANDMARKS, TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, Markup, label_problem, load_faces,
+                     markup_for, nme, number_in, out_file, out_folder, trained_split)
 from model import Network, inference_autocast, load_for_inference, pick_device
-from transforms import CROP_MARGIN, Transforms, face_matrix, mean_shape, points_to_target, unflip
+from transforms import CROP_MARGIN, Transforms, box_diagonal, face_matrix, mean_shape, points_to_target, unflip
 
-THRESHOLDS = (8, 10)  # % of the outer-eye-corner distance
+THRESHOLDS = (8, 10)  # % of what normalises NME (iBUG: the outer-eye-corner distance)
 MEAN_SHAPE, DLIB = "mean-shape", "dlib"
 
 
@@ -71,14 +71,14 @@ def subset_of(face: Face, root: Path) -> str | None:
     return None
 
 
-def summarise(errors: np.ndarray, subsets: list[str | None]) -> dict[str, dict]:
-    """The table: one row per subset that has faces, Full last."""
+def summarise(errors: np.ndarray, subsets: list[str | None], normalisation: str) -> dict[str, dict]:
+    """The table: one row per subset that has faces, Full last; each row names what NME is normalised by."""
     table = {}
     for name in ("Common", "Challenging", "Full"):
         chosen = np.array([name == "Full" or s == name for s in subsets])
         if chosen.any():
             e = errors[chosen]
-            table[name] = {"faces": int(chosen.sum()), "nme": float(e.mean()),
+            table[name] = {"faces": int(chosen.sum()), "nme": float(e.mean()), "normalisation": normalisation,
                            **{f"fr{t}": failure_rate(e, t) for t in THRESHOLDS},
                            **{f"auc{t}": auc(e, t) for t in THRESHOLDS}}
     return table
@@ -95,8 +95,9 @@ def print_table(title: str, table: dict[str, dict]) -> None:
 # ---------------------------------------------------------------- predictions
 
 @torch.no_grad()
-def predict_targets(model: Network, loader: DataLoader, device: torch.device, flip_test: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted and true targets (N, 68, 2) in crop coordinates; NME there equals NME in the image, since
+def predict_targets(model: Network, loader: DataLoader, device: torch.device, markup: Markup,
+                    flip_test: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted and true targets (N, K, 2) in crop coordinates; NME there equals NME in the image, since
     the crop is a similarity transform."""
     from tqdm import tqdm
     preds, truths = [], []
@@ -105,17 +106,18 @@ def predict_targets(model: Network, loader: DataLoader, device: torch.device, fl
         with inference_autocast(device):
             pred = model(images).float()
             if flip_test:
-                pred = (pred + unflip(model(images.flip(-1)).float())) / 2
+                pred = (pred + unflip(model(images.flip(-1)).float(), markup.flip)) / 2
         preds.append(pred.cpu().numpy())
         truths.append(targets.numpy())
-    return np.concatenate(preds).reshape(-1, 68, 2), np.concatenate(truths).reshape(-1, 68, 2)
+    k = markup.num_points
+    return np.concatenate(preds).reshape(-1, k, 2), np.concatenate(truths).reshape(-1, k, 2)
 
 
-def scorable(faces: list[Face], xml: Path) -> list[Face]:
+def scorable(faces: list[Face], xml: Path, markup: Markup) -> list[Face]:
     """The faces whose labels can be scored; each one left out is named, so no average becomes inf or NaN."""
     kept = []
     for face in faces:
-        problem = label_problem(face)
+        problem = label_problem(face, markup)
         if problem:
             print(f"{problem}; left out of the averages", file=sys.stderr)
         else:
@@ -125,16 +127,26 @@ def scorable(faces: list[Face], xml: Path) -> list[Face]:
     return kept
 
 
-def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Path]:
+def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Path, Markup]:
     """The faces to score: the whole XML, or the validation split recorded in the weights (loaded as
-    training loaded them, so that the split is the same)."""
+    training loaded them, so that the split is the same); and their markup, the weights' (the XML must
+    have its point count), or without weights the one its point count implies."""
+    fixed = Markup.from_config(config) if config else None
+    markup = (lambda k: fixed) if fixed else markup_for
     if args.split == "val":
         xml = Path(args.data_dir) / (args.xml or config.get("xml", TRAIN_XML))
-        faces = load_faces(xml, args.skip_bad or config.get("skip_bad", False))
+        faces = load_faces(xml, args.skip_bad or config.get("skip_bad", False), markup=markup)
         _, val_idx = trained_split(len(faces), config)
-        return [faces[i] for i in val_idx], xml
+        return [faces[i] for i in val_idx], xml, fixed or markup_for(len(faces[0].points))
     xml = Path(args.data_dir) / (args.xml or TEST_XML)
-    return scorable(load_faces(xml, args.skip_bad, keep_degenerate=True), xml), xml
+    faces = load_faces(xml, args.skip_bad, keep_degenerate=True, markup=markup)
+    fixed = fixed or markup_for(len(faces[0].points))
+    return scorable(faces, xml, fixed), xml, fixed
+
+
+def score(pred: np.ndarray, truths: np.ndarray, faces: list[Face], markup: Markup) -> np.ndarray:
+    """Per-face NME of targets in crop coordinates (where the box diagonal is box_diagonal's)."""
+    return nme(pred, truths, markup, [box_diagonal(f.box) for f in faces])
 
 
 def write_faces_csv(path: Path, faces: list[Face], errors: np.ndarray) -> None:
@@ -176,20 +188,24 @@ def main(args: argparse.Namespace) -> dict:
 
     def record(name: str, title: str, errors: np.ndarray, root: Path) -> None:
         curves[name] = errors
-        results[name] = summarise(errors, [subset_of(f, root) for f in faces])
+        results[name] = summarise(errors, [subset_of(f, root) for f in faces], markup.normalisation)
         write_faces_csv(out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, errors)
-        print_table(title, results[name])
+        print_table(f"{title}; NME over the {markup.normalisation}", results[name])
 
     for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
         model, config = load_for_inference(weights, device, args.eager)
-        faces, xml = select_faces(args, config)
+        faces, xml, markup = select_faces(args, config)
+        if args.flip_test and markup.flip is None:
+            raise SystemExit(f"--flip-test: {weights} was trained on {markup.num_points} points without "
+                             f"--flip-pairs, so which point mirrors which is unknown")
         data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))
         loader = DataLoader(data, args.batch_size, num_workers=args.workers)
-        pred, truths = predict_targets(model, loader, device, args.flip_test)
+        pred, truths = predict_targets(model, loader, device, markup, args.flip_test)
         record(run_name(weights) + (" +flip" if args.flip_test else ""),
-               f"{weights}{' with flip test' if args.flip_test else ''} on {xml}", nme(pred, truths), xml.parent)
+               f"{weights}{' with flip test' if args.flip_test else ''} on {xml}", score(pred, truths, faces, markup),
+               xml.parent)
     if args.baseline and faces is None:
-        faces, xml = select_faces(args, config)
+        faces, xml, markup = select_faces(args, config)
     if MEAN_SHAPE in args.baseline:
         train_xml = Path(args.data_dir) / args.train_xml
         train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False))
@@ -197,11 +213,13 @@ def main(args: argparse.Namespace) -> dict:
         shape = mean_shape([train_faces[i] for i in train_idx])
         truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
         record(MEAN_SHAPE, f"mean training shape of {train_xml} placed in each box",
-               nme(np.broadcast_to(shape, truths.shape), truths), xml.parent)
+               score(np.broadcast_to(shape, truths.shape), truths, faces, markup), xml.parent)
     if DLIB in args.baseline:
+        if markup.num_points != NUM_LANDMARKS:
+            raise SystemExit(f"--baseline dlib: dlib's model puts iBUG's 68 points; {xml} has {markup.num_points}")
         pred = dlib_baseline.predict_faces(dlib_baseline.load_predictor(), faces)
         record(DLIB, f"dlib's 68-point shape predictor ({dlib_baseline.MODEL_FILE}) on the same boxes of {xml}",
-               nme(pred, np.stack([f.points for f in faces])), xml.parent)
+               nme(pred, np.stack([f.points for f in faces]), markup), xml.parent)
     plot_ced(curves, out / "ced.png")
     print(f"\nwrote {out / 'ced.png'} and per-face CSVs in {out}/")
     if args.json:

@@ -1,5 +1,6 @@
 """The trained network as ONNX (and, if asked, TorchScript), each checked against PyTorch on the same inputs."""
 import argparse
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import out_file
+from dataset import Markup, out_file
 from model import load_checkpoint, load_model, release_copy, save_atomic
 
 OPSET = 17
@@ -44,7 +45,7 @@ def write_release(args: argparse.Namespace) -> float:
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Input `image` (N, 1, S, S) in [-1, 1] -> output `landmarks` (N, 136), N free."""
+    """Input `image` (N, 1, S, S) in [-1, 1] -> output `landmarks` (N, 2K), N free."""
     with warnings.catch_warnings():
         # The TorchScript-based exporter is deprecated for torch.export's, which would add onnxscript
         # as a dependency; for a plain CNN both give the same graph, and this one runs with onnx alone.
@@ -52,6 +53,16 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> No
         torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
                           input_names=["image"], output_names=["landmarks"],
                           dynamic_axes={"image": {0: "batch"}, "landmarks": {0: "batch"}})
+
+
+def add_markup(path: Path, config: dict) -> None:
+    """The markup (point count, mirror twins, NME points) as the ONNX file's metadata "markup", in JSON, so
+    that a runtime without this project still knows what the 2K outputs are."""
+    import onnx
+    model = onnx.load(str(path))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "markup", json.dumps(Markup.from_config(config).to_config())
+    onnx.save(model, str(path))
 
 
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> torch.jit.ScriptModule:
@@ -92,8 +103,10 @@ def main(args: argparse.Namespace) -> float:
         expected = model(inputs).numpy()
 
     export_onnx(model, example, out)
+    add_markup(out, config)
     difference = float(np.abs(onnx_runner(out)(inputs) - expected).max())
-    print(f"wrote {out} (opset {OPSET}, input 'image' (batch, 1, {size}, {size}), output 'landmarks' (batch, 136))")
+    print(f"wrote {out} (opset {OPSET}, input 'image' (batch, 1, {size}, {size}), output 'landmarks' "
+          f"(batch, {expected.shape[1]}): {expected.shape[1] // 2} points, x and y; metadata 'markup')")
     print(f"largest |onnxruntime - pytorch| over {CHECK_BATCH} random inputs: {difference:.2e}")
 
     if args.torchscript:

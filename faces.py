@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import NUM_LANDMARKS, Box
+from dataset import Box
 from model import Network
 from transforms import Transforms
 
@@ -13,7 +13,7 @@ from transforms import Transforms
 @dataclass(frozen=True)
 class FacePrediction:
     box: Box
-    points: np.ndarray  # (68, 2) image pixels of the upright photo
+    points: np.ndarray  # (K, 2) image pixels of the upright photo
 
 
 def load_detector():
@@ -41,7 +41,7 @@ def predict_faces(model: Network, transform: Transforms, gray: Image.Image, boxe
     """All faces of one image as one batch."""
     if not boxes:
         return []
-    no_points = np.zeros((NUM_LANDMARKS, 2))
+    no_points = np.zeros((1, 2))  # the transform moves points too; here there are none to move
     batch = torch.stack([transform(gray, box, no_points)[0] for box in boxes])
     with torch.inference_mode():
         pred = model(batch.to(device)).float().cpu().numpy()

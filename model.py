@@ -1,4 +1,4 @@
-"""The network (torchvision's ResNet18, 1 input channel, a regression or PIPNet head, 136 normalised coordinates out), saving and loading its weights, and its fast CPU form for inference."""
+"""The network (torchvision's ResNet18, 1 input channel, a regression or PIPNet head, 2K normalised coordinates out for K landmarks), saving and loading its weights, and its fast CPU form for inference."""
 import copy
 import math
 import os
@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from dataset import NUM_LANDMARKS
+from dataset import NUM_LANDMARKS, Markup
 
 # The project's trained weights, committed once when the best recipe is final (README, predict.py): the
 # default of predict.py --image and --video.
@@ -40,6 +40,8 @@ class PIPHead(nn.Module):
 
     def __init__(self, in_channels: int, num_points: int, neighbours: int = PIP_NEIGHBOURS):
         super().__init__()
+        # A markup of few points (dlib's 5) has fewer neighbours to ask.
+        neighbours = min(neighbours, num_points - 1)
         self.num_points, self.neighbours = num_points, neighbours
         self.score = nn.Conv2d(in_channels, num_points, 1)
         self.offset = nn.Conv2d(in_channels, 2 * num_points, 1)
@@ -291,9 +293,11 @@ def release_copy(checkpoint: dict) -> dict:
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The trained network in eval mode, and the settings it was trained with (img_size, split seed...)."""
+    """The trained network in eval mode, and the settings it was trained with (img_size, split seed, the
+    markup: dataset.Markup.from_config reads it)."""
     checkpoint = load_checkpoint(path, device)
-    model = build_model(head=checkpoint.get("config", {}).get("head", "regression"))
+    config = checkpoint.get("config", {})
+    model = build_model(head=config.get("head", "regression"), num_points=Markup.from_config(config).num_points)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:

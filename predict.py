@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from dataset import Box, FaceLandmarksDataset, load_faces, number_in, out_file, out_folder, to_gray, trained_split
+from dataset import Box, FaceLandmarksDataset, Markup, load_faces, number_in, out_file, out_folder, to_gray, trained_split
 from faces import FacePrediction, detect_faces, load_detector, predict_faces
 from model import RELEASED_WEIGHTS, Network, load_for_inference, pick_device
 from transforms import Transforms
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="PNG to write (default: predictions.png)")
     photos = parser.add_argument_group("your own photos")
     photos.add_argument("--image", nargs="+", metavar="PATH",
-                        help="image files, or folders of them; each face found gets 68 points")
+                        help="image files, or folders of them; each face found gets the weights' points (68 for "
+                             "the released ones)")
     photos.add_argument("--out-dir", type=out_folder, default="predictions",
                         help="folder for one annotated PNG per image and predictions.json, or for the video's "
                              "<name>_landmarks.mp4 and <name>.json (default: predictions)")
@@ -116,14 +117,16 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
 
 def plot_validation(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> None:
     data_dir = Path(args.data_dir or config.get("data_dir", "data"))
-    faces = load_faces(data_dir / config.get("xml", "labels_ibug_300W_train.xml"), config.get("skip_bad", False))
+    markup = Markup.from_config(config)
+    faces = load_faces(data_dir / config.get("xml", "labels_ibug_300W_train.xml"), config.get("skip_bad", False),
+                       markup=lambda k: markup)
     _, val_idx = trained_split(len(faces), config)
     dataset = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False),
                                    val_idx[:args.n])
     images, targets = map(torch.stack, zip(*(dataset[i] for i in range(len(dataset)))))
     with torch.inference_mode():
         pred = model(images.to(device)).float().cpu().numpy()
-    plot_grid(images, targets.numpy().reshape(-1, 68, 2), pred.reshape(-1, 68, 2), Path(args.out))
+    plot_grid(images, targets.numpy().reshape(len(images), -1, 2), pred.reshape(len(images), -1, 2), Path(args.out))
 
 
 # ---------------------------------------------------------------- the user's own photos

@@ -1,4 +1,5 @@
 """The test suite: every script, on small data the tests make themselves (run: pytest test_all.py)."""
+import argparse
 import http.server
 import json
 import math
@@ -29,7 +30,9 @@ import train
 from dataset import NUM_LANDMARKS, Box, Face, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces, template_shape
 import model
 from model import build_model, load_model, optimize_for_inference
-from transforms import CROP_MARGIN, FLIP_PERMUTATION, Augment, Transforms, unflip
+from transforms import CROP_MARGIN, Augment, Transforms, unflip
+
+FLIP_PERMUTATION = list(dataset.IBUG.flip)
 
 HERE = Path(__file__).parent
 # Small and fast: a ResNet18 at 64 px trains an epoch of the demo set in about a second.
@@ -152,7 +155,7 @@ def test_transforms_keep_each_landmark_on_the_pixel_it_marks(aug):
 def test_flip_moves_each_point_to_its_mirror_twin():
     box = Box(60, 40, 180, 180)
     points = grid_points(box)
-    transform = Transforms(img_size=224)
+    transform = Transforms(img_size=224, flip_permutation=FLIP_PERMUTATION)
     _, plain = transform(marker_image(points), box, points, Augment())
     _, flipped = transform(marker_image(points), box, points, Augment(flip=True))
     plain, flipped = plain.reshape(-1, 2).numpy(), flipped.reshape(-1, 2).numpy()
@@ -177,7 +180,8 @@ def test_validation_transform_is_deterministic(demo):
 
 def test_cached_and_uncached_give_same_landmarks_for_same_parameters(demo):
     faces = load_faces(demo / dataset.TRAIN_XML)
-    transform = Transforms(img_size=96, rotation=20, scale=0.1, shift=0.05, flip=True)
+    transform = Transforms(img_size=96, rotation=20, scale=0.1, shift=0.05, flip=True,
+                           flip_permutation=FLIP_PERMUTATION)
     cache = FaceCache(faces, demo / dataset.TRAIN_XML, 120, CROP_MARGIN)
     direct, cached = FaceLandmarksDataset(faces, transform), FaceLandmarksDataset(faces, transform, cache=cache)
     random.seed(0)
@@ -199,8 +203,8 @@ def test_model_maps_a_grayscale_batch_to_136_values():
 def untrained_nme(demo: Path) -> float:
     torch.manual_seed(0)
     args = train.parse_args(["--data-dir", str(demo), *FAST])
-    _, val_loader, _ = train.make_loaders(args, 0, 1)
-    return train.validate(build_model(), val_loader, train.LOSSES["mse"], torch.device("cpu"), "off")[1]
+    _, val_loader, _, markup = train.make_loaders(args, 0, 1)
+    return train.validate(build_model(), val_loader, train.LOSSES["mse"], torch.device("cpu"), "off", markup)[1]
 
 
 def test_short_training_beats_the_untrained_model_and_writes_its_files(demo, trained):
@@ -341,10 +345,10 @@ def test_subsets_are_split_by_path():
              ["helen/testset/1.jpg", "lfpw/testset/2.png", "ibug/3.jpg", "afw/4.jpg", "helen/trainset/5.jpg"]}
     subsets = [evaluate.subset_of(f, root) for f in faces.values()]
     assert subsets == ["Common", "Common", "Challenging", None, None]
-    table = evaluate.summarise(np.array([1.0, 2, 3, 4, 5]), subsets)
+    table = evaluate.summarise(np.array([1.0, 2, 3, 4, 5]), subsets, "outer eye corners")
     assert list(table) == ["Common", "Challenging", "Full"]
     assert table["Common"]["faces"] == 2 and table["Common"]["nme"] == 1.5 and table["Full"]["faces"] == 5
-    assert list(evaluate.summarise(np.array([1.0]), [None])) == ["Full"]
+    assert list(evaluate.summarise(np.array([1.0]), [None], "box diagonal")) == ["Full"]
 
 
 def test_mirror_permutation_is_an_involution_that_swaps_the_eyes():
@@ -367,7 +371,8 @@ def test_evaluate_scores_weights_and_the_baseline_and_writes_its_files(demo, tra
     assert rows[0] == "file,left,top,width,height,nme" and len(rows) == model_table["Full"]["faces"] + 1
     saved = json.loads((tmp_path / "t.json").read_text())
     assert set(saved) == set(results) and "mean-shape" in saved and len(saved) == 2
-    assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "fr8", "fr10", "auc8", "auc10"}
+    assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "normalisation", "fr8", "fr10", "auc8", "auc10"}
+    assert saved["mean-shape"]["Full"]["normalisation"] == "outer eye corners"
 
 
 def test_dlib_baseline_without_its_model_says_how_to_install_it(demo, tmp_path, monkeypatch):
@@ -389,7 +394,173 @@ def test_dlib_baseline_scores_the_same_faces_in_the_same_table(demo, trained, tm
 
 def test_flip_test_on_a_symmetric_prediction_changes_nothing():
     target = torch.from_numpy((template_shape() * 0.5).reshape(1, -1))
-    torch.testing.assert_close(unflip(target), target)
+    torch.testing.assert_close(unflip(target, FLIP_PERMUTATION), target)
+
+
+# ---------------------------------------------------------------- other markups: K points from the data
+
+@pytest.mark.parametrize("k", [5, 98])
+def test_demo_markup_twins_are_true_mirror_images(k):
+    weights = dataset.demo_weights(k)
+    pairs, corners = dataset.demo_markup(k)
+    perm = np.array(dataset.flip_permutation(pairs, k))
+    shape = weights @ template_shape()  # the template is symmetric, so each point's twin is its mirror image
+    np.testing.assert_allclose(shape[perm] * [-1, 1], shape, atol=1e-6)
+    assert (perm[perm] == np.arange(k)).all() and perm[corners[0]] == corners[1]
+
+
+@pytest.mark.parametrize("k", [5, 98])
+def test_flip_with_given_pairs_maps_each_point_to_its_twin(k):
+    box = Box(60, 40, 180, 180)
+    points = grid_points(box)[:k] if k <= NUM_LANDMARKS else np.random.default_rng(k).uniform(70, 230, (k, 2))
+    pairs = [(i, k - 1 - i) for i in range(k // 2)]
+    perm = dataset.flip_permutation(pairs, k)
+    transform = Transforms(img_size=224, flip_permutation=perm)
+    image = Image.new("L", (300, 300))
+    _, plain = transform(image, box, points, Augment())
+    _, flipped = transform(image, box, points, Augment(flip=True))
+    plain, flipped = plain.reshape(-1, 2).numpy(), flipped.reshape(-1, 2).numpy()
+    assert flipped.shape == (k, 2)
+    np.testing.assert_allclose(flipped[:, 0], -plain[list(perm), 0], atol=1e-5)
+    np.testing.assert_allclose(flipped[:, 1], plain[list(perm), 1], atol=1e-5)
+    with pytest.raises(ValueError, match="mirror permutation"):
+        Transforms(flip=True)
+
+
+def test_flip_pairs_and_nme_points_flags_parse_or_say_what_is_wrong(tmp_path):
+    assert dataset.flip_pairs_arg("0,3 1,2") == [[0, 3], [1, 2]]
+    (tmp_path / "pairs.json").write_text("[[0, 3], [1, 2]]")
+    assert dataset.flip_pairs_arg(str(tmp_path / "pairs.json")) == [[0, 3], [1, 2]]
+    for bad in ["0,3 1", "a,b", "0,3,4"]:
+        with pytest.raises(argparse.ArgumentTypeError, match="mirror pairs"):
+            dataset.flip_pairs_arg(bad)
+    assert dataset.point_pair_arg("0,3") == [0, 3]
+    for bad in ["0", "0,0", "x,1"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            dataset.point_pair_arg(bad)
+    with pytest.raises(ValueError, match="--flip-pairs: point 7 is not among the 5 points"):
+        dataset.markup_for(5, [(0, 7)])
+    with pytest.raises(ValueError, match="--flip-pairs: point 1 is in two mirror pairs"):
+        dataset.markup_for(5, [(0, 1), (1, 2)])
+    with pytest.raises(ValueError, match="--nme-points: point 9"):
+        dataset.markup_for(5, None, (0, 9))
+    assert dataset.markup_for(68) == dataset.IBUG and dataset.markup_for(5).flip is None
+    assert dataset.markup_for(5).normalisation == "box diagonal"
+
+
+def test_nme_over_the_box_diagonal_when_the_markup_names_no_points():
+    truth = np.zeros((2, 5, 2))
+    markup = dataset.markup_for(5)
+    errors = nme(truth + [3.0, 4.0], truth, markup, diagonal=[10.0, 50.0])
+    np.testing.assert_allclose(errors, [50.0, 10.0])
+    with pytest.raises(ValueError, match="diagonal"):
+        nme(truth, truth, markup)
+    assert dataset.Markup.from_config({"markup": markup.to_config()}) == markup
+    assert dataset.Markup.from_config({}) == dataset.IBUG  # weights saved before markups existed
+
+
+def test_point_count_comes_from_the_first_box_and_other_part_sets_stop_naming_the_box(tmp_path):
+    Image.new("RGB", (200, 200)).save(tmp_path / "a.jpg")
+    five = np.array([[60, 70], [80, 70], [120, 70], [140, 70], [100, 110]], float)
+    write_xml(tmp_path / "five.xml", [("a.jpg", [box_xml(five, box=(50, 40, 100, 100))] * 2)])
+    faces = load_faces(tmp_path / "five.xml")
+    assert [f.points.shape for f in faces] == [(5, 2), (5, 2)]
+    write_xml(tmp_path / "mixed.xml", [("a.jpg", [box_xml(five, box=(50, 40, 100, 100)),
+                                                  box_xml(np.r_[five, [[100, 130]]], box=(50, 40, 100, 100))])])
+    with pytest.raises(SystemExit) as stop:
+        load_faces(tmp_path / "mixed.xml")
+    assert "box 1 has a part named '05', expected '00'..'04'" in str(stop.value.code)
+    big = np.random.default_rng(0).uniform(60, 140, (150, 2))
+    dataset.write_xml(tmp_path / "big.xml", [("a.jpg", [(Box(50, 40, 100, 100), big)])])
+    assert "name='149'" in (tmp_path / "big.xml").read_text()  # dlib's three digits beyond 100 points
+    np.testing.assert_allclose(load_faces(tmp_path / "big.xml")[0].points, big, atol=0.5)
+
+
+def test_flip_without_pairs_is_refused_for_another_markup(tmp_path):
+    dataset.make_demo(tmp_path, n_images=10, num_points=5)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(tmp_path), "--flip", "--epochs", "1",
+                                     "--out", str(tmp_path / "run"), *FAST]))
+    message = str(stop.value.code)
+    assert message.startswith("--flip:") and "--flip-pairs" in message and "\n" not in message
+
+
+@pytest.fixture(scope="session", params=[5, 98])
+def other_markup(request, tmp_path_factory) -> tuple[int, Path, Path]:
+    """A demo markup of K points trained for a few epochs with its mirror pairs: (K, data, run)."""
+    k = request.param
+    root = tmp_path_factory.mktemp(f"demo{k}")
+    dataset.make_demo(root, n_images=40, seed=2, num_points=k)
+    out = root / "run"
+    _, corners = dataset.demo_markup(k)
+    nme_flags = ["--nme-points", f"{corners[0]},{corners[1]}"] if k == 98 else []  # 5: the box diagonal
+    head = ["--head", "pip"] if k == 5 else []
+    train.main(train.parse_args(["--data-dir", str(root), "--epochs", "3", "--flip", "--rotation", "10",
+                                 "--flip-pairs", str(root / "flip_pairs.json"), *nme_flags, *head,
+                                 "--out", str(out), *FAST]))
+    return k, root, out
+
+
+def test_other_markup_trains_and_its_weights_carry_it(other_markup):
+    k, root, out = other_markup
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    markup = dataset.Markup.from_config(checkpoint["config"])
+    pairs, corners = dataset.demo_markup(k)
+    assert markup.num_points == k and markup.flip == dataset.flip_permutation(pairs, k)
+    assert markup.nme_points == (corners if k == 98 else None)
+    net, _ = load_model(out / "best.pt")
+    assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 2 * k)
+    assert np.isfinite(checkpoint["val_nme"])
+
+
+def test_other_markup_evaluates_with_its_normalisation_named(other_markup, tmp_path):
+    k, root, out = other_markup
+    results = evaluate.main(evaluate.parse_args([
+        "--weights", str(out / "best.pt"), "--data-dir", str(root), "--flip-test", "--baseline", "mean-shape",
+        "--workers", "0", "--out-dir", str(tmp_path)]))
+    table = results[next(iter(results))]["Full"]
+    assert table["normalisation"] == ("box diagonal" if k == 5 else f"distance of points {60} and {68}")
+    assert np.isfinite(table["nme"]) and table["nme"] < results["mean-shape"]["Full"]["nme"] * 3
+    dataset.make_demo(tmp_path / "d68", n_images=6)
+    with pytest.raises(SystemExit) as stop:  # 68-point labels are not these weights' points
+        evaluate.main(evaluate.parse_args(["--weights", str(out / "best.pt"), "--data-dir", str(tmp_path / "d68"),
+                                           "--workers", "0", "--out-dir", str(tmp_path)]))
+    assert f"have 68 parts, but the weights are for {k} points" in str(stop.value.code)
+
+
+def test_other_markup_predicts_k_points_on_a_photo_and_in_the_grid(other_markup, tmp_path):
+    k, root, out = other_markup
+    photo = astronaut_jpg(tmp_path)
+    saved = predict_images(out, tmp_path / "pred", "--image", str(photo), "--box", "170,90,110,110")
+    [face] = saved["images"][0]["faces"]
+    assert np.array(face["points"]).shape == (k, 2)
+    predict.main(predict.parse_args(["--weights", str(out / "best.pt"), "--n", "2", "--out", str(tmp_path / "g.png")]))
+    assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_other_markup_exports_to_onnx_with_2k_outputs_and_its_markup(other_markup, tmp_path):
+    import onnx
+    k, root, out = other_markup
+    path = tmp_path / "m.onnx"
+    difference = export.main(export.parse_args(["--weights", str(out / "best.pt"), "--out", str(path)]))
+    assert difference < 1e-3
+    meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(meta["markup"])["num_points"] == k
+    output = onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim
+    assert output[1].dim_value == 2 * k
+
+
+def test_68_point_weights_saved_before_markups_still_load_and_predict(tmp_path):
+    torch.manual_seed(0)
+    old = {"model": build_model().state_dict(), "config": {"img_size": 64, "head": "regression"}, "epoch": 1}
+    torch.save(old, tmp_path / "old.pt")  # what train.py wrote before the markup was saved
+    net, config = load_model(tmp_path / "old.pt")
+    assert dataset.Markup.from_config(config) == dataset.IBUG
+    photo = astronaut_jpg(tmp_path)
+    predict.main(predict.parse_args(["--weights", str(tmp_path / "old.pt"), "--image", str(photo),
+                                     "--box", "170,90,110,110", "--out-dir", str(tmp_path / "pred")]))
+    saved = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    assert np.array(saved["images"][0]["faces"][0]["points"]).shape == (NUM_LANDMARKS, 2)
 
 
 # ---------------------------------------------------------------- bad data and faults

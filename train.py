@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
-from dataset import (CACHE_EXTENT, SEED_MAX, TRAIN_XML, FaceCache, FaceLandmarksDataset, labels_fingerprint,
-                     load_faces, nme, number_in, out_folder, split_faces)
+from dataset import (CACHE_EXTENT, SEED_MAX, TRAIN_XML, FaceCache, FaceLandmarksDataset, Markup, fit_box_relation,
+                     flip_pairs_arg, labels_fingerprint, load_faces, markup_for, nme, number_in, out_folder,
+                     point_pair_arg, split_faces)
 from model import (AMP_CHOICES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, PIPHead, autocast, build_model, load_checkpoint,
                    pick_device, resolve_amp, save_atomic)
-from transforms import CROP_MARGIN, Transforms, mean_shape
+from transforms import CROP_MARGIN, Transforms, box_diagonal, mean_shape
 
 try:
     import fcntl
@@ -32,6 +34,7 @@ except ImportError:  # Windows: two runs on one --out are not guarded there
 # The write-up's recipe: what `python train.py` runs when no flag says otherwise.
 DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_batch_size=8, lr=1e-4, seed=0,
                 workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
+                flip_pairs=None, nme_points=None,
                 recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, loss="mse",
                 optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None,
                 amp="auto", head="regression")
@@ -47,11 +50,12 @@ RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "loss", "optimi
                "warmup_epochs", "pretrained", "recipe", "head"]
 # With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),
 # what the weights are (img_size, pretrained, head), the optimiser's state (optimizer) or what the validation
-# loss means (loss, recipe). Every other flag given now wins, including those whose values also live in the
+# loss and NME mean (loss, recipe, flip_pairs, nme_points). Every other flag given now wins, including those whose values also live in the
 # optimiser's and schedule's state (lr, weight_decay, epochs, sched, warmup_epochs, batch_size), which
 # load_training_state writes in after loading, --amp, which takes effect from the next step, and --select,
 # whose best score is read again from the log. A new flag goes here unless it can take effect so.
-RESUME_FIXED = ["seed", "val_fraction", "img_size", "pretrained", "head", "optimizer", "loss", "recipe"]
+RESUME_FIXED = ["seed", "val_fraction", "img_size", "pretrained", "head", "optimizer", "loss", "recipe",
+                "flip_pairs", "nme_points"]
 # What a checkpoint needs to resume from; best.pt holds only the weights, settings and scores.
 RESUME_KEYS = ["model", "optimizer", "scheduler", "epoch", "best", "history", "config"]
 LOCK_NAME = ".lock"
@@ -97,7 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random zoom of the crop, +-fraction (default: 0)")
     p.add_argument("--shift", type=number_in(float, 0, 0.5),
                    help="random shift of the crop, +-fraction of its side (default: 0)")
-    p.add_argument("--flip", action=argparse.BooleanOptionalAction, help="random horizontal flip (default: off)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                   help="random horizontal flip (default: off); needs --flip-pairs unless the labels are iBUG's 68")
+    p.add_argument("--flip-pairs", type=flip_pairs_arg, metavar="PAIRS",
+                   help="which point mirrors which: a JSON file [[i, j], ...] or \"0,3 1,2\" (default: iBUG's "
+                        "twins for 68 points, none otherwise)")
+    p.add_argument("--nme-points", type=point_pair_arg, metavar="I,J",
+                   help="the two points whose distance normalises NME (default: the outer eye corners 36,45 for "
+                        "68 points; otherwise NME is normalised by the box diagonal)")
     p.add_argument("--loss", choices=["mse", "l1", "smoothl1", "wing"], help="loss (default: mse)")
     p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimiser (default: adam)")
     p.add_argument("--weight-decay", type=number_in(float, 0), help="weight decay (default: 0)")
@@ -220,13 +231,29 @@ def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]
     return rank, world, device
 
 
-def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataLoader, DataLoader, DistributedSampler]:
+def markup_from_flags(args: argparse.Namespace, num_points: int) -> Markup:
+    """The markup of the labels' K points with --flip-pairs and --nme-points, or one line saying what is wrong."""
+    try:
+        return markup_for(num_points, args.flip_pairs and [tuple(p) for p in args.flip_pairs], args.nme_points)
+    except ValueError as e:
+        raise SystemExit(f"{Path(args.data_dir) / args.xml}: its boxes have {num_points} parts; {e}") from None
+
+
+def make_loaders(args: argparse.Namespace, rank: int,
+                 world: int) -> tuple[DataLoader, DataLoader, DistributedSampler, Markup]:
+    """The loaders, and the labels' markup: its point count read from them, the rest from the flags, and
+    where dlib's box lies around its points fitted on the training faces (for video tracking)."""
     xml = Path(args.data_dir) / args.xml
-    faces = load_faces(xml, args.skip_bad)
+    faces = load_faces(xml, args.skip_bad, markup=lambda k: markup_from_flags(args, k))
+    markup = markup_from_flags(args, len(faces[0].points))
+    if args.flip and markup.flip is None:
+        raise SystemExit(f"--flip: {xml} has {markup.num_points} points, and which is the mirror twin of which "
+                         f"is known only for iBUG's 68; give --flip-pairs (\"0,3 1,2\" or a JSON file), or --no-flip")
     train_idx, val_idx = split_faces(len(faces), args.val_fraction, args.seed)
     if not train_idx or not val_idx:
         raise SystemExit(f"{xml}: --val-fraction {args.val_fraction:g} of {len(faces)} faces leaves {len(train_idx)} "
                          f"for training and {len(val_idx)} for validation; each needs at least one face")
+    markup = replace(markup, box_relation=fit_box_relation([faces[i] for i in train_idx])[0])
     cache = None
     if args.cache:
         if rank == 0:  # one process builds the cache; the others wait, then read it
@@ -234,7 +261,8 @@ def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataL
         if world > 1:
             dist.barrier()
         cache = cache or FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN)
-    train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip)
+    train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip,
+                          flip_permutation=markup.flip)
     train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
     val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
     sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
@@ -244,7 +272,7 @@ def make_loaders(args: argparse.Namespace, rank: int, world: int) -> tuple[DataL
     train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
                               drop_last=len(train_set) > args.batch_size, generator=generator, **common)
     val_loader = DataLoader(val_set, args.val_batch_size, **common)
-    return train_loader, val_loader, sampler
+    return train_loader, val_loader, sampler, markup
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp: str, desc: str,
@@ -272,19 +300,23 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device, amp: str) -> tuple[float, float]:
+def validate(model, loader, loss_fn, device, amp: str, markup: Markup) -> tuple[float, float]:
     """Mean loss and mean NME (%) on the validation set; NME in crop coordinates equals NME in the image
     because the validation crop is a similarity transform."""
     model.eval()
-    losses, errors = [], []
+    losses, preds, truths = [], [], []
     for images, targets in loader:
         images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             pred = model(images).float()
         losses.append(loss_fn(pred, targets).item() * len(images))
-        errors.append(nme(pred.cpu().numpy().reshape(-1, 68, 2), targets.cpu().numpy().reshape(-1, 68, 2)))
-    errors = np.concatenate(errors)
+        preds.append(pred.cpu().numpy())
+        truths.append(targets.cpu().numpy())
+    dataset = loader.dataset  # not shuffled: the faces in order, for their boxes' diagonals
+    diagonals = [box_diagonal(dataset.faces[i].box) for i in dataset.indices]
+    k = markup.num_points
+    errors = nme(np.concatenate(preds).reshape(-1, k, 2), np.concatenate(truths).reshape(-1, k, 2), markup, diagonals)
     return sum(losses) / len(errors), float(errors.mean())
 
 
@@ -427,9 +459,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     out = Path(args.out)
     if show:
         out.mkdir(parents=True, exist_ok=True)
-    train_loader, val_loader, sampler = make_loaders(args, rank, world)
+    train_loader, val_loader, sampler, markup = make_loaders(args, rank, world)
     labels = labels_fingerprint(train_loader.dataset.faces, (Path(args.data_dir) / args.xml).parent)
-    model = build_model(args.pretrained, args.head)
+    model = build_model(args.pretrained, args.head, markup.num_points)
     if args.head == "pip":  # each landmark's neighbours, from the training faces' mean shape
         train_set = train_loader.dataset
         model.head.set_neighbours(torch.from_numpy(mean_shape([train_set.faces[i] for i in train_set.indices])))
@@ -451,9 +483,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         if show:
             print(f"resumed from {args.resume} after epoch {start}")
     trained = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    config = vars(args) | {"margin": CROP_MARGIN, "precision": amp}
+    config = vars(args) | {"margin": CROP_MARGIN, "precision": amp, "markup": markup.to_config()}
     if show:
-        print(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation faces; "
+        print(f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation faces of "
+              f"{markup.num_points} points (NME over the {markup.normalisation}); "
               f"device {device}; {args.head} head; precision {'bf16 autocast' if amp == 'bf16' else 'fp32'} "
               f"(--amp {args.amp}); keeping the best validation {args.select}")
 
@@ -472,7 +505,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             train_loss, img_s = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, scaler, device,
                                                 amp, f"epoch {epoch + 1}/{args.epochs}", show)
             stop_if_diverged(train_loss, "training", epoch + 1, saved, args)
-            val_loss, val_nme = validate(model, val_loader, val_loss_fn, device, amp)
+            val_loss, val_nme = validate(model, val_loader, val_loss_fn, device, amp, markup)
             stop_if_diverged(val_loss, "validation", epoch + 1, saved, args)
             row = dict(epoch=epoch + 1, train_loss=round(train_loss, 6), val_loss=round(val_loss, 6),
                        val_nme=round(val_nme, 3), lr=optimizer.param_groups[0]["lr"],

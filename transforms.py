@@ -12,13 +12,6 @@ from dataset import Box
 # dlib's boxes are tight: jaw and brow points often lie outside. A square of 1.4 box sides keeps
 # about nine faces in ten wholly inside the crop (measured on the 300-W subset).
 CROP_MARGIN = 1.4
-# Mirror image of each of the 68 iBUG points: jaw, brows, nose, eyes, outer lips, inner lips.
-FLIP_PAIRS = ([(i, 16 - i) for i in range(8)] + [(17 + i, 26 - i) for i in range(5)] + [(31, 35), (32, 34)]
-              + [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]
-              + [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67)])
-FLIP_PERMUTATION = list(range(68))
-for a, b in FLIP_PAIRS:
-    FLIP_PERMUTATION[a], FLIP_PERMUTATION[b] = b, a
 
 
 @dataclass(frozen=True)
@@ -47,10 +40,17 @@ def face_matrix(box: Box, img_size: int, margin: float, aug: Augment = Augment()
     return translate(img_size / 2, img_size / 2) @ mirror @ rotate_scale @ translate(-center[0], -center[1])
 
 
-def unflip(target: torch.Tensor) -> torch.Tensor:
-    """Predictions (N, 136) made on horizontally mirrored crops -> predictions for the crops themselves."""
-    points = target.reshape(len(target), -1, 2)[:, FLIP_PERMUTATION]
+def unflip(target: torch.Tensor, flip: tuple[int, ...]) -> torch.Tensor:
+    """Predictions (N, 2K) made on horizontally mirrored crops -> predictions for the crops themselves;
+    `flip` is the markup's mirror permutation (dataset.Markup.flip)."""
+    points = target.reshape(len(target), -1, 2)[:, list(flip)]
     return (points * points.new_tensor([-1.0, 1.0])).reshape(len(target), -1)
+
+
+def box_diagonal(box: Box, margin: float = CROP_MARGIN) -> float:
+    """The box's diagonal in the network's target units (the unaugmented crop is 1 wide): what NME divides
+    by for a markup without NME points."""
+    return math.hypot(box.width, box.height) / (box.side * margin)
 
 
 def points_to_target(points: np.ndarray, matrix: np.ndarray, img_size: int) -> np.ndarray:
@@ -69,12 +69,17 @@ class Transforms:
     """Crop to the face box with a margin, rotate (and, if asked, zoom, shift, flip), resize to
     img_size, jitter brightness and contrast, grayscale, to tensor, normalise to [-1, 1].
 
-    With train=False every random step is the identity, for validation and prediction.
+    With train=False every random step is the identity, for validation and prediction. Flipping needs
+    the markup's mirror permutation, `flip_permutation`: mirrored, each point becomes its twin.
     """
 
     def __init__(self, img_size: int = 224, train: bool = True, rotation: float = 10.0, scale: float = 0.0,
-                 shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN):
+                 shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN,
+                 flip_permutation: tuple[int, ...] | None = None):
+        if flip and flip_permutation is None:
+            raise ValueError("flipping needs the markup's mirror permutation")
         self.img_size, self.train, self.margin = img_size, train, margin
+        self.flip_permutation = None if flip_permutation is None else list(flip_permutation)
         self.rotation, self.scale, self.shift, self.flip, self.jitter = rotation, scale, shift, flip, jitter
 
     def draw(self) -> Augment:
@@ -106,11 +111,11 @@ class Transforms:
             pixels = ((pixels - pixels.mean()) * aug.contrast + pixels.mean()).clamp(0, 255)
         target = points_to_target(points, matrix, self.img_size)
         if aug.flip:
-            target = target[FLIP_PERMUTATION]
+            target = target[self.flip_permutation]
         return (pixels / 127.5 - 1).unsqueeze(0), torch.from_numpy(target.astype(np.float32)).reshape(-1)
 
     def to_image(self, target: np.ndarray, box: Box) -> np.ndarray:
-        """A prediction for a face cropped without augmentation -> (68, 2) image pixels."""
+        """A prediction for a face cropped without augmentation -> (K, 2) image pixels."""
         return target_to_points(target, self.matrix(box), self.img_size)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import Box, box_from_points
+from dataset import DLIB_BOX, Box, BoxRelation, Markup, box_from_points
 from faces import detect_faces, predict_faces
 from model import Network
 from transforms import Transforms
@@ -157,12 +157,15 @@ class TrackedFace:
 class FaceTracker:
     """Faces across the frames of one video, each with a stable id: the detector on the first frame, every
     `detect_every` frames and when a face is lost; between them each face's box comes from its previous
-    points (dataset.box_from_points). `smoothing` holds OneEuroFilter's arguments, or None for raw points.
-    reset() starts a new video; update(gray, t) takes one frame and its time in seconds."""
+    points (dataset.box_from_points, by the markup's `box_relation`). `smoothing` holds OneEuroFilter's
+    arguments, or None for raw points. reset() starts a new video; update(gray, t) takes one frame and its
+    time in seconds."""
 
     def __init__(self, locate: Locate, detect: Callable[[Image.Image], list[Box]],
-                 detect_every: int = DETECT_EVERY, smoothing: dict | None = None, lost_drift: float = LOST_DRIFT):
+                 detect_every: int = DETECT_EVERY, smoothing: dict | None = None, lost_drift: float = LOST_DRIFT,
+                 box_relation: BoxRelation = DLIB_BOX):
         self.locate, self.detect, self.detect_every = locate, detect, detect_every
+        self.box_relation = box_relation
         self.smoothing, self.lost_drift = smoothing, lost_drift
         self.reset()
 
@@ -182,7 +185,7 @@ class FaceTracker:
 
     def look(self, gray: Image.Image, detect: bool) -> list["Sighting"]:
         """Each tracked face, then each new one the detector found, on this frame; changes no track."""
-        tracked = [box_from_points(track.points) for track in self.tracks]
+        tracked = [box_from_points(track.points, self.box_relation) for track in self.tracks]
         detections = self.detect(gray) if detect else []
         self.detector_runs += detect
         matched = match_boxes(tracked, detections)
@@ -196,7 +199,7 @@ class FaceTracker:
             # The detector's word beats the drift; a face that went on its own is lost if the network no
             # longer follows it, or if where its points now are is mostly outside the frame.
             lost = not detected and (drift[i] > self.lost_drift
-                                     or visible_share(box_from_points(points[i]), *gray.size) < MIN_VISIBLE)
+                                     or visible_share(box_from_points(points[i], self.box_relation), *gray.size) < MIN_VISIBLE)
             sightings.append(Sighting(track, box, points[i], float(drift[i]), detected, lost))
         return sightings
 
@@ -217,7 +220,7 @@ class FaceTracker:
         for s in kept:
             points = s.points
             if s.track.smoother is not None:
-                points = s.track.smoother.update(points, t, scale=box_from_points(points).side)
+                points = s.track.smoother.update(points, t, scale=box_from_points(points, self.box_relation).side)
             faces.append(TrackedFace(s.track.id, s.box, points, s.detected, s.drift))
         return faces
 
@@ -379,4 +382,5 @@ def video_tracker(model: Network, config: dict, device: torch.device, detector, 
     """The tracker predict.py runs: dlib's detector and the trained network."""
     transform = Transforms(config.get("img_size", 224), train=False)
     return FaceTracker(network_locator(model, transform, device),
-                       lambda gray: detect_faces(detector, gray, upsample), detect_every, smoothing)
+                       lambda gray: detect_faces(detector, gray, upsample), detect_every, smoothing,
+                       box_relation=Markup.from_config(config).box_relation)
