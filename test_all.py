@@ -1750,3 +1750,229 @@ def test_video_flags_refuse_bad_values_before_any_work(flags, problem, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["--video", "clip.mp4", *flags])
     assert problem in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- importers: .pts, WFLW, picked points
+
+import importers  # noqa: E402  (here, not at the top: this section is the importers' alone)
+
+
+def markup_points(num_points: int, size: float, center) -> tuple[np.ndarray, Box]:
+    """A demo markup's K points of a face `size` wide at `center`, and the box dlib's relation gives its 68."""
+    ibug = template_shape().astype(np.float64) * size + np.asarray(center, np.float64)
+    return dataset.demo_weights(num_points) @ ibug, dataset.box_from_points(ibug)
+
+
+def write_pts(path: Path, points: np.ndarray, header: bool = True) -> Path:
+    """300-W's layout (1-based, as Matlab counts) or bare "x y" lines."""
+    lines = [f"{x + 1:.3f} {y + 1:.3f}" for x, y in points]
+    if header:
+        lines = ["version: 1", f"n_points:  {len(points)}", "{", *lines, "}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(lines) + "\n")
+    return path
+
+
+def gray_image(path: Path, size=(200, 200)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", size, 120).save(path)
+    return path
+
+
+def convert(*flags: str) -> None:
+    """dataset.py's command line, in-process: it dispatches to importers."""
+    dataset.main(dataset.parse_args(list(flags)))
+
+
+def test_read_pts_takes_the_300w_header_or_bare_lines_and_counts_pixels_from_zero(tmp_path):
+    points = np.array([[446.0, 91.0], [447.5, 120.25], [10.0, 20.0]])
+    with_header = importers.read_pts(write_pts(tmp_path / "a.pts", points))
+    bare = importers.read_pts(write_pts(tmp_path / "b.pts", points, header=False))
+    np.testing.assert_allclose(with_header, points)
+    np.testing.assert_allclose(bare, points)
+    (tmp_path / "c.pts").write_text("version: 1\nn_points: 2\n{\n1 1\n2 3\n}\n")
+    np.testing.assert_allclose(importers.read_pts(tmp_path / "c.pts"), [[0, 0], [1, 2]])
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("version: 1\nn_points: 3\n{\n1 1\n2 2\n}\n", "2 points, but its header says n_points: 3"),
+    ("version: 1\nn_points: 2\n{\n1 1\n2 x\n}\n", "line 5"),
+    ("1 1\n2 2 2\n", "line 2"),
+    ("version: 1\nn_points: 1\n{\n1 1\n}\n", "a markup needs at least 2")])
+def test_a_bad_pts_file_stops_with_one_line_naming_it(text, problem, tmp_path):
+    (tmp_path / "bad.pts").write_text(text)
+    with pytest.raises(SystemExit) as stop:
+        importers.read_pts(tmp_path / "bad.pts")
+    message = str(stop.value.code)
+    assert str(tmp_path / "bad.pts") in message and problem in message and "\n" not in message
+
+
+@pytest.mark.parametrize("num_points", [5, 98])
+def test_from_pts_boxes_faces_by_detection_or_by_the_relation_fitted_on_the_detected(num_points, tmp_path,
+                                                                                      monkeypatch, capsys):
+    images = tmp_path / "images"
+    faces = {("a.jpg", 1): markup_points(num_points, 80, (90, 100)),
+             ("b.png", 1): markup_points(num_points, 60, (60, 70)),
+             ("b.png", 2): markup_points(num_points, 50, (150, 140)),
+             ("c.JPG", 1): markup_points(num_points, 70, (100, 90))}
+    gray_image(images / "a.jpg")
+    write_pts(images / "a.pts", faces["a.jpg", 1][0])
+    gray_image(images / "b.png")  # 300-W's name for two faces of one image: b_1.pts, b_2.pts
+    write_pts(images / "b_1.pts", faces["b.png", 1][0], header=False)
+    write_pts(images / "b_2.pts", faces["b.png", 2][0])
+    gray_image(images / "sub" / "c.JPG")
+    write_pts(images / "sub" / "c.pts", faces["c.JPG", 1][0], header=False)
+    # The detector finds a's face (and something else), b's first face, nothing in c.
+    detections = {"a.jpg": [Box(150, 150, 40, 40), faces["a.jpg", 1][1]], "b.png": [faces["b.png", 1][1]]}
+    monkeypatch.setattr(importers, "face_finder", lambda: lambda image: detections.get(image.name, []))
+    out = tmp_path / "xml" / "faces.xml"
+    convert("--from-pts", str(images), "--out", str(out))
+    assert "2 from dlib's detector, 2 from the points" in capsys.readouterr().out
+    assert 'file="../images/a.jpg"' in out.read_text() and 'file="../images/sub/c.JPG"' in out.read_text()
+    loaded = load_faces(out)
+    assert len(loaded) == 4 and {len(f.points) for f in loaded} == {num_points}
+    for face in loaded:
+        key = (face.image.name, face.index + 1)
+        points, box = faces[key]
+        assert face.image.resolve() == (images / ("sub/c.JPG" if key[0] == "c.JPG" else key[0])).resolve()
+        np.testing.assert_allclose(face.points, points, atol=0.5 + 1e-4)  # dlib's XML holds whole pixels
+        np.testing.assert_allclose(face.box, box, atol=1)  # the relation's fit is exact for these faces
+
+
+def test_from_pts_with_files_of_different_point_counts_stops_with_one_line_naming_the_first(tmp_path, monkeypatch):
+    gray_image(tmp_path / "five" / "a.jpg")
+    write_pts(tmp_path / "five" / "a.pts", markup_points(5, 80, (90, 100))[0])
+    gray_image(tmp_path / "more" / "b.jpg")
+    write_pts(tmp_path / "more" / "b.pts", markup_points(98, 80, (90, 100))[0])
+    monkeypatch.setattr(importers, "face_finder", lambda: lambda image: [])
+    with pytest.raises(SystemExit) as stop:
+        importers.from_pts([tmp_path / "five", tmp_path / "more"], tmp_path / "out.xml")
+    message = str(stop.value.code)
+    assert str(tmp_path / "more" / "b.pts") in message and "98 points" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("num_points", [68, 5])
+def test_from_pts_without_any_detection_uses_dlib_box_for_68_points_and_stops_otherwise(num_points, tmp_path,
+                                                                                        monkeypatch):
+    points, box = markup_points(num_points, 80, (90, 100))
+    gray_image(tmp_path / "a.jpg")
+    write_pts(tmp_path / "a.pts", points)
+    monkeypatch.setattr(importers, "face_finder", lambda: lambda image: [])
+    if num_points != 68:
+        with pytest.raises(SystemExit) as stop:
+            importers.from_pts([tmp_path], tmp_path / "out.xml")
+        assert "found none of the 1 faces" in str(stop.value.code) and "\n" not in str(stop.value.code)
+        return
+    importers.from_pts([tmp_path], tmp_path / "out.xml")
+    np.testing.assert_allclose(load_faces(tmp_path / "out.xml")[0].box, box, atol=1)
+
+
+def test_from_pts_takes_dlibs_boxes_on_a_real_photo_and_derives_the_rest_from_them(tmp_path, capsys):
+    pytest.importorskip("dlib")
+    head = dataset.to_gray(Image.open(astronaut_jpg(tmp_path))).crop((100, 0, 356, 256))
+    # Five points on the astronaut's face (dlib's box in this crop: about 76..165 in x and y): eye corners, nose.
+    five = np.array([[96, 110], [112, 110], [130, 110], [146, 110], [121, 132]], np.float64)
+    offsets = {"near.png": (0, 0), "far.png": (24, 48)}
+    for name, offset in offsets.items():
+        canvas = Image.new("L", (300, 300), 128)
+        canvas.paste(head, offset)
+        canvas.save(tmp_path / name)
+        write_pts(tmp_path / name.replace(".png", ".pts"), five + offset)
+    small = 0.5 * five + 10  # a face too small for dlib, in a blank image
+    gray_image(tmp_path / "blank.png", (120, 120))
+    write_pts(tmp_path / "blank.pts", small)
+    out = tmp_path / "xml" / "photo.xml"
+    importers.from_pts([tmp_path], out)
+    assert "2 from dlib's detector, 1 from the points" in capsys.readouterr().out
+    faces = {f.image.name: f for f in load_faces(out)}
+    for name, offset in offsets.items():
+        assert 60 < faces[name].box.width < 120 and importers.share_inside(faces[name].box, five + offset) == 1
+    # Every face here has the same spread, so the fitted relation puts the detected boxes' average, relative
+    # to the points' mean, around the blank image's points, at their half size.
+    relative = np.mean([np.r_[faces[n].box.center - faces[n].points.mean(0), faces[n].box.side] for n in offsets], 0)
+    box = faces["blank.png"].box
+    np.testing.assert_allclose([*box.center, box.side], [*(small.mean(0) + 0.5 * relative[:2]), 0.5 * relative[2]],
+                               atol=1.5)
+
+
+def wflw_line(points: np.ndarray, box: tuple, flags: str, name: str) -> str:
+    return " ".join([*(f"{v:.3f}" for v in points.ravel()), *(f"{v:.3f}" for v in box), flags, name])
+
+
+def wflw_folder(tmp_path: Path) -> tuple[Path, Path, list]:
+    """WFLW's layout in miniature: two faces in one image, one in another."""
+    images = tmp_path / "WFLW_images"
+    gray_image(images / "51--Dresses" / "51_Dresses_wearingdress_51_377.jpg", (320, 200))
+    gray_image(images / "2--Demonstration" / "2_Demonstration_1.jpg")
+    faces = []
+    for name, center in [("51--Dresses/51_Dresses_wearingdress_51_377.jpg", (80, 100)),
+                         ("2--Demonstration/2_Demonstration_1.jpg", (100, 100)),
+                         ("51--Dresses/51_Dresses_wearingdress_51_377.jpg", (230, 95))]:
+        points = markup_points(98, 90, center)[0]
+        box = (*(points.min(0) - 5).round(), *(points.max(0) + 5).round())
+        faces.append((name, points, box))
+    annotations = tmp_path / "list_98pt_rect_attr_test.txt"
+    annotations.write_text("\n".join(wflw_line(p, b, "0 1 0 0 1 0", n) for n, p, b in faces) + "\n")
+    return annotations, images, faces
+
+
+def test_from_wflw_keeps_its_boxes_and_puts_faces_of_one_image_together(tmp_path):
+    annotations, images, faces = wflw_folder(tmp_path)
+    out = tmp_path / "xml" / "wflw.xml"
+    convert("--from-wflw", str(annotations), "--images", str(images), "--out", str(out))
+    assert out.read_text().count("<image ") == 2 and 'file="../WFLW_images/51--Dresses/' in out.read_text()
+    loaded = load_faces(out)
+    assert len(loaded) == 3 and len(loaded[0].points) == 98
+    by_place = {(f.image.resolve(), f.index): f for f in loaded}
+    for (name, points, (x0, y0, x1, y1)), index in zip(faces, [0, 0, 1]):
+        face = by_place[(images / name).resolve(), index]
+        assert face.box == Box(x0, y0, x1 - x0, y1 - y0)
+        np.testing.assert_allclose(face.points, points, atol=0.5 + 1e-4)
+    record = importers.read_wflw(annotations)[0]
+    assert record.flags == {"pose": False, "expression": True, "illumination": False, "make-up": False,
+                            "occlusion": True, "blur": False}
+
+
+@pytest.mark.parametrize("case, problem", [("too few fields", "fields, expected 207"), ("not a number", "numbers"),
+                                           ("flag of 2", "must be 0 or 1"), ("empty box", "is empty"),
+                                           ("missing image", "image not found (line 2")])
+def test_a_bad_wflw_line_or_a_missing_image_stops_with_one_line_naming_it(case, problem, tmp_path):
+    annotations, images, faces = wflw_folder(tmp_path)
+    name, points, box = faces[1]
+    line = {"too few fields": wflw_line(points[:-1], box, "0 0 0 0 0 0", name),
+            "not a number": wflw_line(points, box, "0 0 0 0 0 0", name).replace(" ", " x", 1),
+            "flag of 2": wflw_line(points, box, "0 0 2 0 0 0", name),
+            "empty box": wflw_line(points, (box[0], box[1], box[0], box[3]), "0 0 0 0 0 0", name),
+            "missing image": wflw_line(points, box, "0 0 0 0 0 0", "2--Demonstration/nowhere.jpg")}[case]
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join([lines[0], line, lines[2]]) + "\n")
+    with pytest.raises(SystemExit) as stop:
+        importers.from_wflw(annotations, images, tmp_path / "out.xml")
+    message = str(stop.value.code)
+    named = str(images / "2--Demonstration" / "nowhere.jpg") if case == "missing image" else f"{annotations}: line 2"
+    assert named in message and problem in message and "\n" not in message
+
+
+def test_pick_points_keeps_the_chosen_points_in_their_order_numbered_from_zero(tmp_path, capsys):
+    dataset.make_demo(tmp_path / "demo", n_images=10)
+    out = tmp_path / "five" / "five.xml"
+    convert("--data-dir", str(tmp_path / "demo"), "--xml", dataset.TEST_XML, "--pick-points", "36,39,42,45,33",
+            "--out", str(out))
+    assert "mirror pairs (iBUG's twins): [[0, 3], [1, 2]]" in capsys.readouterr().out
+    full, five = load_faces(tmp_path / "demo" / dataset.TEST_XML), load_faces(out)
+    assert 'file="../demo/' in out.read_text() and len(five) == len(full)
+    for a, b in zip(full, five):
+        assert a.image.resolve() == b.image.resolve() and a.box == b.box
+        np.testing.assert_array_equal(b.points, a.points[[36, 39, 42, 45, 33]])
+
+
+@pytest.mark.parametrize("text, problem", [("36,x", "expected point numbers separated by commas"),
+                                           ("36,-1", "expected point numbers"), ("36,36", "point 36 is picked twice"),
+                                           ("36", "at least 2 points"), ("36,68", "point 68 is not among the 68")])
+def test_pick_points_refuses_bad_text_or_a_point_beyond_the_markup_with_one_line(text, problem, tmp_path):
+    xml = write_xml(tmp_path / "labels.xml", [("a.jpg", [good_face_xml()])])
+    Image.new("L", (200, 200)).save(tmp_path / "a.jpg")
+    with pytest.raises(SystemExit) as stop:
+        importers.pick_points(xml, text, tmp_path / "out.xml")
+    message = str(stop.value.code)
+    assert message.startswith("--pick-points") and problem in message and "\n" not in message
