@@ -289,7 +289,11 @@ def release_copy(checkpoint: dict) -> dict:
     """What weights/ ships: the network's floating tensors in fp16 (half the size; loading turns them back
     into fp32), the settings it was trained with and its validation figures; no optimiser state."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-    return {"model": state, **{k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme") if k in checkpoint}}
+    kept = {k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme") if k in checkpoint}
+    # Weights trained before markups were saved are iBUG's 68 points: the release says so in its own config.
+    config = checkpoint.get("config", {})
+    kept["config"] = config | {"markup": Markup.from_config(config).to_config()}
+    return {"model": state, **kept}
 
 
 def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
