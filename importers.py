@@ -28,16 +28,21 @@ WFLW_FIELDS = 2 * WFLW_POINTS + 4 + len(WFLW_FLAGS) + 1  # points, box, flags, i
 
 # ---------------------------------------------------------------- 300-W's .pts files
 
+def read_lines(path: Path, what: str) -> list[str]:
+    """A text file's lines (a byte-order mark dropped), or one line naming the file and what went wrong."""
+    try:
+        return path.read_text(encoding="utf-8-sig").splitlines()
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: {what} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+
+
 def read_pts(path: Path) -> np.ndarray:
     """A .pts file -> (K, 2) float points in dlib's 0-based pixels. Takes the 300-W layout (version and
     n_points header, points between braces) and bare lines of "x y"; stops with one line naming the file."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: .pts file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read the .pts file ({getattr(e, 'strerror', None) or e})") from None
+    lines = read_lines(path, ".pts file")
     points, expected, closed = [], None, False
     for number, line in enumerate(lines, 1):
         text = line.strip()
@@ -242,13 +247,7 @@ class WflwFace(NamedTuple):
 def read_wflw(path: Path) -> list[WflwFace]:
     """WFLW's list_98pt_rect_attr_*.txt -> one record per line; one line naming the file and line if bad."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SystemExit(f"{path}: WFLW annotation file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read the WFLW annotation file ({getattr(e, 'strerror', None) or e})") \
-            from None
+    lines = read_lines(path, "WFLW annotation file")
     faces = [parse_wflw_line(line, f"{path}: line {number}", number)
              for number, line in enumerate(lines, 1) if line.strip()]
     if not faces:

@@ -519,8 +519,8 @@ def test_other_markup_evaluates_with_its_normalisation_named(other_markup, tmp_p
         "--weights", str(out / "best.pt"), "--data-dir", str(root), "--flip-test", "--baseline", "mean-shape",
         "--workers", "0", "--out-dir", str(tmp_path)]))
     table = results[next(iter(results))]["Full"]
-    assert table["normalisation"] == ("box diagonal" if k == 5 else f"distance of points {60} and {68}")
-    assert np.isfinite(table["nme"]) and table["nme"] < results["mean-shape"]["Full"]["nme"] * 3
+    assert table["normalisation"] == ("box diagonal" if k == 5 else "distance of points 60 and 68")
+    assert np.isfinite(table["nme"]) and results["mean-shape"]["Full"]["normalisation"] == table["normalisation"]
     dataset.make_demo(tmp_path / "d68", n_images=6)
     with pytest.raises(SystemExit) as stop:  # 68-point labels are not these weights' points
         evaluate.main(evaluate.parse_args(["--weights", str(out / "best.pt"), "--data-dir", str(tmp_path / "d68"),
@@ -546,8 +546,7 @@ def test_other_markup_exports_to_onnx_with_2k_outputs_and_its_markup(other_marku
     assert difference < 1e-3
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["markup"])["num_points"] == k
-    output = onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim
-    assert output[1].dim_value == 2 * k
+    assert export.onnx_runner(path)(torch.zeros(2, 1, 64, 64)).shape == (2, 2 * k)
 
 
 def test_68_point_weights_saved_before_markups_still_load_and_predict(tmp_path):
