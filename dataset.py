@@ -310,8 +310,9 @@ def label_problem(face: Face, markup: Markup = IBUG) -> str | None:
         i, j = markup.nme_points
         apart = float(np.linalg.norm(face.points[i] - face.points[j]))
         if not apart >= MIN_EYE_DISTANCE * side:
-            return (f"{where} has its NME points ({markup.normalisation}: points {i} and {j}) {apart:.3g} px "
-                    f"apart, under {MIN_EYE_DISTANCE:g} box sides, so its NME would divide by almost nothing")
+            name = "outer eye corners" if markup.normalisation == "outer eye corners" else "NME points"
+            return (f"{where} has its {name} (points {i} and {j}) {apart:.3g} px apart, under "
+                    f"{MIN_EYE_DISTANCE:g} box sides, so its NME would divide by almost nothing")
     far = float(np.abs(face.points - face.box.center).max()) / side
     if not far <= MAX_POINT_DISTANCE:
         return f"{where} has a point {far:.3g} box sides from the box's centre, beyond {MAX_POINT_DISTANCE:g}"
