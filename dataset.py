@@ -259,8 +259,8 @@ def part_name_range(num_points: int) -> str:
 
 def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int],
               num_points: int | None = None) -> Face:
-    """One <box> with its K <part>s -> Face, or DataError saying what is wrong with it. K is num_points (the
-    file's first box's), or for the first box its own part count."""
+    """One <box> with its K <part>s -> Face, or DataError saying what is wrong with it. K is num_points (that
+    of most boxes of the file), or without it the box's own part count."""
     where = f"{path}: box {index}"
     try:
         box = Box(*(finite(element.get(k)) for k in ("left", "top", "width", "height")))
@@ -286,7 +286,8 @@ def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]
         except (TypeError, ValueError):
             raise DataError(f"{where} part {name} lacks a numeric x or y", "bad part") from None
     if len(parts) != k:
-        raise DataError(f"{where} has {len(parts)} parts, expected {k} as in the file's first box", "wrong part count")
+        raise DataError(f"{where} has {len(parts)} parts, expected {k} as most boxes of the file have",
+                        "wrong part count")
     return Face(path, box, points, index)
 
 
@@ -332,8 +333,9 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
                markup: Callable[[int], Markup] = markup_for) -> list[Face]:
     """Every <box> of every <image> in a dlib XML, with each image decoded once to prove it readable.
 
-    The first box sets the point count K; `markup(K)` says what the points are (which ones normalise NME,
-    for the label checks), and stops the program when they cannot be those of K points.
+    The part count of most boxes sets the point count K (so one bad box cannot reject the good ones);
+    `markup(K)` says what the points are (which ones normalise NME, for the label checks), and stops the
+    program when they cannot be those of K points.
 
     The first problem stops the program with one line naming the file; with skip_bad the faces
     concerned are dropped instead and a summary of what was skipped is printed. Faces whose labels
@@ -342,7 +344,10 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
     """
     xml_path = Path(xml_path)
     root = read_xml(xml_path)
-    faces, skipped, found = [], Counter(), None
+    faces, skipped = [], Counter()
+    counts = Counter(len(b.findall("part")) for b in root.iter("box") if b.get("ignore", "0") != "1")
+    num_points = counts.most_common(1)[0][0] if counts else None
+    found = markup_of_count(markup, num_points, xml_path) if num_points and num_points >= 2 else None
     for number, image_element in enumerate(root.iter("image")):
         name = image_element.get("file", "")
         path = xml_path.parent / name
@@ -359,9 +364,7 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
             continue
         for index, element in enumerate(boxes):
             try:
-                face = parse_box(element, path, index, size, faces[0].points.shape[0] if faces else None)
-                if found is None:
-                    found = markup_of_count(markup, len(face.points), xml_path)
+                face = parse_box(element, path, index, size, num_points)
                 problem = None if keep_degenerate else label_problem(face, found)
                 if problem:
                     raise DataError(problem, "degenerate labels")

@@ -208,7 +208,8 @@ def main(args: argparse.Namespace) -> dict:
         faces, xml, markup = select_faces(args, config)
     if MEAN_SHAPE in args.baseline:
         train_xml = Path(args.data_dir) / args.train_xml
-        train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False))
+        # Loaded as training loaded it (the weights' markup), so that the split is the same.
+        train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False), markup=lambda k: markup)
         train_idx, _ = trained_split(len(train_faces), config)
         shape = mean_shape([train_faces[i] for i in train_idx])
         truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])

@@ -14,8 +14,8 @@ import torchvision
 
 from dataset import NUM_LANDMARKS, Markup
 
-# The project's trained weights, committed once when the best recipe is final (README, predict.py): the
-# default of predict.py --image and --video.
+# The project's trained weights, committed once (README, "Trained weights"): the default of predict.py
+# --image and --video.
 RELEASED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_300w_68.pt"
 # A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
 Network = Callable[[torch.Tensor], torch.Tensor]

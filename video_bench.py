@@ -11,8 +11,8 @@ from PIL import Image
 
 import predict
 import video
-from dataset import (LEFT_EYE_OUTER, RIGHT_EYE_OUTER, TRAIN_XML, Face, box_from_points, fit_box_relation, load_faces,
-                     nme, number_in, parse_box, read_xml, trained_split)
+from dataset import (DLIB_BOX, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, TRAIN_XML, BoxRelation, Face, Markup, box_from_points,
+                     fit_box_relation, load_faces, nme, number_in, parse_box, read_xml, trained_split)
 
 FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
 FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
@@ -130,7 +130,7 @@ def smoothing_of(args: argparse.Namespace) -> dict:
     return dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta, d_cutoff=args.smooth_d_cutoff)
 
 
-def face_points(record: dict, smoothing: dict | None = None) -> np.ndarray:
+def face_points(record: dict, smoothing: dict | None = None, relation: BoxRelation = DLIB_BOX) -> np.ndarray:
     """The points of the clip's face in each frame (NaN where none), from predict.py's JSON; with
     `smoothing`, through the One Euro filter as the tracker runs it (one filter per id, the same times and
     scale), so that raw and smoothed figures come from the very same tracking."""
@@ -142,7 +142,7 @@ def face_points(record: dict, smoothing: dict | None = None) -> np.ndarray:
             p = np.array(face["points"])
             if smoothing is not None:
                 smoother = filters.setdefault(face["id"], video.OneEuroFilter(**smoothing))
-                p = smoother.update(p, frame["time"], scale=box_from_points(p).side)
+                p = smoother.update(p, frame["time"], scale=box_from_points(p, relation).side)
             # One face in these clips; should the detector find a second, the biggest is the face.
             if face is max(frame["faces"], key=lambda f: f["box"][2]):
                 points[i] = p
@@ -201,27 +201,29 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
     for name in ("still", "moving", "covered", "leaving"):
         run_predict(args, folder / f"{name}.mp4", smooth=False)
     timed = run_predict(args, folder / "moving.mp4", smooth=True)
-    replayed = face_points(json.loads((folder / "raw" / "moving.json").read_text()), smoothing_of(args))
+    # The tracker frames faces and scales its filter by the weights' box relation: so does everything here.
+    relation = Markup.from_config(args.config).box_relation
+    replayed = face_points(json.loads((folder / "raw" / "moving.json").read_text()), smoothing_of(args), relation)
     # The filter replayed on the raw JSON is the filter the tracker ran: scores below rest on that.
     assert np.allclose(face_points(timed.record), replayed, atol=0.05, equal_nan=True)
     moving, covered = np.load(folder / "moving.npy"), np.load(folder / "covered.npy")
     covered_from = len(covered) // 3 + 5
     return {"fps": len(timed.record["frames"]) / timed.seconds, "detector_runs": timed.detector_runs,
-            "frames": len(timed.record["frames"]),
-            "drift_face": drift_on(args, folder / "moving.mp4", [box_from_points(p) for p in moving]).tolist(),
+            "frames": len(timed.record["frames"]), "box_relation": list(relation),
+            "drift_face": drift_on(args, folder / "moving.mp4", [box_from_points(p, relation) for p in moving]).tolist(),
             "drift_covered": drift_on(args, folder / "covered.mp4",
-                                      [box_from_points(p) for p in covered])[covered_from:].tolist()}
+                                      [box_from_points(p, relation) for p in covered])[covered_from:].tolist()}
 
 
-def score_face(folder: Path, smoothing: dict) -> dict:
+def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_BOX) -> dict:
     """Jitter, NME and lag, raw and smoothed, and frames with points after the face was covered or left."""
     def raw(name: str) -> dict:
         return json.loads((folder / "raw" / f"{name}.json").read_text())
 
     row = {}
     for key, smooth in (("raw", None), ("smooth", smoothing)):
-        still, still_truth = face_points(raw("still"), smooth), np.load(folder / "still.npy")
-        moving, moving_truth = face_points(raw("moving"), smooth), np.load(folder / "moving.npy")
+        still, still_truth = face_points(raw("still"), smooth, relation), np.load(folder / "still.npy")
+        moving, moving_truth = face_points(raw("moving"), smooth, relation), np.load(folder / "moving.npy")
         found = ~np.isnan(moving[:, 0, 0])
         row[f"jitter_{key}"] = jitter(still, still_truth)
         row[f"nme_{key}"] = float(nme(moving[found], moving_truth[found]).mean())
@@ -286,7 +288,8 @@ def main(args: argparse.Namespace) -> dict:
             make_clips(face, folder, args.seconds, rng)
         runs = [run_face(args, folder) for folder in folders]
         (out / "runs.json").write_text(json.dumps(runs))
-    rows = [{**score_face(folder, smoothing_of(args)), **run} for folder, run in zip(folders, runs)]
+    rows = [{**score_face(folder, smoothing_of(args), BoxRelation(*run.get("box_relation", DLIB_BOX))), **run}
+            for folder, run in zip(folders, runs)]
     summary = summarise(rows)
     print(f"\n{len(rows)} faces, clips of {args.seconds:g} s at {FRAME[0]}x{FRAME[1]}, {FPS:g} frames/s "
           f"({time.perf_counter() - start:.0f} s in all), weights {args.weights}, "
