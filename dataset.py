@@ -150,14 +150,19 @@ class Markup:
                    BoxRelation(*saved.get("box_relation", DLIB_BOX)))
 
 
+def check_point(i: int, num_points: int) -> None:
+    """ValueError unless point number i is one of K points."""
+    if not 0 <= i < num_points:
+        raise ValueError(f"point {i} is not among the {num_points} points 0..{num_points - 1}")
+
+
 def flip_permutation(pairs: list[tuple[int, int]], num_points: int) -> tuple[int, ...]:
     """Mirror pairs -> the permutation a horizontal flip applies; points in no pair are their own twin."""
     permutation = list(range(num_points))
     seen = set()
     for a, b in pairs:
         for i in (a, b):
-            if not 0 <= i < num_points:
-                raise ValueError(f"point {i} is not among the {num_points} points 0..{num_points - 1}")
+            check_point(i, num_points)
             if i in seen:
                 raise ValueError(f"point {i} is in two mirror pairs")
             seen.add(i)
@@ -172,9 +177,11 @@ def markup_for(num_points: int, flip_pairs: list[tuple[int, int]] | None = None,
                nme_points: tuple[int, int] | None = None, box_relation: BoxRelation = DLIB_BOX) -> Markup:
     """The markup of K points: iBUG's twins and eye corners for 68 unless given; for any other K only what
     is given (no flip; NME over the box diagonal). Raises ValueError naming a bad point number."""
-    for i in nme_points or ():
-        if not 0 <= i < num_points:
-            raise ValueError(f"--nme-points: point {i} is not among the {num_points} points 0..{num_points - 1}")
+    try:
+        for i in nme_points or ():
+            check_point(i, num_points)
+    except ValueError as e:
+        raise ValueError(f"--nme-points: {e}") from None
     if nme_points is not None and nme_points[0] == nme_points[1]:
         raise ValueError("--nme-points: the two points must differ")
     default = IBUG if num_points == NUM_LANDMARKS else Markup(num_points)
@@ -251,9 +258,14 @@ def check_image(path: Path) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- parsing dlib's XML
 
+def part_digits(num_points: int) -> int:
+    """How many digits dlib writes in part names for K points: two, three beyond 100 points."""
+    return 3 if num_points > 100 else 2
+
+
 def part_name_range(num_points: int) -> str:
-    """dlib's part names for K points: two digits, three beyond 100 points."""
-    width = 3 if num_points > 100 else 2
+    """dlib's part names for K points, as error messages show them."""
+    width = part_digits(num_points)
     return f"'{0:0{width}d}'..'{num_points - 1:0{width}d}'"
 
 
@@ -399,7 +411,7 @@ def write_xml(path: Path, images: list[tuple[str, list[tuple[Box, np.ndarray]]]]
     and boxes, each box with its K parts named 00..K-1; whole pixels, as dlib stores them (its loader reads
     integers). `shuffle` puts the parts in random document order (the demo data: read them by name)."""
     path = Path(path)
-    width = 3 if any(len(points) > 100 for _, faces in images for _, points in faces) else 2
+    width = part_digits(max((len(points) for _, faces in images for _, points in faces), default=0))
     lines = ["<?xml version='1.0' encoding='ISO-8859-1'?>", "<dataset>", f"<name>{name}</name>", "<images>"]
     for file, faces in images:
         lines.append(f"  <image file={quoteattr(str(file))}>")

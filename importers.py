@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dataset import (DLIB_BOX, IBUG, NUM_LANDMARKS, Box, BoxRelation, DataError, Face, box_from_points,
+from dataset import (DLIB_BOX, IBUG, NUM_LANDMARKS, Box, BoxRelation, DataError, Face, box_from_points, check_point,
                      fit_box_relation, load_faces, open_gray, write_xml)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
@@ -319,10 +319,11 @@ def pick_points(xml: Path, indices: str, out: Path) -> None:
     picked = parse_indices(indices)
     faces = load_faces(Path(xml))
     num_points = len(faces[0].points)
-    beyond = [i for i in picked if i >= num_points]
-    if beyond:
-        raise SystemExit(f"--pick-points {indices!r}: point {beyond[0]} is not among the {num_points} points "
-                         f"0..{num_points - 1} of {xml}")
+    try:
+        for i in picked:
+            check_point(i, num_points)
+    except ValueError as e:
+        raise SystemExit(f"--pick-points {indices!r}: {e} of {xml}") from None
     grouped: dict[Path, list[tuple[Box, np.ndarray]]] = {}
     for face in faces:
         grouped.setdefault(face.image, []).append((face.box, face.points[picked]))

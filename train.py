@@ -231,12 +231,11 @@ def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]
     return rank, world, device
 
 
-def markup_from_flags(args: argparse.Namespace, num_points: int) -> Markup:
-    """The markup of the labels' K points with --flip-pairs and --nme-points, or one line saying what is wrong."""
-    try:
-        return markup_for(num_points, args.flip_pairs and [tuple(p) for p in args.flip_pairs], args.nme_points)
-    except ValueError as e:
-        raise SystemExit(f"{Path(args.data_dir) / args.xml}: its boxes have {num_points} parts; {e}") from None
+def markup_from_flags(args: argparse.Namespace) -> Callable[[int], Markup]:
+    """The markup of the labels' K points with --flip-pairs and --nme-points; load_faces calls it once K is
+    known, and stops with one line when the flags do not fit K points."""
+    pairs = args.flip_pairs and [tuple(p) for p in args.flip_pairs]
+    return lambda num_points: markup_for(num_points, pairs, args.nme_points)
 
 
 def make_loaders(args: argparse.Namespace, rank: int,
@@ -244,8 +243,9 @@ def make_loaders(args: argparse.Namespace, rank: int,
     """The loaders, and the labels' markup: its point count read from them, the rest from the flags, and
     where dlib's box lies around its points fitted on the training faces (for video tracking)."""
     xml = Path(args.data_dir) / args.xml
-    faces = load_faces(xml, args.skip_bad, markup=lambda k: markup_from_flags(args, k))
-    markup = markup_from_flags(args, len(faces[0].points))
+    markup_of = markup_from_flags(args)
+    faces = load_faces(xml, args.skip_bad, markup=markup_of)
+    markup = markup_of(len(faces[0].points))
     if args.flip and markup.flip is None:
         raise SystemExit(f"--flip: {xml} has {markup.num_points} points, and which is the mirror twin of which "
                          f"is known only for iBUG's 68; give --flip-pairs (\"0,3 1,2\" or a JSON file), or --no-flip")
