@@ -163,6 +163,24 @@ def test_flip_moves_each_point_to_its_mirror_twin():
     np.testing.assert_allclose(flipped[:, 1], plain[FLIP_PERMUTATION, 1], atol=1e-5)
 
 
+def test_occlusion_covers_only_its_rectangle_and_keeps_the_labels():
+    box = Box(60, 40, 180, 180)
+    points = grid_points(box)
+    transform = Transforms(img_size=100, jitter=0)
+    image = Image.new("L", (320, 260), 100)
+    clear, plain = transform(image, box, points, Augment())
+    hidden, same = transform(image, box, points, Augment(occlusion=(0.2, 0.5, 0.3, 0.4)))
+    assert torch.equal(plain, same)
+    changed = (hidden != clear)[0]
+    rows, cols = changed.any(1).nonzero().ravel(), changed.any(0).nonzero().ravel()
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (50, 89, 20, 49)
+    assert changed[50:90, 20:50].float().mean() > 0.95
+    random.seed(0)
+    drawn = [Transforms(img_size=100, occlusion=0.5).draw().occlusion for _ in range(400)]
+    assert 150 < sum(o is not None for o in drawn) < 250
+    assert all(o[0] + o[2] <= 1 and o[1] + o[3] <= 1 for o in drawn if o is not None)
+
+
 def test_target_maps_back_to_image_pixels():
     box = Box(33, 21, 150, 140)
     points = np.random.default_rng(0).uniform(20, 200, (NUM_LANDMARKS, 2))

@@ -35,7 +35,8 @@ except ImportError:  # Windows: two runs on one --out are not guarded there
 DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_batch_size=8, lr=1e-4, seed=0,
                 workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
                 flip_pairs=None, nme_points=None,
-                recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, loss="mse",
+                recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, occlusion=0.0,
+                loss="mse",
                 optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None,
                 amp="auto", head="regression")
 # Measured on the 300-W subset (README, "Results"); explicit flags still override these.
@@ -46,7 +47,7 @@ RECIPES = {
                  shift=0.05, rotation=15.0, cache=True),
 }
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
-RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "loss", "optimizer", "weight_decay", "sched",
+RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "loss", "optimizer", "weight_decay", "sched",
                "warmup_epochs", "pretrained", "recipe", "head"]
 # With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),
 # what the weights are (img_size, pretrained, head), the optimiser's state (optimizer) or what the validation
@@ -101,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="random zoom of the crop, +-fraction (default: 0)")
     p.add_argument("--shift", type=number_in(float, 0, 0.5),
                    help="random shift of the crop, +-fraction of its side (default: 0)")
+    p.add_argument("--occlusion", type=number_in(float, 0, 1),
+                   help="chance of a random noise rectangle over part of the face, its points still labelled "
+                        "(default: 0)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flip (default: off); needs --flip-pairs unless the labels are iBUG's 68")
     p.add_argument("--flip-pairs", type=flip_pairs_arg, metavar="PAIRS",
@@ -262,7 +266,7 @@ def make_loaders(args: argparse.Namespace, rank: int,
             dist.barrier()
         cache = cache or FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN)
     train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip,
-                          flip_permutation=markup.flip)
+                          flip_permutation=markup.flip, occlusion=args.occlusion)
     train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
     val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
     sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None

@@ -12,6 +12,8 @@ from dataset import Box
 # dlib's boxes are tight: jaw and brow points often lie outside. A square of 1.4 box sides keeps
 # about nine faces in ten wholly inside the crop (measured on the 300-W subset).
 CROP_MARGIN = 1.4
+# Sides of the random occluder, as fractions of the crop's side: from a finger's width to half the face.
+OCCLUSION_SIDES = (0.1, 0.5)
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,7 @@ class Augment:
     flip: bool = False
     brightness: float = 1.0
     contrast: float = 1.0
+    occlusion: tuple[float, float, float, float] | None = None  # left, top, width, height: fractions of the crop
 
 
 def translate(x: float, y: float) -> np.ndarray:
@@ -38,6 +41,15 @@ def face_matrix(box: Box, img_size: int, margin: float, aug: Augment = Augment()
     rotate_scale = np.array([[c * scale, -s * scale, 0], [s * scale, c * scale, 0], [0, 0, 1]])
     mirror = np.diag([-1.0 if aug.flip else 1.0, 1, 1])
     return translate(img_size / 2, img_size / 2) @ mirror @ rotate_scale @ translate(-center[0], -center[1])
+
+
+def occlude(pixels: torch.Tensor, rect: tuple[float, float, float, float]) -> torch.Tensor:
+    """Grey levels (H, W) with the rectangle `rect` (fractions of the side) replaced by uniform noise."""
+    side = pixels.shape[-1]
+    left, top, width, height = (round(v * side) for v in rect)
+    pixels = pixels.clone()
+    pixels[top:top + height, left:left + width] = torch.rand(height, width) * 255
+    return pixels
 
 
 def unflip(target: torch.Tensor, flip: tuple[int, ...]) -> torch.Tensor:
@@ -75,12 +87,13 @@ class Transforms:
 
     def __init__(self, img_size: int = 224, train: bool = True, rotation: float = 10.0, scale: float = 0.0,
                  shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN,
-                 flip_permutation: tuple[int, ...] | None = None):
+                 flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0):
         if flip and flip_permutation is None:
             raise ValueError("flipping needs the markup's mirror permutation")
         self.img_size, self.train, self.margin = img_size, train, margin
         self.flip_permutation = None if flip_permutation is None else list(flip_permutation)
         self.rotation, self.scale, self.shift, self.flip, self.jitter = rotation, scale, shift, flip, jitter
+        self.occlusion = occlusion
 
     def draw(self) -> Augment:
         if not self.train:
@@ -89,7 +102,16 @@ class Transforms:
         return Augment(angle=u(-self.rotation, self.rotation), zoom=u(1 - self.scale, 1 + self.scale),
                        shift=(u(-self.shift, self.shift), u(-self.shift, self.shift)),
                        flip=self.flip and random.random() < 0.5,
-                       brightness=u(1 - self.jitter, 1 + self.jitter), contrast=u(1 - self.jitter, 1 + self.jitter))
+                       brightness=u(1 - self.jitter, 1 + self.jitter), contrast=u(1 - self.jitter, 1 + self.jitter),
+                       occlusion=self.draw_occlusion())
+
+    def draw_occlusion(self) -> tuple[float, float, float, float] | None:
+        """With probability `occlusion`, a rectangle of noise over part of the face (as in PIPNet's training):
+        its points keep their labels, so the network learns to place hidden points from the visible ones."""
+        if random.random() >= self.occlusion:
+            return None
+        width, height = random.uniform(*OCCLUSION_SIDES), random.uniform(*OCCLUSION_SIDES)
+        return random.uniform(0, 1 - width), random.uniform(0, 1 - height), width, height
 
     def matrix(self, box: Box, aug: Augment = Augment()) -> np.ndarray:
         return face_matrix(box, self.img_size, self.margin, aug)
@@ -109,6 +131,8 @@ class Transforms:
         if aug.brightness != 1.0 or aug.contrast != 1.0:
             pixels = pixels * aug.brightness
             pixels = ((pixels - pixels.mean()) * aug.contrast + pixels.mean()).clamp(0, 255)
+        if aug.occlusion is not None:
+            pixels = occlude(pixels, aug.occlusion)
         target = points_to_target(points, matrix, self.img_size)
         if aug.flip:
             target = target[self.flip_permutation]
