@@ -756,7 +756,7 @@ def flip_pairs_arg(text: str) -> list[list[int]]:
                                             all(isinstance(v, int) and v >= 0 for v in p) for p in pairs)):
         raise argparse.ArgumentTypeError(f"{where}: expected mirror pairs of point numbers, such as "
                                          f"\"0,3 1,2\" or a JSON file holding [[0, 3], [1, 2]]")
-    return pairs
+    return sorted(sorted(pair) for pair in pairs)  # in one order, so that --resume sees "1,2 3,0" as "0,3 1,2"
 
 
 def point_pair_arg(text: str) -> list[int]:
@@ -764,7 +764,7 @@ def point_pair_arg(text: str) -> list[int]:
     values = text.split(",")
     if len(values) != 2 or not all(v.strip().isdigit() for v in values) or int(values[0]) == int(values[1]):
         raise argparse.ArgumentTypeError(f"expected two different point numbers I,J, got {text!r}")
-    return [int(v) for v in values]
+    return sorted(int(v) for v in values)  # a distance: "45,36" is the run "36,45" (for --resume)
 
 
 def folder_problem(path: Path) -> str | None:

@@ -180,6 +180,12 @@ def run_name(weights: str) -> str:
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
+def refuse_dlib_for_other_markup(args: argparse.Namespace, xml: Path, markup: Markup) -> None:
+    """Checked before any scoring, so that a refused baseline costs no work."""
+    if DLIB in args.baseline and markup.num_points != NUM_LANDMARKS:
+        raise SystemExit(f"--baseline dlib: dlib's model puts iBUG's 68 points; {xml} has {markup.num_points}")
+
+
 def main(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     out = Path(args.out_dir)
@@ -192,9 +198,11 @@ def main(args: argparse.Namespace) -> dict:
         write_faces_csv(out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, errors)
         print_table(f"{title}; NME over the {markup.normalisation}", results[name])
 
+    predictor = dlib_baseline.load_predictor() if DLIB in args.baseline else None  # missing: say so first
     for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
         model, config = load_for_inference(weights, device, args.eager)
         faces, xml, markup = select_faces(args, config)
+        refuse_dlib_for_other_markup(args, xml, markup)
         if args.flip_test and markup.flip is None:
             raise SystemExit(f"--flip-test: {weights} was trained on {markup.num_points} points without "
                              f"--flip-pairs, so which point mirrors which is unknown")
@@ -206,6 +214,7 @@ def main(args: argparse.Namespace) -> dict:
                xml.parent)
     if args.baseline and faces is None:
         faces, xml, markup = select_faces(args, config)
+        refuse_dlib_for_other_markup(args, xml, markup)
     if MEAN_SHAPE in args.baseline:
         train_xml = Path(args.data_dir) / args.train_xml
         # Loaded as training loaded it (the weights' markup), so that the split is the same.
@@ -216,9 +225,7 @@ def main(args: argparse.Namespace) -> dict:
         record(MEAN_SHAPE, f"mean training shape of {train_xml} placed in each box",
                score(np.broadcast_to(shape, truths.shape), truths, faces, markup), xml.parent)
     if DLIB in args.baseline:
-        if markup.num_points != NUM_LANDMARKS:
-            raise SystemExit(f"--baseline dlib: dlib's model puts iBUG's 68 points; {xml} has {markup.num_points}")
-        pred = dlib_baseline.predict_faces(dlib_baseline.load_predictor(), faces)
+        pred = dlib_baseline.predict_faces(predictor, faces)
         record(DLIB, f"dlib's 68-point shape predictor ({dlib_baseline.MODEL_FILE}) on the same boxes of {xml}",
                nme(pred, np.stack([f.points for f in faces]), markup), xml.parent)
     plot_ced(curves, out / "ced.png")

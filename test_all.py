@@ -446,13 +446,13 @@ def test_flip_with_given_pairs_maps_each_point_to_its_twin(k):
 
 
 def test_flip_pairs_and_nme_points_flags_parse_or_say_what_is_wrong(tmp_path):
-    assert dataset.flip_pairs_arg("0,3 1,2") == [[0, 3], [1, 2]]
+    assert dataset.flip_pairs_arg("0,3 1,2") == dataset.flip_pairs_arg("2,1 3,0") == [[0, 3], [1, 2]]
     (tmp_path / "pairs.json").write_text("[[0, 3], [1, 2]]")
     assert dataset.flip_pairs_arg(str(tmp_path / "pairs.json")) == [[0, 3], [1, 2]]
     for bad in ["0,3 1", "a,b", "0,3,4"]:
         with pytest.raises(argparse.ArgumentTypeError, match="mirror pairs"):
             dataset.flip_pairs_arg(bad)
-    assert dataset.point_pair_arg("0,3") == [0, 3]
+    assert dataset.point_pair_arg("0,3") == dataset.point_pair_arg("3,0") == [0, 3]
     for bad in ["0", "0,0", "x,1"]:
         with pytest.raises(argparse.ArgumentTypeError):
             dataset.point_pair_arg(bad)
@@ -544,6 +544,13 @@ def test_other_markup_evaluates_with_its_normalisation_named(other_markup, tmp_p
         evaluate.main(evaluate.parse_args(["--weights", str(out / "best.pt"), "--data-dir", str(tmp_path / "d68"),
                                            "--workers", "0", "--out-dir", str(tmp_path)]))
     assert f"have 68 parts, but the weights are for {k} points" in str(stop.value.code)
+    if evaluate.dlib_baseline.model_path() is not None:  # refused before the weights are scored
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(evaluate.parse_args(["--weights", str(out / "best.pt"), "--data-dir", str(root),
+                                               "--baseline", "dlib", "--workers", "0", "--out-dir",
+                                               str(tmp_path / "refused")]))
+        assert "dlib's model puts iBUG's 68 points" in str(stop.value.code)
+        assert not list((tmp_path / "refused").glob("*.csv"))
 
 
 def test_other_markup_predicts_k_points_on_a_photo_and_in_the_grid(other_markup, tmp_path):
