@@ -1105,13 +1105,16 @@ def test_the_optimized_network_gives_the_eager_points_at_any_batch_size(trained)
     model, config = load_model(trained / "best.pt")
     fp32 = optimize_for_inference(model, config["img_size"], bf16=False)
     bf16 = optimize_for_inference(model, config["img_size"], bf16=True)
+    noise = torch.Generator().manual_seed(0)  # not the global stream, which other tests move
     for batch in (1, 5):
-        images = torch.rand(batch, 1, config["img_size"], config["img_size"]) * 2 - 1
+        images = torch.rand(batch, 1, config["img_size"], config["img_size"], generator=noise) * 2 - 1
         with torch.inference_mode():
             eager = model(images)
             assert torch.allclose(fp32(images), eager, atol=1e-4)
-            # bf16 convolutions, fp32 last layer: within 1% of the crop side (the README measures the NME cost)
-            assert bf16(images).dtype == torch.float32 and torch.allclose(bf16(images), eager, atol=1e-2)
+            # bf16 convolutions, fp32 last layer: within 2% of the crop side on noise through this briefly
+            # trained net (over 40 noise batches the worst point was 1.15% off; the README measures the
+            # NME cost on faces). A wrong layout or scale is tens of percent off.
+            assert bf16(images).dtype == torch.float32 and torch.allclose(bf16(images), eager, atol=2e-2)
 
 
 def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_path):
