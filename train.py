@@ -36,9 +36,8 @@ DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_ba
                 workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
                 flip_pairs=None, nme_points=None,
                 recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, occlusion=0.0,
-                loss="mse",
-                optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, select=None,
-                amp="auto", head="regression")
+                loss="mse", optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False,
+                select=None, amp="auto", head="regression")
 # Measured on the 300-W subset (README, "Results"); explicit flags still override these.
 RECIPES = {
     "writeup": {},
@@ -47,8 +46,8 @@ RECIPES = {
                  shift=0.05, rotation=15.0, cache=True),
 }
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
-RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "loss", "optimizer", "weight_decay", "sched",
-               "warmup_epochs", "pretrained", "recipe", "head"]
+RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "loss", "optimizer", "weight_decay",
+               "sched", "warmup_epochs", "pretrained", "recipe", "head"]
 # With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),
 # what the weights are (img_size, pretrained, head), the optimiser's state (optimizer) or what the validation
 # loss and NME mean (loss, recipe, flip_pairs, nme_points). Every other flag given now wins, including those whose values also live in the
