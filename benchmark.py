@@ -12,13 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import dlib_baseline
-import train
-from dataset import NUM_LANDMARKS, TRAIN_XML, FaceLandmarksDataset, number_in, open_gray, out_file
-from model import (HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, inference_autocast, optimize_for_inference,
-                   pick_device, resolve_amp)
+from checkpoints import RELEASED_WEIGHTS
+from dataset import FaceLandmarksDataset
+from detectors import HOG_UPSAMPLE, detect_faces, load_hog, make_detector
+from faces import Landmarker
+from errors import UsageError
+from files import write_atomic
+from flags import number_in, one_line_errors, out_file
+from images import open_gray, read_photo, to_gray
+from labels import TRAIN_XML
+from landmarks import NUM_LANDMARKS
+from model import HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
+from onnx_io import export_onnx, onnx_runner
+from photos import PhotoSettings, landmark_photos, photo_files, png_names
+from recipes import resolve
+from runtime import inference_autocast, optimize_for_inference, pick_device, resolve_amp
+from training import make_loaders, make_loss, make_optimizer, make_scaler, make_scheduler, seed_everything, train_one_epoch
 
 # The batch the throughput figure `infer_bs64_img_s` is named for, whatever --batch-size says.
 INFER_BATCH = 64
@@ -48,6 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the network's head, as train.py --head (default: regression)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
     p.add_argument("--json", metavar="FILE", type=out_file, help="also write the figures to FILE as JSON")
+    p.add_argument("--photos", nargs="+", metavar="PATH",
+                   help="instead, time whole photos (files, or folders walked recursively): each detector, dlib's "
+                        "pipeline (HOG, then its 68-point model) and predict.py --no-draw, on the same photos")
+    p.add_argument("--photo-count", type=number_in(int, 1), default=60,
+                   help="with --photos: how many photos, the first by name (default: 60)")
+    p.add_argument("--weights", default=str(RELEASED_WEIGHTS),
+                   help="with --photos: the landmark weights (default: the released ones)")
     return p.parse_args(argv)
 
 
@@ -94,14 +114,14 @@ def with_workers(loader: DataLoader, workers: int, dataset: FaceLandmarksDataset
 def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: int, device: torch.device,
                   amp: str) -> float:
     """Images per second of train.py's own step (forward, backward, optimiser) on a fresh model."""
-    model = build_model(head=targs.head, num_points=targs.num_points).to(device).to(memory_format=torch.channels_last)
-    optimizer = train.make_optimizer(targs, model)
-    scheduler = train.make_scheduler(targs, optimizer, warmup + n)
-    scaler = train.make_scaler(device, amp)
-    loss_fn, _ = train.make_loss(targs, model)
+    model = build_model(targs.head, targs.num_points).to(device).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(targs, model)
+    scheduler = make_scheduler(targs, optimizer, warmup + n)
+    scaler = make_scaler(device, amp)
+    loss_fn, _ = make_loss(targs, model)
 
     def steps(k: int) -> None:
-        train.train_one_epoch(model, itertools.islice(batches, k), loss_fn, optimizer, scheduler, scaler, device,
+        train_one_epoch(model, itertools.islice(batches, k), loss_fn, optimizer, scheduler, scaler, device,
                               amp, "", show=False)
 
     steps(warmup)
@@ -125,9 +145,8 @@ def inference_rate(net: Callable, images: torch.Tensor, warmup: int, n: int, dev
 
 def training_args(args: argparse.Namespace, img_size: int) -> argparse.Namespace:
     """train.py's write-up recipe (its augmentation, optimiser, loss) on the crop cache, at this size."""
-    return train.parse_args(["--data-dir", args.data_dir, "--xml", args.xml, "--img-size", str(img_size),
-                             "--batch-size", str(args.batch_size), "--workers", str(max(args.workers)),
-                             "--cache", "--device", args.device, "--head", args.head])
+    return resolve(dict(data_dir=args.data_dir, xml=args.xml, img_size=img_size, batch_size=args.batch_size,
+                        workers=max(args.workers), cache=True, device=args.device, head=args.head))
 
 
 def loader_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
@@ -192,7 +211,6 @@ def onnx_runtime(model: torch.nn.Module, img_size: int, folder: Path) -> Callabl
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from export import export_onnx, onnx_runner
     path = folder / "model.onnx"
     export_onnx(model, torch.zeros(2, 1, img_size, img_size), path)
     return onnx_runner(path)
@@ -214,7 +232,7 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
 
 def inference_figures(args: argparse.Namespace, img_size: int, num_points: int, device: torch.device) -> dict:
     """Batch-1 latency and batch-64 throughput of every way in inference_ways, under inference_mode."""
-    model = build_model(head=args.head, num_points=num_points).to(device).eval()
+    model = build_model(args.head, num_points).to(device).eval()
     one = torch.rand(1, 1, img_size, img_size, device=device) * 2 - 1
     batch = torch.rand(INFER_BATCH, 1, img_size, img_size, device=device) * 2 - 1
     row = {}
@@ -231,11 +249,11 @@ def inference_figures(args: argparse.Namespace, img_size: int, num_points: int, 
 def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> dict:
     """Every figure at one input size."""
     targs = training_args(args, img_size)
-    loader, _, _, markup = train.make_loaders(targs, rank=0, world=1)
+    loader, _, _, markup = make_loaders(targs, rank=0, world=1)
     targs.num_points = markup.num_points  # the labels' point count sets the network's outputs
     needed = max(whole_bursts(args.warmup, w) + whole_bursts(args.batches, w) for w in args.workers)
     if len(loader) < needed:
-        raise SystemExit(f"{args.xml}: {len(loader.dataset)} training faces make {len(loader)} batches of "
+        raise UsageError(f"{args.xml}: {len(loader.dataset)} training faces make {len(loader)} batches of "
                          f"{args.batch_size}; --warmup {args.warmup} and --batches {args.batches} need {needed}")
     print(f"img {img_size} (crop cache {loader.dataset.cache.size} px), batch {args.batch_size}, "
           f"{len(loader.dataset)} training faces", flush=True)
@@ -250,9 +268,103 @@ def describe(device: torch.device) -> str:
     return f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def main(args: argparse.Namespace) -> list[dict]:
+# ---------------------------------------------------------------- whole photos
+
+def timed(fn: Callable[[], object]) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def dlib_pipeline(files: list[Path]) -> tuple[float, int]:
+    """dlib's own way, one process: decode in grayscale, HOG at upsample 1, its 68-point model on each box."""
+    hog, predictor = load_hog(), dlib_baseline.load_predictor()
+
+    def run() -> int:
+        faces = 0
+        for path in files:
+            gray = np.asarray(to_gray(read_photo(path)))
+            for box in detect_faces(hog, gray, HOG_UPSAMPLE):
+                dlib_baseline.predict_points(predictor, gray, box)
+                faces += 1
+        return faces
+
+    return timed(run)
+
+
+def detector_times(files: list[Path]) -> dict:
+    """Milliseconds per photo of each detector alone, on photos already decoded."""
+    pictures = [np.asarray(read_photo(path).convert("RGB")) for path in files]
+    row = {}
+    for name, any_roll in (("yunet", False), ("yunet", True), ("hog", False)):
+        detect = make_detector(name, any_roll)
+        detect(pictures[0])
+        seconds, found = timed(lambda: [len(detect(p)) for p in pictures])
+        key = f"{name}{'_any_roll' if any_roll else ''}"
+        row |= {f"{key}_ms_per_photo": 1000 * seconds / len(pictures), f"{key}_faces": sum(found)}
+    return row
+
+
+def ours(files: list[Path], weights: str, workers: int) -> tuple[float, float, int]:
+    """predict.py --image --no-draw's photo loop: seconds in all (workers starting included), seconds from
+    the first photo done to the last, and faces found."""
+    settings = PhotoSettings(weights=weights, draw=False)
+    start, first, faces = time.perf_counter(), None, 0
+    for record, _ in landmark_photos(files, png_names(files), settings, workers):
+        first = first or time.perf_counter()
+        faces += len(record["faces"])
+    end = time.perf_counter()
+    return end - start, end - first, faces
+
+
+def twelve_megapixels(photo: Path, weights: str, folder: Path) -> dict:
+    """What a 12-megapixel JPEG of the same photo costs the Landmarker over the photo itself."""
+    big = folder / "12mp.jpg"
+    Image.open(photo).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(big, quality=92)
+    landmarker = Landmarker(weights)
+    row = {}
+    for name, path in (("small", photo), ("12mp", big)):
+        landmarker(path)
+        row[f"{name}_ms"] = 1000 * statistics.median(timed(lambda: landmarker(path))[0] for _ in range(5))
+    return row | {"12mp_extra_ms": row["12mp_ms"] - row["small_ms"]}
+
+
+def photo_figures(args: argparse.Namespace) -> dict:
+    files = photo_files(args.photos, recursive=True)[:args.photo_count]
+    if not files:
+        raise UsageError(f"--photos {' '.join(args.photos)}: no photos found")
+    print(f"{len(files)} photos, {describe(torch.device('cpu'))}", flush=True)
+    row = {"photos": len(files), **detector_times(files)}
+    for key in ("yunet", "yunet_any_roll", "hog"):
+        print(f"  {key:15s} {row[f'{key}_ms_per_photo']:7.1f} ms per photo, {row[f'{key}_faces']} faces", flush=True)
+    seconds, faces = dlib_pipeline(files)
+    row |= {"dlib_photos_per_s": len(files) / seconds, "dlib_faces": faces}
+    print(f"  dlib's pipeline (HOG + 68-point model, one process): {row['dlib_photos_per_s']:.1f} photos/s, "
+          f"{faces} faces", flush=True)
+    workers = os.cpu_count() or 1
+    total, steady, faces = ours(files, args.weights, workers)
+    row |= {"ours_photos_per_s": len(files) / total, "ours_steady_photos_per_s": (len(files) - 1) / steady,
+            "ours_faces": faces, "workers": workers}
+    print(f"  predict.py --no-draw ({workers} workers): {row['ours_photos_per_s']:.1f} photos/s start-up included, "
+          f"{row['ours_steady_photos_per_s']:.1f} from the first photo on, {faces} faces; "
+          f"{row['ours_photos_per_s'] / row['dlib_photos_per_s']:.1f}x dlib's pipeline", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        row |= twelve_megapixels(files[0], args.weights, Path(folder))
+    print(f"  one photo: {row['small_ms']:.0f} ms; as a 12-megapixel JPEG: {row['12mp_ms']:.0f} ms "
+          f"(+{row['12mp_extra_ms']:.0f} ms)", flush=True)
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def main(args: argparse.Namespace) -> list[dict] | dict:
+    with one_line_errors():
+        return photo_figures(args) if args.photos else bench(args)
+
+
+def bench(args: argparse.Namespace) -> list[dict]:
     device = pick_device(args.device)
-    train.seed_everything(0)
+    seed_everything(0)
     print(describe(device), flush=True)
     rows = [measure(args, size, device) for size in args.img_sizes]
     print(f"\n{args.head} head; --amp auto chose {rows[0]['amp']}")
@@ -267,8 +379,7 @@ def main(args: argparse.Namespace) -> list[dict]:
               f"{r['infer_bs1_ms']:>7.2f} {r.get('infer_bs1_ms_fp32', r['infer_bs1_ms']):>6.2f} {r['infer_bs1_ms_eager']:>6.2f} "
               f"{dlib_ms:>6} {ratio:>6} {r['infer_bs64_img_s']:>11.1f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        write_atomic(Path(args.json), json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
     return rows
 

@@ -3,8 +3,11 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from dataset import Box, Face, open_gray
+from errors import UsageError
+from images import open_gray
+from landmarks import Box, Face
 
 MODEL_FILE = "shape_predictor_68_face_landmarks.dat"
 INSTALL_HINT = ("dlib's 68-point model is not installed; get it with "
@@ -22,14 +25,14 @@ def model_path() -> Path | None:
 
 
 def load_predictor():
-    """dlib's shape predictor, or SystemExit with one line saying how to install what is missing."""
+    """dlib's shape predictor, or UsageError in one line saying how to install what is missing."""
     path = model_path()
     try:
         import dlib
     except ImportError:
-        raise SystemExit(INSTALL_HINT) from None
+        raise UsageError(INSTALL_HINT) from None
     if path is None:
-        raise SystemExit(INSTALL_HINT)
+        raise UsageError(INSTALL_HINT)
     return dlib.shape_predictor(str(path))
 
 
@@ -48,7 +51,6 @@ def predict_points(predictor, image: np.ndarray, box: Box) -> np.ndarray:
 
 def predict_faces(predictor, faces: list[Face]) -> np.ndarray:
     """(N, K, 2) points for every face, each image decoded once in grayscale as the network sees it."""
-    from tqdm import tqdm
     images: dict[Path, np.ndarray] = {}
     points = []
     for face in tqdm(faces, desc="dlib", unit="face", leave=False):

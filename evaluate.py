@@ -2,21 +2,33 @@
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import dlib_baseline
-from dataset import (NUM_LANDMARKS, TEST_XML, TRAIN_XML, Face, FaceLandmarksDataset, Markup, label_problem, load_faces,
-                     markup_for, nme, number_in, out_file, out_folder, trained_split)
-from model import Network, inference_autocast, load_for_inference, pick_device
+from checkpoints import load_for_inference
+from dataset import FaceLandmarksDataset, split_faces, trained_split
+from detection_eval import fit_yunet_box, score_found
+from detectors import DETECTORS
+from faces import Landmarker
+from errors import DataError, UsageError
+from files import write_atomic
+from flags import number_in, one_line_errors, out_file, out_folder
+from labels import TEST_XML, TRAIN_XML, label_problem, load_faces
+from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme
+from runtime import Network, inference_autocast, pick_device
 from transforms import CROP_MARGIN, Transforms, box_diagonal, face_matrix, mean_shape, points_to_target, unflip
 
 THRESHOLDS = (8, 10)  # % of what normalises NME (iBUG: the outer-eye-corner distance)
 MEAN_SHAPE, DLIB = "mean-shape", "dlib"
+# The folders of dlib's 300-W download that its subsets start from.
+SUBSET_ROOTS = ("helen", "lfpw", "ibug", "afw")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="folder for the CED plot and per-face CSVs (default: eval)")
     p.add_argument("--json", metavar="FILE", type=out_file, help="also write the table as JSON")
     p.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
+    p.add_argument("--detector", choices=DETECTORS,
+                   help="also let this detector find the faces in the photos, and report the share it missed and "
+                        "the NME on those it found (a user's end-to-end accuracy)")
+    p.add_argument("--any-roll", action="store_true", help="with --detector yunet: look at four quarter turns")
+    p.add_argument("--turn", nargs="+", type=float, default=[0.0], metavar="DEG",
+                   help="with --detector: turn each photo by these degrees (clockwise) first (default: 0)")
+    p.add_argument("--passes", type=int, choices=[1, 2], default=1,
+                   help="with --detector: 2 looks again at each face, levelled by the first look's points")
+    p.add_argument("--fit-box", action="store_true",
+                   help="only fit YuNet's box to dlib's on the training split of --xml, and print it")
     return p.parse_args(argv)
 
 
@@ -62,11 +84,16 @@ def auc(errors: np.ndarray, threshold: float) -> float:
 
 
 def subset_of(face: Face, root: Path) -> str | None:
-    """300-W's test subsets by path: Common is HELEN's and LFPW's test sets, Challenging is iBUG."""
-    parts = face.image.relative_to(root).parts
-    if parts[:2] in (("helen", "testset"), ("lfpw", "testset")):
+    """300-W's test subsets by path: Common is HELEN's and LFPW's test sets, Challenging is iBUG. A face
+    outside the data folder (an XML of absolute paths, as dlib's imglab writes) is judged by its own folders."""
+    try:
+        folders = face.image.relative_to(root).parts[:-1]
+    except ValueError:
+        folders = face.image.parts[:-1]
+        folders = folders[max((i for i, f in enumerate(folders) if f in SUBSET_ROOTS), default=0):]
+    if folders[:2] in (("helen", "testset"), ("lfpw", "testset")):
         return "Common"
-    if parts[0] == "ibug":
+    if folders[:1] == ("ibug",):
         return "Challenging"
     return None
 
@@ -99,7 +126,6 @@ def predict_targets(model: Network, loader: DataLoader, device: torch.device, ma
                     flip_test: bool) -> tuple[np.ndarray, np.ndarray]:
     """Predicted and true targets (N, K, 2) in crop coordinates; NME there equals NME in the image, since
     the crop is a similarity transform."""
-    from tqdm import tqdm
     preds, truths = [], []
     for images, targets in tqdm(loader, desc="evaluating", unit="batch", leave=False):
         images = images.to(device, non_blocking=True)
@@ -123,7 +149,7 @@ def scorable(faces: list[Face], xml: Path, markup: Markup) -> list[Face]:
         else:
             kept.append(face)
     if not kept:
-        raise SystemExit(f"{xml}: no face has labels that can be scored")
+        raise DataError(f"{xml}: no face has labels that can be scored")
     return kept
 
 
@@ -132,14 +158,14 @@ def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Pa
     training loaded them, so that the split is the same); and their markup, the weights' (the XML must
     have its point count), or without weights the one its point count implies."""
     fixed = Markup.from_config(config) if config else None
-    markup = (lambda k: fixed) if fixed else markup_for
+    markup_of = (lambda k: fixed) if fixed else markup_for
     if args.split == "val":
         xml = Path(args.data_dir) / (args.xml or config.get("xml", TRAIN_XML))
-        faces = load_faces(xml, args.skip_bad or config.get("skip_bad", False), markup=markup)
+        faces = load_faces(xml, args.skip_bad or config.get("skip_bad", False), markup_of=markup_of)
         _, val_idx = trained_split(len(faces), config)
         return [faces[i] for i in val_idx], xml, fixed or markup_for(len(faces[0].points))
     xml = Path(args.data_dir) / (args.xml or TEST_XML)
-    faces = load_faces(xml, args.skip_bad, keep_degenerate=True, markup=markup)
+    faces = load_faces(xml, args.skip_bad, keep_degenerate=True, markup_of=markup_of)
     fixed = fixed or markup_for(len(faces[0].points))
     return scorable(faces, xml, fixed), xml, fixed
 
@@ -183,58 +209,116 @@ def run_name(weights: str) -> str:
 def refuse_dlib_for_other_markup(args: argparse.Namespace, xml: Path, markup: Markup) -> None:
     """Checked before any scoring, so that a refused baseline costs no work."""
     if DLIB in args.baseline and markup.num_points != NUM_LANDMARKS:
-        raise SystemExit(f"--baseline dlib: dlib's model puts iBUG's 68 points; {xml} has {markup.num_points}")
+        raise UsageError(f"--baseline dlib: dlib's model puts iBUG's 68 points; {xml} has {markup.num_points}")
 
 
 def main(args: argparse.Namespace) -> dict:
+    with one_line_errors():
+        return fit_box(args) if args.fit_box else evaluate(args)
+
+
+class Report:
+    """The tables, curves and per-face CSVs of one evaluate.py run, filled as each model is scored."""
+
+    def __init__(self, out: Path):
+        self.out, self.results, self.curves = out, {}, {}
+
+    def record(self, name: str, title: str, errors: np.ndarray, faces: list[Face], root: Path,
+               markup: Markup) -> None:
+        self.curves[name] = errors
+        self.results[name] = summarise(errors, [subset_of(f, root) for f in faces], markup.normalisation)
+        write_faces_csv(self.out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, errors)
+        print_table(f"{title}; NME over the {markup.normalisation}", self.results[name])
+
+
+def evaluate(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results, curves, faces, config = {}, {}, None, {}
-
-    def record(name: str, title: str, errors: np.ndarray, root: Path) -> None:
-        curves[name] = errors
-        results[name] = summarise(errors, [subset_of(f, root) for f in faces], markup.normalisation)
-        write_faces_csv(out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, errors)
-        print_table(f"{title}; NME over the {markup.normalisation}", results[name])
-
+    report = Report(Path(args.out_dir))
+    report.out.mkdir(parents=True, exist_ok=True)
+    faces, config, xml, markup = None, {}, None, None
     predictor = dlib_baseline.load_predictor() if DLIB in args.baseline else None  # missing: say so first
     for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
-        model, config = load_for_inference(weights, device, args.eager)
-        faces, xml, markup = select_faces(args, config)
-        refuse_dlib_for_other_markup(args, xml, markup)
-        if args.flip_test and markup.flip is None:
-            raise SystemExit(f"--flip-test: {weights} was trained on {markup.num_points} points without "
-                             f"--flip-pairs, so which point mirrors which is unknown")
-        data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))
-        loader = DataLoader(data, args.batch_size, num_workers=args.workers)
-        pred, truths = predict_targets(model, loader, device, markup, args.flip_test)
-        record(run_name(weights) + (" +flip" if args.flip_test else ""),
-               f"{weights}{' with flip test' if args.flip_test else ''} on {xml}", score(pred, truths, faces, markup),
-               xml.parent)
+        faces, config, xml, markup = score_weights(args, weights, device, report)
     if args.baseline and faces is None:
         faces, xml, markup = select_faces(args, config)
         refuse_dlib_for_other_markup(args, xml, markup)
     if MEAN_SHAPE in args.baseline:
-        train_xml = Path(args.data_dir) / args.train_xml
-        # Loaded as training loaded it (the weights' markup), so that the split is the same.
-        train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False), markup=lambda k: markup)
-        train_idx, _ = trained_split(len(train_faces), config)
-        shape = mean_shape([train_faces[i] for i in train_idx])
-        truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
-        record(MEAN_SHAPE, f"mean training shape of {train_xml} placed in each box",
-               score(np.broadcast_to(shape, truths.shape), truths, faces, markup), xml.parent)
+        score_mean_shape(args, config, faces, xml, markup, report)
     if DLIB in args.baseline:
         pred = dlib_baseline.predict_faces(predictor, faces)
-        record(DLIB, f"dlib's 68-point shape predictor ({dlib_baseline.MODEL_FILE}) on the same boxes of {xml}",
-               nme(pred, np.stack([f.points for f in faces]), markup), xml.parent)
-    plot_ced(curves, out / "ced.png")
-    print(f"\nwrote {out / 'ced.png'} and per-face CSVs in {out}/")
+        report.record(DLIB, f"dlib's 68-point shape predictor ({dlib_baseline.MODEL_FILE}) on the same boxes of "
+                            f"{xml}", nme(pred, np.stack([f.points for f in faces]), markup), faces, xml.parent, markup)
+    plot_ced(report.curves, report.out / "ced.png")
+    print(f"\nwrote {report.out / 'ced.png'} and per-face CSVs in {report.out}/")
     if args.json:
-        table = next(iter(results.values())) if len(results) == 1 else results
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(table, indent=2))
-    return results
+        results = report.results
+        write_atomic(Path(args.json), json.dumps(next(iter(results.values())) if len(results) == 1 else results,
+                                                 indent=2))
+    return report.results
+
+
+def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
+                  report: Report) -> tuple[list[Face], dict, Path, Markup]:
+    """One weights file on the XML's boxes (the 300-W protocol) and, with --detector, on the faces it finds."""
+    model, config = load_for_inference(weights, device, args.eager)
+    faces, xml, markup = select_faces(args, config)
+    refuse_dlib_for_other_markup(args, xml, markup)
+    if args.flip_test and markup.flip is None:
+        raise UsageError(f"--flip-test: {weights} was trained on {markup.num_points} points without "
+                         f"--flip-pairs, so which point mirrors which is unknown")
+    data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))
+    loader = DataLoader(data, args.batch_size, num_workers=args.workers)
+    pred, truths = predict_targets(model, loader, device, markup, args.flip_test)
+    report.record(run_name(weights) + (" +flip" if args.flip_test else ""),
+                  f"{weights}{' with flip test' if args.flip_test else ''} on {xml}",
+                  score(pred, truths, faces, markup), faces, xml.parent, markup)
+    if args.detector:
+        landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
+                                passes=args.passes)
+        for degrees in args.turn:
+            name = (f"{run_name(weights)} {args.detector}{' any-roll' if args.any_roll else ''} {args.passes} "
+                    f"pass{'es' * (args.passes > 1)} {degrees:g}deg")
+            report.results[name] = found_row(score_found(landmarker, faces, markup, degrees), degrees)
+            print_found(name, report.results[name])
+    return faces, config, xml, markup
+
+
+def found_row(errors: np.ndarray, degrees: float) -> dict:
+    """What a user gets from detection: the share of faces found, and the NME of those found."""
+    found = errors[~np.isnan(errors)]
+    return {"turn_degrees": degrees, "faces": len(errors), "found_pct": float(100 * len(found) / len(errors)),
+            "nme": float(found.mean()) if len(found) else math.nan,
+            "median": float(np.median(found)) if len(found) else math.nan,
+            **{f"fr{t}": failure_rate(found, t) for t in THRESHOLDS}}
+
+
+def print_found(name: str, row: dict) -> None:
+    print(f"{name}: found {row['found_pct']:.1f}% of {row['faces']} faces; their NME {row['nme']:.2f}% "
+          f"(median {row['median']:.2f}%, FR@10 {row['fr10']:.2f}%)")
+
+
+def score_mean_shape(args: argparse.Namespace, config: dict, faces: list[Face], xml: Path, markup: Markup,
+                     report: Report) -> None:
+    train_xml = Path(args.data_dir) / args.train_xml
+    # Loaded as training loaded it (the weights' markup), so that the split is the same.
+    train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False), markup_of=lambda k: markup)
+    train_idx, _ = trained_split(len(train_faces), config)
+    shape = mean_shape([train_faces[i] for i in train_idx])
+    truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
+    report.record(MEAN_SHAPE, f"mean training shape of {train_xml} placed in each box",
+                  score(np.broadcast_to(shape, truths.shape), truths, faces, markup), faces, xml.parent, markup)
+
+
+def fit_box(args: argparse.Namespace) -> dict:
+    """--fit-box: YuNet's box relation fitted on the training split, printed for detectors.YUNET_RELATION."""
+    xml = Path(args.data_dir) / (args.xml or TRAIN_XML)
+    faces = load_faces(xml, args.skip_bad)
+    train_idx, _ = split_faces(len(faces))
+    relation, misfit, n = fit_yunet_box([faces[i] for i in train_idx])
+    print(f"YUNET_RELATION = BoxRelation(side={relation.side:.4f}, dx={relation.dx:.4f}, dy={relation.dy:.4f}) "
+          f"from {n} of the {len(train_idx)} training faces of {xml} (YuNet found and matched); RMS misfit "
+          f"side {misfit['side']:.1%}, centre ({misfit['dx']:.1%}, {misfit['dy']:.1%}) of dlib's box side")
+    return {"relation": relation._asdict(), "misfit": misfit, "faces": n}
 
 
 if __name__ == "__main__":

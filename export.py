@@ -1,17 +1,15 @@
 """The trained network as ONNX (and, if asked, TorchScript), each checked against PyTorch on the same inputs."""
 import argparse
-import json
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dataset import Markup, out_file
-from model import load_checkpoint, load_model, release_copy, save_atomic
+from checkpoints import load_checkpoint, load_model, release_copy, save_atomic
+from flags import one_line_errors, out_file
+from landmarks import Markup
+from onnx_io import OPSET, export_onnx, export_torchscript, onnx_runner, require_onnx
 
-OPSET = 17
 # The check runs a batch of a size the export never saw, which proves the batch axis is dynamic.
 EXPORT_BATCH, CHECK_BATCH = 2, 3
 
@@ -44,54 +42,14 @@ def write_release(args: argparse.Namespace) -> float:
     return difference
 
 
-def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    """Input `image` (N, 1, S, S) in [-1, 1] -> output `landmarks` (N, 2K), N free."""
-    with warnings.catch_warnings():
-        # The TorchScript-based exporter is deprecated for torch.export's, which would add onnxscript
-        # as a dependency; for a plain CNN both give the same graph, and this one runs with onnx alone.
-        warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["image"], output_names=["landmarks"],
-                          dynamic_axes={"image": {0: "batch"}, "landmarks": {0: "batch"}})
-
-
-def add_markup(path: Path, config: dict) -> None:
-    """The markup (point count, mirror twins, NME points) as the ONNX file's metadata "markup", in JSON, so
-    that a runtime without this project still knows what the 2K outputs are."""
-    import onnx
-    model = onnx.load(str(path))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = "markup", json.dumps(Markup.from_config(config).to_config())
-    onnx.save(model, str(path))
-
-
-def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # Deprecated in favour of torch.export, but still what libtorch (C++) and older runtimes load.
-        warnings.simplefilter("ignore", FutureWarning)
-        traced = torch.jit.trace(model, example)
-        traced.save(str(path))
-        return torch.jit.load(str(path))
-
-
-def onnx_runner(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
-    """The checked ONNX file as a function of a batch, run by onnxruntime on the CPU."""
-    import onnx
-    import onnxruntime
-    onnx.checker.check_model(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return lambda images: session.run(None, {"image": images.numpy()})[0]
-
-
 def main(args: argparse.Namespace) -> float:
     """Writes the files and returns the largest |onnxruntime - PyTorch| over a batch of random inputs."""
-    if args.release:
-        return write_release(args)
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"export.py needs onnx and onnxruntime ({e}): pip install onnx onnxruntime") from None
+    with one_line_errors():
+        return write_release(args) if args.release else write_exports(args)
+
+
+def write_exports(args: argparse.Namespace) -> float:
+    require_onnx()
     model, config = load_model(args.weights, "cpu")
     size = config.get("img_size", 224)
     out = Path(args.out or Path(args.weights).with_suffix(".onnx"))
@@ -102,8 +60,7 @@ def main(args: argparse.Namespace) -> float:
     with torch.inference_mode():
         expected = model(inputs).numpy()
 
-    export_onnx(model, example, out)
-    add_markup(out, config)
+    export_onnx(model, example, out, Markup.from_config(config).to_config())
     difference = float(np.abs(onnx_runner(out)(inputs) - expected).max())
     print(f"wrote {out} (opset {OPSET}, input 'image' (batch, 1, {size}, {size}), output 'landmarks' "
           f"(batch, {expected.shape[1]}): {expected.shape[1] // 2} points, x and y; metadata 'markup')")

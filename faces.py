@@ -1,48 +1,171 @@
-"""Faces in one picture: dlib's detector finds their boxes, the network puts the points in each; shared by photos and video."""
-from dataclasses import dataclass
+"""Landmarks on the faces of one picture, from Python: a detector finds them, each is cropped level with its roll, and the network puts the points; photos, video and evaluation all go through here."""
+from dataclasses import dataclass, field
+from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dataset import Box
-from model import Network
-from transforms import Transforms
+from checkpoints import RELEASED_WEIGHTS, load_for_inference
+from detectors import HOG_UPSAMPLE, YUNET_SIZE, Detection, make_detector
+from errors import UsageError
+from images import open_photo, to_gray
+from landmarks import Box, Markup, box_from_points, rescale
+from runtime import Network, pick_device
+from transforms import Augment, Transforms
+
+# A photo given by its path decodes at 1/2, 1/4 or 1/8 scale while its long side stays at least this: twice
+# what the detector looks at, and enough for the crop of any face the detector can find in it.
+DECODE_AT_LEAST = 2 * YUNET_SIZE
 
 
 @dataclass(frozen=True)
-class FacePrediction:
-    box: Box
-    points: np.ndarray  # (K, 2) image pixels of the upright photo
+class FaceLandmarks:
+    box: Box                 # the crop's box in dlib's convention, in the picture's pixels (upright frame)
+    points: np.ndarray       # (K, 2) in the picture's pixels
+    roll: float = 0.0        # degrees the face is turned, clockwise on screen (from the detector's eye points)
+    detector_score: float = 1.0
+
+    def to_dict(self) -> dict:
+        return {"box": [round(float(v), 2) for v in self.box],
+                "points": np.round(self.points.astype(np.float64), 2).tolist(),
+                "roll": round(float(self.roll), 1), "detector_score": round(float(self.detector_score), 3)}
 
 
-def load_detector():
-    """dlib's HOG frontal face detector: the one whose boxes the 300-W training labels use."""
-    try:
-        import dlib
-    except ImportError:
-        raise SystemExit("finding faces needs dlib's face detector: pip install dlib-bin "
-                         "(or, with --image, pass --box left,top,width,height)") from None
-    return dlib.get_frontal_face_detector()
+def level(detection: Detection) -> Augment:
+    """The crop that turns the face upright: rotated against its roll."""
+    return Augment(angle=-detection.roll)
 
 
-def detect_faces(detector, gray: Image.Image, upsample: int = 1) -> list[Box]:
-    """Face boxes in dlib's XML convention (rect.width() counts both edge pixels, as the labels do).
-
-    The detector sees the grayscale the network sees: on the colour original it also took the mission
-    patch on the astronaut's suit, in the tests' photo, for a face.
-    """
-    rects = detector(np.asarray(gray, np.uint8), upsample)
-    return [Box(r.left(), r.top(), r.width(), r.height()) for r in rects]
-
-
-def predict_faces(model: Network, transform: Transforms, gray: Image.Image, boxes: list[Box],
-                  device: torch.device) -> list[FacePrediction]:
-    """All faces of one image as one batch."""
-    if not boxes:
+def predict_faces(model: Network, transform: Transforms, gray: Image.Image, detections: list[Detection],
+                  device: torch.device) -> list[FaceLandmarks]:
+    """All faces of one picture as one batch, each cropped level with its roll."""
+    if not detections:
         return []
     no_points = np.zeros((1, 2))  # the transform moves points too; here there are none to move
-    batch = torch.stack([transform(gray, box, no_points)[0] for box in boxes])
+    batch = torch.stack([transform(gray, d.box, no_points, level(d))[0] for d in detections])
     with torch.inference_mode():
         pred = model(batch.to(device)).float().cpu().numpy()
-    return [FacePrediction(box, transform.to_image(p, box)) for p, box in zip(pred, boxes)]
+    return [FaceLandmarks(d.box, transform.to_image(p, d.box, level(d)), d.roll, d.score)
+            for p, d in zip(pred, detections)]
+
+
+def turn(points: np.ndarray, degrees: float, about: np.ndarray) -> np.ndarray:
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return (points - about) @ np.array([[c, s], [-s, c]]) + about
+
+
+def second_look(face: FaceLandmarks, markup: Markup) -> Detection | None:
+    """The crop that pass 1's points put the face in: levelled by the line through the markup's two NME
+    points (iBUG: the outer eye corners), and framed by the markup's box relation in the face's own upright
+    frame. None for a markup without NME points, whose eye line is unknown."""
+    if markup.nme_points is None:
+        return None
+    i, j = markup.nme_points
+    (x0, y0), (x1, y1) = face.points[i], face.points[j]
+    roll = float(np.degrees(np.arctan2(y1 - y0, x1 - x0)))
+    mean = face.points.mean(0)
+    box = box_from_points(turn(face.points, -roll, mean), markup.box_relation)
+    center = turn(box.center, roll, mean)
+    return Detection(Box(center[0] - box.width / 2, center[1] - box.height / 2, box.width, box.height),
+                     face.detector_score, roll)
+
+
+def as_picture(image) -> tuple[Image.Image, int]:
+    """A path, a PIL image or a numpy array (H x W gray, H x W x 3 RGB, uint8) -> a PIL image, and the
+    factor a path's JPEG was shrunk by while decoding."""
+    if isinstance(image, (str, Path)):
+        return open_photo(Path(image), DECODE_AT_LEAST)
+    if isinstance(image, Image.Image):
+        return image, 1
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise UsageError(f"expected an H x W or H x W x 3 uint8 array, got {image.dtype} of shape {image.shape}")
+        return Image.fromarray(image), 1
+    raise UsageError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+
+def detector_view(photo: Image.Image, gray: Image.Image) -> np.ndarray:
+    """What the detector looks at: the photo in RGB where converting keeps it faithful, else its grayscale."""
+    faithful = photo.mode in ("RGB", "L", "CMYK", "YCbCr", "P") and "transparency" not in photo.info
+    return np.asarray(photo.convert("RGB") if faithful and photo.mode != "L" else gray)
+
+
+@dataclass
+class Timings:
+    """Seconds spent in each step, summed over calls: where a folder's time goes."""
+    decode: float = 0.0
+    detect: float = 0.0
+    landmarks: float = 0.0
+    calls: int = field(default=0)
+
+
+class Landmarker:
+    """Faces and their landmarks in a picture, three lines from import to points:
+
+        from faces import Landmarker
+        landmarker = Landmarker()              # the released weights, YuNet, the CPU's fastest path
+        faces = landmarker("photo.jpg")        # or a PIL image, or an H x W (x 3) uint8 numpy array
+
+    Each face has .box, .points (K, 2) in the picture's pixels, .roll, .detector_score and .to_dict().
+    passes=2 looks again at each face, on the crop levelled and framed by the first look's points.
+    """
+
+    def __init__(self, weights: str | Path | None = None, device: str = "auto", detector: str = "yunet",
+                 any_roll: bool = False, upsample: int = HOG_UPSAMPLE, eager: bool = False, passes: int = 1):
+        weights = Path(weights) if weights else RELEASED_WEIGHTS
+        if not weights.is_file() and weights == RELEASED_WEIGHTS:
+            raise UsageError(f"{RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train with "
+                             f"`python train.py --recipe best --out runs/best` and pass --weights runs/best/best.pt")
+        self.device = pick_device(device)
+        self.weights = weights
+        self.model, self.config = load_for_inference(weights, self.device, eager)
+        self.markup = Markup.from_config(self.config)
+        self.transform = Transforms(self.config.get("img_size", 224), train=False)
+        self.detect = make_detector(detector, any_roll, upsample)
+        self.timings = Timings()
+        self.passes = passes
+
+    def __call__(self, image, boxes: list[Box] | None = None) -> list[FaceLandmarks]:
+        """The faces of `image`, or with `boxes` (dlib's convention, upright) the faces in those boxes."""
+        photo, factor = self.open(image)
+        return self.in_photo(photo, factor, boxes)[0]
+
+    def open(self, image) -> tuple[Image.Image, int]:
+        start = perf_counter()
+        photo, factor = as_picture(image)
+        self.timings.decode += perf_counter() - start
+        return photo, factor
+
+    def in_photo(self, photo: Image.Image, factor: int = 1,
+                 boxes: list[Box] | None = None) -> tuple[list[FaceLandmarks], Image.Image]:
+        """The faces of a decoded photo shrunk by `factor`, in the full photo's pixels; and its grayscale."""
+        start = perf_counter()
+        gray = to_gray(photo)
+        if boxes is None:
+            detections = self.detect(detector_view(photo, gray))
+        else:
+            detections = [Detection(rescale(b, np.zeros((1, 2)), 1 / factor, np.zeros(2))[0], 1.0) for b in boxes]
+        middle = perf_counter()
+        faces = self.look(gray, detections)
+        self.timings.detect += middle - start
+        self.timings.landmarks += perf_counter() - middle
+        self.timings.calls += 1
+        return [full_size(f, factor) for f in faces], gray
+
+    def look(self, gray: Image.Image, detections: list[Detection]) -> list[FaceLandmarks]:
+        """The network on each detection's crop; with passes=2, again on the crop its points level."""
+        faces = predict_faces(self.model, self.transform, gray, detections, self.device)
+        if self.passes == 2 and self.markup.nme_points is not None:
+            faces = predict_faces(self.model, self.transform, gray, [second_look(f, self.markup) for f in faces],
+                                  self.device)
+        return faces
+
+
+def full_size(face: FaceLandmarks, factor: int) -> FaceLandmarks:
+    """A face found on a photo decoded at 1/factor scale, in the full photo's pixels."""
+    if factor == 1:
+        return face
+    box, points = rescale(face.box, face.points, factor, np.zeros(2))
+    return FaceLandmarks(box, points, face.roll, face.detector_score)

@@ -1,4 +1,5 @@
 """Other landmark formats -> dlib's XML: 300-W .pts folders, WFLW's annotation file, and a subset of an XML's points."""
+import argparse
 import math
 import os
 import re
@@ -9,8 +10,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from dataset import (DLIB_BOX, IBUG, NUM_LANDMARKS, Box, BoxRelation, DataError, Face, box_from_points, check_point,
-                     fit_box_relation, load_faces, open_gray, write_xml)
+from detectors import detect_faces, load_hog
+from errors import DataError, UsageError
+from flags import one_line_errors, out_file
+from images import open_gray
+from labels import TRAIN_XML, load_faces, write_xml
+from landmarks import (DLIB_RELATION, IBUG, NUM_LANDMARKS, Box, BoxRelation, Face, box_from_points, box_iou,
+                       check_point, fit_box_relation)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # 300-W names the faces of one image name_1.pts, name_2.pts, ... beside name.jpg.
@@ -29,18 +35,18 @@ WFLW_FIELDS = 2 * WFLW_POINTS + 4 + len(WFLW_FLAGS) + 1  # points, box, flags, i
 # ---------------------------------------------------------------- 300-W's .pts files
 
 def read_lines(path: Path, what: str) -> list[str]:
-    """A text file's lines (a byte-order mark dropped), or one line naming the file and what went wrong."""
+    """A text file's lines (a byte-order mark dropped), or DataError naming the file and what went wrong."""
     try:
         return path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
-        raise SystemExit(f"{path}: {what} not found") from None
+        raise DataError(f"{path}: {what} not found") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
+        raise DataError(f"{path}: cannot read the {what} ({getattr(e, 'strerror', None) or e})") from None
 
 
 def read_pts(path: Path) -> np.ndarray:
     """A .pts file -> (K, 2) float points in dlib's 0-based pixels. Takes the 300-W layout (version and
-    n_points header, points between braces) and bare lines of "x y"; stops with one line naming the file."""
+    n_points header, points between braces) and bare lines of "x y"; DataError naming the file otherwise."""
     path = Path(path)
     lines = read_lines(path, ".pts file")
     points, expected, closed = [], None, False
@@ -50,7 +56,7 @@ def read_pts(path: Path) -> np.ndarray:
         if not text:
             continue
         if closed:
-            raise SystemExit(f"{where}: {text[:40]!r} after the closing '}}'")
+            raise DataError(f"{where}: {text[:40]!r} after the closing '}}'")
         if text == "{":
             continue
         if text == "}":
@@ -60,14 +66,14 @@ def read_pts(path: Path) -> np.ndarray:
             key, value = (part.strip() for part in text.split(":", 1))
             if key == "n_points":
                 if not value.isdigit():
-                    raise SystemExit(f"{where}: n_points is {value!r}, expected a whole number")
+                    raise DataError(f"{where}: n_points is {value!r}, expected a whole number")
                 expected = int(value)
             continue  # version: and any other header line say nothing about the points
         points.append(parse_point(text, where))
     if expected is not None and len(points) != expected:
-        raise SystemExit(f"{path}: {len(points)} points, but its header says n_points: {expected}")
+        raise DataError(f"{path}: {len(points)} points, but its header says n_points: {expected}")
     if len(points) < 2:
-        raise SystemExit(f"{path}: {len(points)} points; a markup needs at least 2")
+        raise DataError(f"{path}: {len(points)} points; a markup needs at least 2")
     # Matlab counts pixels from 1, dlib from 0.
     return np.array(points, np.float64) - 1
 
@@ -80,9 +86,9 @@ def parse_point(text: str, where: str) -> tuple[float, float]:
             raise ValueError
         x, y = float(fields[0]), float(fields[1])
     except ValueError:
-        raise SystemExit(f"{where}: {text[:40]!r} is not a point; expected two numbers 'x y'") from None
+        raise DataError(f"{where}: {text[:40]!r} is not a point; expected two numbers 'x y'") from None
     if not (math.isfinite(x) and math.isfinite(y)):
-        raise SystemExit(f"{where}: {text[:40]!r} is not a finite point")
+        raise DataError(f"{where}: {text[:40]!r} is not a finite point")
     return x, y
 
 
@@ -93,7 +99,7 @@ def find_pts_images(folders: list[Path]) -> list[tuple[Path, list[Path]]]:
     orphans = []
     for folder in folders:
         if not Path(folder).is_dir():
-            raise SystemExit(f"--from-pts {folder}: not a folder")
+            raise UsageError(f"--from-pts {folder}: not a folder")
         files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
         images = {}
         for p in files:
@@ -110,16 +116,9 @@ def find_pts_images(folders: list[Path]) -> list[tuple[Path, list[Path]]]:
         print(f"--from-pts: skipped {len(orphans)} .pts files with no image beside them (first: {orphans[0]})",
               file=sys.stderr)
     if not found:
-        raise SystemExit(f"--from-pts {' '.join(map(str, folders))}: no images (.jpg .jpeg .png .bmp) with a "
+        raise UsageError(f"--from-pts {' '.join(map(str, folders))}: no images (.jpg .jpeg .png .bmp) with a "
                          f".pts file of the same name beside them")
     return list(found.items())
-
-
-def box_iou(a: Box, b: Box) -> float:
-    width = min(a.left + a.width, b.left + b.width) - max(a.left, b.left)
-    height = min(a.top + a.height, b.top + b.height) - max(a.top, b.top)
-    overlap = max(width, 0) * max(height, 0)
-    return overlap / (a.width * a.height + b.width * b.height - overlap)
 
 
 def share_inside(box: Box, points: np.ndarray) -> float:
@@ -165,15 +164,10 @@ def match_detections(faces: list[np.ndarray], detections: list[Box],
 
 def face_finder() -> Callable[[Path], list[Box]]:
     """image file -> dlib's detections on its grayscale, upsampled once, as the 300-W labels were made."""
-    from faces import detect_faces, load_detector  # dlib only for --from-pts, and only once there is work
-    detector = load_detector()
+    detector = load_hog()
 
     def find(image: Path) -> list[Box]:
-        try:
-            gray, _ = open_gray(image)
-        except DataError as e:
-            raise SystemExit(str(e)) from None
-        return detect_faces(detector, gray, upsample=1)
+        return detect_faces(detector, open_gray(image)[0], upsample=1)
 
     return find
 
@@ -192,8 +186,8 @@ def from_pts(folders: list[Path], out: Path) -> None:
             if first is None:
                 first = (pts, len(points))
             elif len(points) != first[1]:
-                raise SystemExit(f"{pts}: {len(points)} points, but {first[0]} has {first[1]}; every .pts "
-                                 f"file must have the same points")
+                raise DataError(f"{pts}: {len(points)} points, but {first[0]} has {first[1]}; every .pts "
+                                f"file must have the same points")
             faces.append(points)
         labelled.append((image, faces))
     find = face_finder()
@@ -212,10 +206,10 @@ def from_pts(folders: list[Path], out: Path) -> None:
     n_faces = sum(len(faces) for _, faces in labelled)
     if relation is None:
         if num_points != NUM_LANDMARKS:
-            raise SystemExit(f"--from-pts: dlib's detector found none of the {n_faces} faces, so there is no box "
-                             f"relation to fit, and the measured one (DLIB_BOX) is for iBUG's 68 points, not "
+            raise UsageError(f"--from-pts: dlib's detector found none of the {n_faces} faces, so there is no box "
+                             f"relation to fit, and the measured one (DLIB_RELATION) is for iBUG's 68 points, not "
                              f"{num_points}")
-        relation, how = DLIB_BOX, "DLIB_BOX, measured for iBUG's 68 points: the detector found no face"
+        relation, how = DLIB_RELATION, "DLIB_RELATION, measured for iBUG's 68 points: the detector found no face"
     else:
         how = (f"the relation fitted on the detected ones: side {relation.side:.3f}, centre offset "
                f"({relation.dx:+.3f}, {relation.dy:+.3f}) point spreads; RMS misfit of side {misfit['side']:.1%}, "
@@ -251,27 +245,27 @@ def read_wflw(path: Path) -> list[WflwFace]:
     faces = [parse_wflw_line(line, f"{path}: line {number}", number)
              for number, line in enumerate(lines, 1) if line.strip()]
     if not faces:
-        raise SystemExit(f"{path}: no annotation lines")
+        raise DataError(f"{path}: no annotation lines")
     return faces
 
 
 def parse_wflw_line(line: str, where: str, number: int) -> WflwFace:
     fields = line.split(maxsplit=WFLW_FIELDS - 1)  # the name last, whole even if it holds a space
     if len(fields) != WFLW_FIELDS:
-        raise SystemExit(f"{where}: {len(fields)} fields, expected {WFLW_FIELDS} ({2 * WFLW_POINTS} point "
-                         f"coordinates, 4 box corners, {len(WFLW_FLAGS)} flags, the image name)")
+        raise DataError(f"{where}: {len(fields)} fields, expected {WFLW_FIELDS} ({2 * WFLW_POINTS} point "
+                        f"coordinates, 4 box corners, {len(WFLW_FLAGS)} flags, the image name)")
     try:
         numbers = np.array([float(f) for f in fields[:2 * WFLW_POINTS + 4]])
     except ValueError:
-        raise SystemExit(f"{where}: the points and box must be numbers") from None
+        raise DataError(f"{where}: the points and box must be numbers") from None
     if not np.isfinite(numbers).all():
-        raise SystemExit(f"{where}: the points and box must be finite numbers")
+        raise DataError(f"{where}: the points and box must be finite numbers")
     flags = fields[2 * WFLW_POINTS + 4:-1]
     if any(f not in ("0", "1") for f in flags):
-        raise SystemExit(f"{where}: the flags ({' '.join(WFLW_FLAGS)}) must be 0 or 1, got {' '.join(flags)}")
+        raise DataError(f"{where}: the flags ({' '.join(WFLW_FLAGS)}) must be 0 or 1, got {' '.join(flags)}")
     x0, y0, x1, y1 = numbers[2 * WFLW_POINTS:]
     if not (x1 > x0 and y1 > y0):
-        raise SystemExit(f"{where}: the box {x0:g},{y0:g} to {x1:g},{y1:g} is empty")
+        raise DataError(f"{where}: the box {x0:g},{y0:g} to {x1:g},{y1:g} is empty")
     return WflwFace(fields[-1], numbers[:2 * WFLW_POINTS].reshape(WFLW_POINTS, 2),
                     Box(float(x0), float(y0), float(x1 - x0), float(y1 - y0)),
                     {name: f == "1" for name, f in zip(WFLW_FLAGS, flags)}, number)
@@ -281,7 +275,7 @@ def from_wflw(annotations: Path, images: Path, out: Path) -> None:
     """WFLW's annotation file -> dlib's XML at `out`, keeping WFLW's boxes; the lines of one image become
     one <image> with several boxes."""
     if not Path(images).is_dir():
-        raise SystemExit(f"--images {images}: not a folder")
+        raise UsageError(f"--images {images}: not a folder")
     grouped: dict[str, list[WflwFace]] = {}
     for face in read_wflw(annotations):
         grouped.setdefault(face.image, []).append(face)
@@ -289,7 +283,7 @@ def from_wflw(annotations: Path, images: Path, out: Path) -> None:
     for name, faces in grouped.items():
         image = Path(images) / name
         if not image.is_file():
-            raise SystemExit(f"{image}: image not found (line {faces[0].line} of {annotations})")
+            raise DataError(f"{image}: image not found (line {faces[0].line} of {annotations})")
         records.append((relative_to(image, out), [(f.box, f.points) for f in faces]))
     write_xml(out, records, "faces from WFLW")
     n_faces = sum(len(faces) for faces in grouped.values())
@@ -302,14 +296,14 @@ def parse_indices(text: str) -> list[int]:
     """"36,39,42" -> [36, 39, 42], or one line naming --pick-points."""
     fields = [f.strip() for f in text.split(",")]
     if not all(f.isascii() and f.isdigit() for f in fields):
-        raise SystemExit(f"--pick-points {text!r}: expected point numbers separated by commas, such as "
+        raise UsageError(f"--pick-points {text!r}: expected point numbers separated by commas, such as "
                          f"36,39,42,45,33")
     indices = [int(f) for f in fields]
     twice = sorted({i for i in indices if indices.count(i) > 1})
     if twice:
-        raise SystemExit(f"--pick-points {text!r}: point {twice[0]} is picked twice")
+        raise UsageError(f"--pick-points {text!r}: point {twice[0]} is picked twice")
     if len(indices) < 2:
-        raise SystemExit(f"--pick-points {text!r}: a markup needs at least 2 points")
+        raise UsageError(f"--pick-points {text!r}: a markup needs at least 2 points")
     return indices
 
 
@@ -323,7 +317,7 @@ def pick_points(xml: Path, indices: str, out: Path) -> None:
         for i in picked:
             check_point(i, num_points)
     except ValueError as e:
-        raise SystemExit(f"--pick-points {indices!r}: {e} of {xml}") from None
+        raise UsageError(f"--pick-points {indices!r}: {e} of {xml}") from None
     grouped: dict[Path, list[tuple[Box, np.ndarray]]] = {}
     for face in faces:
         grouped.setdefault(face.image, []).append((face.box, face.points[picked]))
@@ -342,3 +336,58 @@ def mirror_note(picked: list[int], num_points: int) -> str:
     pairs = sorted((position[p], position[IBUG.flip[p]]) for p in picked
                    if IBUG.flip[p] in position and position[p] < position[IBUG.flip[p]])
     return f"; their mirror pairs (iBUG's twins): {[list(p) for p in pairs]}"
+
+
+# ---------------------------------------------------------------- the command line (also dataset.py's)
+
+def add_arguments(parser: argparse.ArgumentParser, group) -> None:
+    """The converters' flags: `group` is the mutually exclusive group they share with other actions."""
+    group.add_argument("--from-pts", metavar="DIR", nargs="+", type=Path,
+                       help="images with 300-W .pts files beside them (1-based points) -> --out XML; boxes from "
+                            "dlib's detector, or from the points where it finds no face")
+    group.add_argument("--from-wflw", metavar="FILE", type=Path,
+                       help="WFLW annotation file (98 points, box, 6 flags, image name per line) -> --out XML")
+    group.add_argument("--pick-points", metavar="I,J,...",
+                       help="keep these points of --data-dir/--xml, in this order -> --out XML (a smaller markup)")
+    parser.add_argument("--images", type=Path, help="with --from-wflw: the folder its image names are relative to")
+
+
+def converting(args: argparse.Namespace) -> bool:
+    return bool(args.from_pts or args.from_wflw or args.pick_points)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if converting(args) and (args.out is None or not args.out.lower().endswith(".xml")):
+        parser.error("--from-pts, --from-wflw and --pick-points need --out FILE.xml")
+    if args.from_wflw and args.images is None:
+        parser.error("--from-wflw needs --images DIR, the folder of WFLW's images")
+
+
+def convert(args: argparse.Namespace) -> None:
+    if args.from_pts:
+        from_pts(args.from_pts, Path(args.out))
+    elif args.from_wflw:
+        from_wflw(args.from_wflw, args.images, Path(args.out))
+    else:
+        pick_points(Path(args.data_dir) / args.xml, args.pick_points, Path(args.out))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__)
+    action = parser.add_mutually_exclusive_group(required=True)
+    add_arguments(parser, action)
+    parser.add_argument("--data-dir", default="data", help="with --pick-points: the dataset folder (default: data)")
+    parser.add_argument("--xml", default=TRAIN_XML, help=f"with --pick-points: its labels (default: {TRAIN_XML})")
+    parser.add_argument("--out", type=out_file, required=True, help="the XML to write")
+    args = parser.parse_args(argv)
+    check_arguments(parser, args)
+    return args
+
+
+def main(args: argparse.Namespace) -> None:
+    with one_line_errors():
+        convert(args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -22,17 +22,33 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import benchmark
+import checkpoints
 import dataset
+import demo as demodata  # the module; `demo` is the fixture of demo data
+import detectors
+import errors
 import evaluate
 import export
+import flags
+import images
+import labels
+import landmarks
+import onnx_io
+import photos
 import predict
+import runtime
 import train
-from dataset import NUM_LANDMARKS, Box, Face, FaceCache, FaceLandmarksDataset, load_faces, nme, split_faces, template_shape
-import model
-from model import build_model, load_model, optimize_for_inference
+import training
+from checkpoints import load_model
+from dataset import FaceCache, FaceLandmarksDataset, split_faces
+from demo import template_shape
+from labels import load_faces
+from landmarks import NUM_LANDMARKS, Box, Face, nme
+from model import build_model
+from runtime import optimize_for_inference
 from transforms import CROP_MARGIN, Augment, Transforms, unflip
 
-FLIP_PERMUTATION = list(dataset.IBUG.flip)
+FLIP_PERMUTATION = list(landmarks.IBUG.flip)
 
 HERE = Path(__file__).parent
 # Small and fast: a ResNet18 at 64 px trains an epoch of the demo set in about a second.
@@ -47,7 +63,7 @@ def run_script(*args: str, cwd: Path = HERE, env: dict | None = None) -> subproc
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    dataset.make_demo(root, n_images=50, seed=1)
+    demodata.make_demo(root, n_images=50, seed=1)
     return root
 
 
@@ -91,7 +107,7 @@ def test_parsing_reads_every_box_and_orders_parts_by_name(tmp_path):
 
 
 def test_demo_data_has_two_face_images_and_all_boxes_load(demo):
-    faces = load_faces(demo / dataset.TRAIN_XML)
+    faces = load_faces(demo / labels.TRAIN_XML)
     per_image = {}
     for face in faces:
         per_image[face.image] = per_image.get(face.image, 0) + 1
@@ -190,17 +206,17 @@ def test_target_maps_back_to_image_pixels():
 
 
 def test_validation_transform_is_deterministic(demo):
-    faces = load_faces(demo / dataset.TRAIN_XML)
+    faces = load_faces(demo / labels.TRAIN_XML)
     data = FaceLandmarksDataset(faces, Transforms(96, train=False))
     (a, ta), (b, tb) = data[0], data[0]
     assert torch.equal(a, b) and torch.equal(ta, tb)
 
 
 def test_cached_and_uncached_give_same_landmarks_for_same_parameters(demo):
-    faces = load_faces(demo / dataset.TRAIN_XML)
+    faces = load_faces(demo / labels.TRAIN_XML)
     transform = Transforms(img_size=96, rotation=20, scale=0.1, shift=0.05, flip=True,
                            flip_permutation=FLIP_PERMUTATION)
-    cache = FaceCache(faces, demo / dataset.TRAIN_XML, 120, CROP_MARGIN)
+    cache = FaceCache(faces, demo / labels.TRAIN_XML, 120, CROP_MARGIN)
     direct, cached = FaceLandmarksDataset(faces, transform), FaceLandmarksDataset(faces, transform, cache=cache)
     random.seed(0)
     for i in range(0, len(faces), 7):
@@ -221,8 +237,8 @@ def test_model_maps_a_grayscale_batch_to_136_values():
 def untrained_nme(demo: Path) -> float:
     torch.manual_seed(0)
     args = train.parse_args(["--data-dir", str(demo), *FAST])
-    _, val_loader, _, markup = train.make_loaders(args, 0, 1)
-    return train.validate(build_model(), val_loader, train.LOSSES["mse"], torch.device("cpu"), "off", markup)[1]
+    _, val_loader, _, markup = training.make_loaders(args, 0, 1)
+    return training.validate(build_model(), val_loader, training.LOSSES["mse"], torch.device("cpu"), "off", markup)[1]
 
 
 def test_short_training_beats_the_untrained_model_and_writes_its_files(demo, trained):
@@ -257,9 +273,9 @@ def test_amp_auto_uses_bf16_only_where_the_cpu_does_it_in_hardware(monkeypatch):
     for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "off")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert model.resolve_amp("auto", cpu) == expected
-        assert model.resolve_amp("off", cpu) == "off" and model.resolve_amp("bf16", cpu) == "bf16"
-        with model.autocast(cpu, "auto"):
+        assert runtime.resolve_amp("auto", cpu) == expected
+        assert runtime.resolve_amp("off", cpu) == "off" and runtime.resolve_amp("bf16", cpu) == "bf16"
+        with runtime.autocast(cpu, "auto"):
             assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
 
 
@@ -297,8 +313,8 @@ def test_pip_head_decodes_perfect_maps_to_the_points_and_its_loss_is_zero_there(
     targets = torch.rand(3, 136) * 0.9 - 0.45
     maps = pip_maps(targets, index, grid=5)
     assert torch.allclose(net.head.decode(*maps), targets, atol=1e-6)
-    assert train.pip_loss(maps, targets, index).item() == pytest.approx(0, abs=1e-6)
-    assert train.pip_loss(maps, targets + 0.05, index).item() > 0.1
+    assert training.pip_loss(maps, targets, index).item() == pytest.approx(0, abs=1e-6)
+    assert training.pip_loss(maps, targets + 0.05, index).item() > 0.1
 
 
 def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
@@ -419,9 +435,9 @@ def test_flip_test_on_a_symmetric_prediction_changes_nothing():
 
 @pytest.mark.parametrize("k", [5, 98])
 def test_demo_markup_twins_are_true_mirror_images(k):
-    weights = dataset.demo_weights(k)
-    pairs, corners = dataset.demo_markup(k)
-    perm = np.array(dataset.flip_permutation(pairs, k))
+    weights = demodata.demo_weights(k)
+    pairs, corners = demodata.demo_markup(k)
+    perm = np.array(landmarks.flip_permutation(pairs, k))
     shape = weights @ template_shape()  # the template is symmetric, so each point's twin is its mirror image
     np.testing.assert_allclose(shape[perm] * [-1, 1], shape, atol=1e-6)
     assert (perm[perm] == np.arange(k)).all() and perm[corners[0]] == corners[1]
@@ -432,7 +448,7 @@ def test_flip_with_given_pairs_maps_each_point_to_its_twin(k):
     box = Box(60, 40, 180, 180)
     points = grid_points(box)[:k] if k <= NUM_LANDMARKS else np.random.default_rng(k).uniform(70, 230, (k, 2))
     pairs = [(i, k - 1 - i) for i in range(k // 2)]
-    perm = dataset.flip_permutation(pairs, k)
+    perm = landmarks.flip_permutation(pairs, k)
     transform = Transforms(img_size=224, flip_permutation=perm)
     image = Image.new("L", (300, 300))
     _, plain = transform(image, box, points, Augment())
@@ -446,35 +462,35 @@ def test_flip_with_given_pairs_maps_each_point_to_its_twin(k):
 
 
 def test_flip_pairs_and_nme_points_flags_parse_or_say_what_is_wrong(tmp_path):
-    assert dataset.flip_pairs_arg("0,3 1,2") == dataset.flip_pairs_arg("2,1 3,0") == [[0, 3], [1, 2]]
+    assert flags.flip_pairs_arg("0,3 1,2") == flags.flip_pairs_arg("2,1 3,0") == [[0, 3], [1, 2]]
     (tmp_path / "pairs.json").write_text("[[0, 3], [1, 2]]")
-    assert dataset.flip_pairs_arg(str(tmp_path / "pairs.json")) == [[0, 3], [1, 2]]
+    assert flags.flip_pairs_arg(str(tmp_path / "pairs.json")) == [[0, 3], [1, 2]]
     for bad in ["0,3 1", "a,b", "0,3,4"]:
         with pytest.raises(argparse.ArgumentTypeError, match="mirror pairs"):
-            dataset.flip_pairs_arg(bad)
-    assert dataset.point_pair_arg("0,3") == dataset.point_pair_arg("3,0") == [0, 3]
+            flags.flip_pairs_arg(bad)
+    assert flags.point_pair_arg("0,3") == flags.point_pair_arg("3,0") == [0, 3]
     for bad in ["0", "0,0", "x,1"]:
         with pytest.raises(argparse.ArgumentTypeError):
-            dataset.point_pair_arg(bad)
+            flags.point_pair_arg(bad)
     with pytest.raises(ValueError, match="--flip-pairs: point 7 is not among the 5 points"):
-        dataset.markup_for(5, [(0, 7)])
+        landmarks.markup_for(5, [(0, 7)])
     with pytest.raises(ValueError, match="--flip-pairs: point 1 is in two mirror pairs"):
-        dataset.markup_for(5, [(0, 1), (1, 2)])
+        landmarks.markup_for(5, [(0, 1), (1, 2)])
     with pytest.raises(ValueError, match="--nme-points: point 9"):
-        dataset.markup_for(5, None, (0, 9))
-    assert dataset.markup_for(68) == dataset.IBUG and dataset.markup_for(5).flip is None
-    assert dataset.markup_for(5).normalisation == "box diagonal"
+        landmarks.markup_for(5, None, (0, 9))
+    assert landmarks.markup_for(68) == landmarks.IBUG and landmarks.markup_for(5).flip is None
+    assert landmarks.markup_for(5).normalisation == "box diagonal"
 
 
 def test_nme_over_the_box_diagonal_when_the_markup_names_no_points():
     truth = np.zeros((2, 5, 2))
-    markup = dataset.markup_for(5)
+    markup = landmarks.markup_for(5)
     errors = nme(truth + [3.0, 4.0], truth, markup, diagonal=[10.0, 50.0])
     np.testing.assert_allclose(errors, [50.0, 10.0])
     with pytest.raises(ValueError, match="diagonal"):
         nme(truth, truth, markup)
-    assert dataset.Markup.from_config({"markup": markup.to_config()}) == markup
-    assert dataset.Markup.from_config({}) == dataset.IBUG  # weights saved before markups existed
+    assert landmarks.Markup.from_config({"markup": markup.to_config()}) == markup
+    assert landmarks.Markup.from_config({}) == landmarks.IBUG  # weights saved before markups existed
 
 
 def test_point_count_comes_from_the_first_box_and_other_part_sets_stop_naming_the_box(tmp_path):
@@ -485,17 +501,17 @@ def test_point_count_comes_from_the_first_box_and_other_part_sets_stop_naming_th
     assert [f.points.shape for f in faces] == [(5, 2), (5, 2)]
     write_xml(tmp_path / "mixed.xml", [("a.jpg", [box_xml(five, box=(50, 40, 100, 100)),
                                                   box_xml(np.r_[five, [[100, 130]]], box=(50, 40, 100, 100))])])
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(errors.Error) as stop:
         load_faces(tmp_path / "mixed.xml")
-    assert "box 1 has a part named '05', expected '00'..'04'" in str(stop.value.code)
+    assert "box 1 has a part named '05', expected '00'..'04'" in str(stop.value)
     big = np.random.default_rng(0).uniform(60, 140, (150, 2))
-    dataset.write_xml(tmp_path / "big.xml", [("a.jpg", [(Box(50, 40, 100, 100), big)])])
+    labels.write_xml(tmp_path / "big.xml", [("a.jpg", [(Box(50, 40, 100, 100), big)])])
     assert "name='149'" in (tmp_path / "big.xml").read_text()  # dlib's three digits beyond 100 points
     np.testing.assert_allclose(load_faces(tmp_path / "big.xml")[0].points, big, atol=0.5)
 
 
 def test_flip_without_pairs_is_refused_for_another_markup(tmp_path):
-    dataset.make_demo(tmp_path, n_images=10, num_points=5)
+    demodata.make_demo(tmp_path, n_images=10, num_points=5)
     with pytest.raises(SystemExit) as stop:
         train.main(train.parse_args(["--data-dir", str(tmp_path), "--flip", "--epochs", "1",
                                      "--out", str(tmp_path / "run"), *FAST]))
@@ -508,9 +524,9 @@ def other_markup(request, tmp_path_factory) -> tuple[int, Path, Path]:
     """A demo markup of K points trained for a few epochs with its mirror pairs: (K, data, run)."""
     k = request.param
     root = tmp_path_factory.mktemp(f"demo{k}")
-    dataset.make_demo(root, n_images=40, seed=2, num_points=k)
+    demodata.make_demo(root, n_images=40, seed=2, num_points=k)
     out = root / "run"
-    _, corners = dataset.demo_markup(k)
+    _, corners = demodata.demo_markup(k)
     nme_flags = ["--nme-points", f"{corners[0]},{corners[1]}"] if k == 98 else []  # 5: the box diagonal
     head = ["--head", "pip"] if k == 5 else []
     train.main(train.parse_args(["--data-dir", str(root), "--epochs", "3", "--flip", "--rotation", "10",
@@ -522,9 +538,9 @@ def other_markup(request, tmp_path_factory) -> tuple[int, Path, Path]:
 def test_other_markup_trains_and_its_weights_carry_it(other_markup):
     k, root, out = other_markup
     checkpoint = torch.load(out / "best.pt", weights_only=True)
-    markup = dataset.Markup.from_config(checkpoint["config"])
-    pairs, corners = dataset.demo_markup(k)
-    assert markup.num_points == k and markup.flip == dataset.flip_permutation(pairs, k)
+    markup = landmarks.Markup.from_config(checkpoint["config"])
+    pairs, corners = demodata.demo_markup(k)
+    assert markup.num_points == k and markup.flip == landmarks.flip_permutation(pairs, k)
     assert markup.nme_points == (corners if k == 98 else None)
     net, _ = load_model(out / "best.pt")
     assert net(torch.zeros(1, 1, 64, 64)).shape == (1, 2 * k)
@@ -539,7 +555,7 @@ def test_other_markup_evaluates_with_its_normalisation_named(other_markup, tmp_p
     table = results[next(iter(results))]["Full"]
     assert table["normalisation"] == ("box diagonal" if k == 5 else "distance of points 60 and 68")
     assert np.isfinite(table["nme"]) and results["mean-shape"]["Full"]["normalisation"] == table["normalisation"]
-    dataset.make_demo(tmp_path / "d68", n_images=6)
+    demodata.make_demo(tmp_path / "d68", n_images=6)
     with pytest.raises(SystemExit) as stop:  # 68-point labels are not these weights' points
         evaluate.main(evaluate.parse_args(["--weights", str(out / "best.pt"), "--data-dir", str(tmp_path / "d68"),
                                            "--workers", "0", "--out-dir", str(tmp_path)]))
@@ -571,7 +587,7 @@ def test_other_markup_exports_to_onnx_with_2k_outputs_and_its_markup(other_marku
     assert difference < 1e-3
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert json.loads(meta["markup"])["num_points"] == k
-    assert export.onnx_runner(path)(torch.zeros(2, 1, 64, 64)).shape == (2, 2 * k)
+    assert onnx_io.onnx_runner(path)(torch.zeros(2, 1, 64, 64)).shape == (2, 2 * k)
 
 
 def test_68_point_weights_saved_before_markups_still_load_and_predict(tmp_path):
@@ -579,11 +595,11 @@ def test_68_point_weights_saved_before_markups_still_load_and_predict(tmp_path):
     old = {"model": build_model().state_dict(), "config": {"img_size": 64, "head": "regression"}, "epoch": 1}
     torch.save(old, tmp_path / "old.pt")  # what train.py wrote before the markup was saved
     net, config = load_model(tmp_path / "old.pt")
-    assert dataset.Markup.from_config(config) == dataset.IBUG
+    assert landmarks.Markup.from_config(config) == landmarks.IBUG
     photo = astronaut_jpg(tmp_path)
     predict.main(predict.parse_args(["--weights", str(tmp_path / "old.pt"), "--image", str(photo),
                                      "--box", "170,90,110,110", "--out-dir", str(tmp_path / "pred")]))
-    saved = json.loads((tmp_path / "pred" / "predictions.json").read_text())
+    saved = photos.read_results(tmp_path / "pred" / photos.RESULTS)
     assert np.array(saved["images"][0]["faces"][0]["points"]).shape == (NUM_LANDMARKS, 2)
 
 
@@ -624,7 +640,7 @@ def bad_case(root: Path, case: str) -> Path:
         images.append(("good.jpg", [good_face_xml(box=(500, 40, 100, 100))]))
     elif case == "no boxes":
         images = [("good.jpg", [])]
-    xml = write_xml(root / dataset.TRAIN_XML, images)
+    xml = write_xml(root / labels.TRAIN_XML, images)
     if case == "malformed xml":
         xml.write_text(xml.read_text()[:-20])
     return xml
@@ -658,7 +674,7 @@ def test_bad_data_from_the_command_line_exits_non_zero_without_a_traceback(tmp_p
 
 def test_skip_bad_skips_bad_faces_and_says_how_many_and_why(tmp_path, capsys):
     bad_case(tmp_path, "67 parts")
-    faces = load_faces(tmp_path / dataset.TRAIN_XML, skip_bad=True)
+    faces = load_faces(tmp_path / labels.TRAIN_XML, skip_bad=True)
     assert len(faces) == 1
     assert "skipped 1 bad faces (1 x wrong part count)" in capsys.readouterr().err
 
@@ -686,9 +702,9 @@ def test_weights_from_another_model_or_truncated_give_one_line(trained, tmp_path
     data = (trained / "best.pt").read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     for path, problem in ((other, "weights do not fit this model"), (cut, "not a readable weights file")):
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(errors.Error) as stop:
             load_model(path)
-        assert str(stop.value.code).startswith(f"{path}: {problem}") and "\n" not in str(stop.value.code)
+        assert str(stop.value).startswith(f"{path}: {problem}") and "\n" not in str(stop.value)
 
 
 def wait_for_rows(log: Path, rows: int, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -757,7 +773,7 @@ def test_pretrained_start_averages_imagenet_conv1_over_rgb(tmp_path, monkeypatch
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(imagenet, tmp_path / "hub" / "checkpoints" / Path(weights.url).name)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    model = build_model(pretrained=True)
+    model = build_model(imagenet=checkpoints.imagenet_weights())
     torch.testing.assert_close(model.conv1.weight, imagenet["conv1.weight"].mean(1, keepdim=True))
     torch.testing.assert_close(model.layer4[1].conv2.weight, imagenet["layer4.1.conv2.weight"])
     assert model.fc.out_features == 2 * NUM_LANDMARKS
@@ -772,9 +788,9 @@ def test_pretrained_offline_stops_with_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(api, "load_state_dict_from_url", offline)
-    with pytest.raises(SystemExit) as stop:
-        build_model(pretrained=True)
-    message = str(stop.value.code)
+    with pytest.raises(errors.Error) as stop:
+        checkpoints.imagenet_weights()
+    message = str(stop.value)
     assert message.startswith("--pretrained: cannot download") and "\n" not in message
     assert str(tmp_path / "hub" / "checkpoints") in message
 
@@ -790,7 +806,7 @@ def tiny_300w_archive(tmp_path: Path) -> Path:
     tree = tmp_path / "tree" / ARCHIVE_TOP
     (tree / "helen" / "trainset").mkdir(parents=True)
     face = box_xml(np.random.default_rng(0).uniform(12, 48, (NUM_LANDMARKS, 2)), box=(10, 10, 40, 40))
-    for xml in (dataset.TRAIN_XML, dataset.TEST_XML):
+    for xml in (labels.TRAIN_XML, labels.TEST_XML):
         write_xml(tree / xml, [("helen/trainset/1.jpg", [face])])
     Image.new("RGB", (64, 64), "gray").save(tree / "helen" / "trainset" / "1.jpg")
     archive = tmp_path / ARCHIVE_NAME
@@ -806,7 +822,7 @@ def run_download(data_dir: Path | None, url: str, env: dict | None = None) -> su
 
 
 def assert_extracted(data_dir: Path):
-    for name in (dataset.TRAIN_XML, dataset.TEST_XML, "helen/trainset/1.jpg"):
+    for name in (labels.TRAIN_XML, labels.TEST_XML, "helen/trainset/1.jpg"):
         assert (data_dir / name).is_file(), name
     assert not (data_dir / ARCHIVE_TOP).exists()
     assert not list(data_dir.glob(".extract.*"))
@@ -817,7 +833,7 @@ def test_download_puts_the_label_xmls_and_images_directly_in_the_data_folder(tmp
     result = run_download(tmp_path / "data", archive.as_uri())
     assert result.returncode == 0, result.stderr
     assert_extracted(tmp_path / "data")
-    assert len(load_faces(tmp_path / "data" / dataset.TRAIN_XML)) == 1
+    assert len(load_faces(tmp_path / "data" / labels.TRAIN_XML)) == 1
 
 
 def test_download_again_when_done_is_a_no_op_that_says_so(tmp_path):
@@ -852,7 +868,7 @@ def test_download_of_a_bad_archive_stops_with_one_line_and_leaves_nothing_that_l
     assert result.stderr.strip().count("\n") == 0 and "is not a valid archive; delete it" in result.stderr
     assert ARCHIVE_NAME in result.stderr
     assert not (tmp_path / "data" / ".download-complete").exists()
-    assert not (tmp_path / "data" / dataset.TRAIN_XML).exists()
+    assert not (tmp_path / "data" / labels.TRAIN_XML).exists()
     assert not list((tmp_path / "data").glob(".extract.*"))
 
 
@@ -861,7 +877,7 @@ def test_download_from_an_unreachable_url_stops_with_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("download.sh: cannot download file:///nonexistent/x.tar.gz (")
-    assert not (tmp_path / "data" / dataset.TRAIN_XML).exists()
+    assert not (tmp_path / "data" / labels.TRAIN_XML).exists()
 
 
 # ---------------------------------------------------------------- your own photos and export
@@ -879,12 +895,12 @@ def astronaut_jpg(tmp_path: Path) -> Path:
 
 def predict_images(trained: Path, out_dir: Path, *args: str) -> dict:
     predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out_dir), *args]))
-    return json.loads((out_dir / "predictions.json").read_text())
+    return photos.read_results(out_dir / photos.RESULTS)
 
 
 def test_the_detector_finds_the_one_face_in_a_real_photo(tmp_path):
-    photo = dataset.to_gray(Image.open(astronaut_jpg(tmp_path)))
-    boxes = predict.detect_faces(predict.load_detector(), photo)
+    photo = images.to_gray(Image.open(astronaut_jpg(tmp_path)))
+    boxes = detectors.detect_faces(detectors.load_hog(), photo)
     assert len(boxes) == 1
     assert 150 < boxes[0].center[0] < 300 and 60 < boxes[0].center[1] < 200 and 60 < boxes[0].side < 160
 
@@ -901,14 +917,14 @@ def test_predict_image_on_a_real_photo_writes_68_points_inside_it_and_an_annotat
     assert Image.open(record["annotated"]).size == (512, 512)
 
 
-@pytest.mark.skipif(not model.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
 def test_predict_image_without_weights_uses_the_released_ones_and_finds_a_plausible_face(tmp_path):
     photo = astronaut_jpg(tmp_path)
     result = run_script(str(HERE / "predict.py"), "--image", str(photo), "--out-dir", str(tmp_path / "out"),
                         cwd=tmp_path)  # from another folder: the released weights are found beside the code
     assert result.returncode == 0, result.stderr
-    saved = json.loads((tmp_path / "out" / "predictions.json").read_text())
-    assert saved["weights"] == str(model.RELEASED_WEIGHTS)
+    saved = photos.read_results(tmp_path / "out" / photos.RESULTS)
+    assert saved["summaries"][0]["weights"] == str(checkpoints.RELEASED_WEIGHTS)
     [face] = saved["images"][0]["faces"]
     points, (left, top, width, height) = np.array(face["points"]), face["box"]
     eyes, nose_tip, chin = points[[36, 45]], points[30], points[8]
@@ -918,10 +934,10 @@ def test_predict_image_without_weights_uses_the_released_ones_and_finds_a_plausi
     assert "images/s: face detector" in result.stdout
 
 
-@pytest.mark.skipif(not model.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
 def test_released_weights_are_small_and_record_how_they_were_trained():
-    checkpoint = torch.load(model.RELEASED_WEIGHTS, map_location="cpu", weights_only=True)
-    assert model.RELEASED_WEIGHTS.stat().st_size <= 25 * 2**20
+    checkpoint = torch.load(checkpoints.RELEASED_WEIGHTS, map_location="cpu", weights_only=True)
+    assert checkpoints.RELEASED_WEIGHTS.stat().st_size <= 25 * 2**20
     assert checkpoint["config"]["recipe"] == "best" and "optimizer" not in checkpoint
     assert all(v.dtype != torch.float32 for v in checkpoint["model"].values())
 
@@ -976,7 +992,7 @@ def test_an_unreadable_image_costs_one_line_the_rest_are_predicted_and_the_exit_
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{tmp_path / 'b.jpg'}: cannot read image")
-    saved = json.loads((out / "predictions.json").read_text())
+    saved = photos.read_results(out / photos.RESULTS)
     assert [len(r["faces"]) for r in saved["images"]] == [1, 0, 1] and "error" in saved["images"][1]
     assert sorted(p.name for p in out.glob("*.png")) == ["a_landmarks.png", "c_landmarks.png"]
 
@@ -1096,7 +1112,7 @@ def test_download_from_a_server_that_cannot_resume_says_to_delete_the_part_file(
         result = run_download(data_dir, f"{server}/{ARCHIVE_NAME}", env=NO_PROXY)
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "the server ignores byte ranges; delete it" in result.stderr
-    assert not (data_dir / dataset.TRAIN_XML).exists()
+    assert not (data_dir / labels.TRAIN_XML).exists()
 
 
 # ---------------------------------------------------------------- speed
@@ -1133,7 +1149,7 @@ def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_pat
     assert row["epoch_vs_model"] == pytest.approx(row["model_train_img_s"] / row["e2e_train_img_s"])
 
 
-# ---------------------------------------------------------------- issue 14: flags, resume, divergence, degenerate labels, fuzzing
+# ---------------------------------------------------------------- flags, resume, divergence, degenerate labels, fuzzing
 
 BAD_FLAGS = [  # (script, flag, value, the range its one line must name)
     (train, "--epochs", "0", "a whole number at least 1"),
@@ -1201,7 +1217,7 @@ def test_an_output_path_that_cannot_be_made_is_refused_with_one_line(script, fla
 def faces_xml(root: Path, n_faces: int, extra: list[str] = ()) -> Path:
     """n good faces (the same drawn box) in one image, plus any extra <box> elements after them."""
     Image.new("RGB", (200, 200), 128).save(root / "good.jpg")
-    return write_xml(root / dataset.TRAIN_XML, [("good.jpg", [good_face_xml()] * n_faces + list(extra))])
+    return write_xml(root / labels.TRAIN_XML, [("good.jpg", [good_face_xml()] * n_faces + list(extra))])
 
 
 def test_a_split_that_leaves_no_training_face_stops_with_one_line(tmp_path):
@@ -1275,7 +1291,7 @@ def changed_labels(demo: Path, tmp_path: Path) -> Path:
     import re
     import shutil
     data = Path(shutil.copytree(demo, tmp_path / "data", ignore=shutil.ignore_patterns(".cache")))
-    xml = data / dataset.TRAIN_XML
+    xml = data / labels.TRAIN_XML
     xml.write_text(re.sub(r"x='(\d+)'", lambda m: f"x='{int(m.group(1)) + 1}'", xml.read_text(), count=1))
     return data
 
@@ -1314,7 +1330,7 @@ def test_a_diverging_run_stops_at_once_naming_the_epoch_and_keeps_the_last_good_
             return F.mse_loss(pred, target) * math.nan
         return F.mse_loss(pred, target)
 
-    monkeypatch.setitem(train.LOSSES, "mse", loss_that_explodes_after_epoch_one)
+    monkeypatch.setitem(training.LOSSES, "mse", loss_that_explodes_after_epoch_one)
     with pytest.raises(SystemExit) as stop:
         train.main(train.parse_args(["--data-dir", str(demo), "--out", str(tmp_path), "--epochs", "3", *FAST]))
     message = str(stop.value.code)
@@ -1351,7 +1367,7 @@ def test_degenerate_labels_stop_training_with_one_line_naming_file_and_box(case,
 
 def test_skip_bad_skips_degenerate_labels_and_says_so(tmp_path, capsys):
     faces_xml(tmp_path, 2, [degenerate_face_xml("eye corners coincide")])
-    assert len(load_faces(tmp_path / dataset.TRAIN_XML, skip_bad=True)) == 2
+    assert len(load_faces(tmp_path / labels.TRAIN_XML, skip_bad=True)) == 2
     assert "skipped 1 bad faces (1 x degenerate labels)" in capsys.readouterr().err
 
 
@@ -1478,21 +1494,21 @@ def fuzz_root(tmp_path_factory) -> Path:
 @settings(max_examples=300, derandomize=True, deadline=None, database=None)
 @given(data=st.data())
 def test_a_mutated_xml_loads_or_stops_with_one_line_naming_the_file(fuzz_root, data):
-    text = (fuzz_root / dataset.TRAIN_XML).read_text()
+    text = (fuzz_root / labels.TRAIN_XML).read_text()
     for _ in range(data.draw(st.integers(1, 3))):
         text = data.draw(st.sampled_from(MUTATIONS))(text, data.draw)
     xml = fuzz_root / "fuzzed.xml"
     xml.write_bytes(encode(text, data.draw))
     try:
         faces = load_faces(xml)
-    except SystemExit as stop:
-        message = str(stop.code)
+    except errors.Error as e:
+        message = str(e)
         assert "\n" not in message and message.startswith(str(fuzz_root)), message
         return
     assert faces and all(np.isfinite(face.points).all() for face in faces)
 
 
-# ---- issue 13: video
+# ---------------------------------------------------------------- video: tracking, smoothing, files and cameras
 
 import cv2  # noqa: E402  (this block's imports stay in this block)
 
@@ -1507,7 +1523,7 @@ def drawn_face_frames(centers: np.ndarray, size: float = 110, frame=(320, 240), 
     for center in centers:
         image = Image.new("L", frame, 90)
         points = template_shape() * size + center
-        dataset.draw_face(ImageDraw.Draw(image), points, random.Random(0))
+        demodata.draw_face(ImageDraw.Draw(image), points, random.Random(0))
         pixels = np.clip(np.asarray(image, np.float64) + rng.normal(0, noise, (frame[1], frame[0])), 0, 255)
         yield cv2.cvtColor(pixels.astype(np.uint8), cv2.COLOR_GRAY2BGR), points
 
@@ -1566,14 +1582,14 @@ def test_one_euro_filter_smooths_faces_of_any_size_alike():
 
 
 def test_the_box_relation_fit_recovers_a_known_relation_and_maps_points_back_to_their_box():
-    relation = dataset.BoxRelation(side=2.5, dx=0.1, dy=-0.2)
+    relation = landmarks.BoxRelation(side=2.5, dx=0.1, dy=-0.2)
     rng = np.random.default_rng(2)
-    faces = [Face(Path("a.jpg"), dataset.box_from_points(points, relation), points)
+    faces = [Face(Path("a.jpg"), landmarks.box_from_points(points, relation), points)
              for points in (template_shape() * rng.uniform(50, 300) + rng.uniform(0, 500, 2) for _ in range(20))]
-    fitted, misfit = dataset.fit_box_relation(faces)
+    fitted, misfit = landmarks.fit_box_relation(faces)
     np.testing.assert_allclose(fitted, relation, atol=1e-6)
     assert max(misfit.values()) < 1e-6
-    box = dataset.box_from_points(faces[0].points, fitted)
+    box = landmarks.box_from_points(faces[0].points, fitted)
     np.testing.assert_allclose(box, faces[0].box, atol=1e-6)
     assert box.width == box.height  # dlib's boxes are square
 
@@ -1591,9 +1607,9 @@ class FakeFaces:
 
     @staticmethod
     def points_in(box: Box) -> np.ndarray:
-        """Template points whose box (dataset.box_from_points) is `box`."""
-        mean, spread = dataset.point_spread(template_shape())
-        relation, scale = dataset.DLIB_BOX, box.side / dataset.DLIB_BOX.side
+        """Template points whose box (landmarks.box_from_points) is `box`."""
+        mean, spread = landmarks.point_spread(template_shape())
+        relation, scale = landmarks.DLIB_RELATION, box.side / landmarks.DLIB_RELATION.side
         center = box.center - np.array([relation.dx, relation.dy]) * scale
         return (template_shape() - mean) / spread * scale + center
 
@@ -1601,8 +1617,8 @@ class FakeFaces:
         """A face under the box: its points (the network finds it); none: the template in the box, drift 1."""
         points, drift = [], []
         for box in boxes:
-            near = max(self.boxes.values(), key=lambda real: video.iou(box, real), default=None)
-            found = near is not None and video.iou(box, near) > 0.3
+            near = max(self.boxes.values(), key=lambda real: landmarks.box_iou(box, real), default=None)
+            found = near is not None and landmarks.box_iou(box, near) > 0.3
             points.append(self.points_in(near if found else box))
             drift.append(0.0 if found else 1.0)
         return np.array(points).reshape(len(boxes), -1, 2), np.array(drift)
@@ -1788,7 +1804,7 @@ import importers  # noqa: E402  (here, not at the top: this section is the impor
 def markup_points(num_points: int, size: float, center) -> tuple[np.ndarray, Box]:
     """A demo markup's K points of a face `size` wide at `center`, and the box dlib's relation gives its 68."""
     ibug = template_shape().astype(np.float64) * size + np.asarray(center, np.float64)
-    return dataset.demo_weights(num_points) @ ibug, dataset.box_from_points(ibug)
+    return demodata.demo_weights(num_points) @ ibug, landmarks.box_from_points(ibug)
 
 
 def write_pts(path: Path, points: np.ndarray, header: bool = True) -> Path:
@@ -1829,9 +1845,9 @@ def test_read_pts_takes_the_300w_header_or_bare_lines_and_counts_pixels_from_zer
     ("version: 1\nn_points: 1\n{\n1 1\n}\n", "a markup needs at least 2")])
 def test_a_bad_pts_file_stops_with_one_line_naming_it(text, problem, tmp_path):
     (tmp_path / "bad.pts").write_text(text)
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(errors.Error) as stop:
         importers.read_pts(tmp_path / "bad.pts")
-    message = str(stop.value.code)
+    message = str(stop.value)
     assert str(tmp_path / "bad.pts") in message and problem in message and "\n" not in message
 
 
@@ -1873,9 +1889,9 @@ def test_from_pts_with_files_of_different_point_counts_stops_with_one_line_namin
     gray_image(tmp_path / "more" / "b.jpg")
     write_pts(tmp_path / "more" / "b.pts", markup_points(98, 80, (90, 100))[0])
     monkeypatch.setattr(importers, "face_finder", lambda: lambda image: [])
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(errors.Error) as stop:
         importers.from_pts([tmp_path / "five", tmp_path / "more"], tmp_path / "out.xml")
-    message = str(stop.value.code)
+    message = str(stop.value)
     assert str(tmp_path / "more" / "b.pts") in message and "98 points" in message and "\n" not in message
 
 
@@ -1887,9 +1903,9 @@ def test_from_pts_without_any_detection_uses_dlib_box_for_68_points_and_stops_ot
     write_pts(tmp_path / "a.pts", points)
     monkeypatch.setattr(importers, "face_finder", lambda: lambda image: [])
     if num_points != 68:
-        with pytest.raises(SystemExit) as stop:
+        with pytest.raises(errors.Error) as stop:
             importers.from_pts([tmp_path], tmp_path / "out.xml")
-        assert "found none of the 1 faces" in str(stop.value.code) and "\n" not in str(stop.value.code)
+        assert "found none of the 1 faces" in str(stop.value) and "\n" not in str(stop.value)
         return
     importers.from_pts([tmp_path], tmp_path / "out.xml")
     np.testing.assert_allclose(load_faces(tmp_path / "out.xml")[0].box, box, atol=1)
@@ -1897,7 +1913,7 @@ def test_from_pts_without_any_detection_uses_dlib_box_for_68_points_and_stops_ot
 
 def test_from_pts_takes_dlibs_boxes_on_a_real_photo_and_derives_the_rest_from_them(tmp_path, capsys):
     pytest.importorskip("dlib")
-    head = dataset.to_gray(Image.open(astronaut_jpg(tmp_path))).crop((100, 0, 356, 256))
+    head = images.to_gray(Image.open(astronaut_jpg(tmp_path))).crop((100, 0, 356, 256))
     # Five points on the astronaut's face (dlib's box in this crop: about 76..165 in x and y): eye corners, nose.
     five = np.array([[96, 110], [112, 110], [130, 110], [146, 110], [121, 132]], np.float64)
     offsets = {"near.png": (0, 0), "far.png": (24, 48)}
@@ -1974,20 +1990,20 @@ def test_a_bad_wflw_line_or_a_missing_image_stops_with_one_line_naming_it(case, 
             "missing image": wflw_line(points, box, "0 0 0 0 0 0", "2--Demonstration/nowhere.jpg")}[case]
     lines = annotations.read_text().splitlines()
     annotations.write_text("\n".join([lines[0], line, lines[2]]) + "\n")
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(errors.Error) as stop:
         importers.from_wflw(annotations, images, tmp_path / "out.xml")
-    message = str(stop.value.code)
+    message = str(stop.value)
     named = str(images / "2--Demonstration" / "nowhere.jpg") if case == "missing image" else f"{annotations}: line 2"
     assert named in message and problem in message and "\n" not in message
 
 
 def test_pick_points_keeps_the_chosen_points_in_their_order_numbered_from_zero(tmp_path, capsys):
-    dataset.make_demo(tmp_path / "demo", n_images=10)
+    demodata.make_demo(tmp_path / "demo", n_images=10)
     out = tmp_path / "five" / "five.xml"
-    convert("--data-dir", str(tmp_path / "demo"), "--xml", dataset.TEST_XML, "--pick-points", "36,39,42,45,33",
+    convert("--data-dir", str(tmp_path / "demo"), "--xml", labels.TEST_XML, "--pick-points", "36,39,42,45,33",
             "--out", str(out))
     assert "mirror pairs (iBUG's twins): [[0, 3], [1, 2]]" in capsys.readouterr().out
-    full, five = load_faces(tmp_path / "demo" / dataset.TEST_XML), load_faces(out)
+    full, five = load_faces(tmp_path / "demo" / labels.TEST_XML), load_faces(out)
     assert 'file="../demo/' in out.read_text() and len(five) == len(full)
     for a, b in zip(full, five):
         assert a.image.resolve() == b.image.resolve() and a.box == b.box
@@ -2000,7 +2016,140 @@ def test_pick_points_keeps_the_chosen_points_in_their_order_numbered_from_zero(t
 def test_pick_points_refuses_bad_text_or_a_point_beyond_the_markup_with_one_line(text, problem, tmp_path):
     xml = write_xml(tmp_path / "labels.xml", [("a.jpg", [good_face_xml()])])
     Image.new("L", (200, 200)).save(tmp_path / "a.jpg")
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(errors.Error) as stop:
         importers.pick_points(xml, text, tmp_path / "out.xml")
-    message = str(stop.value.code)
+    message = str(stop.value)
     assert message.startswith("--pick-points") and problem in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- face detection: YuNet, any roll, folders of photos
+
+def astronaut_turned(tmp_path: Path, quarter_turns: int) -> Path:
+    """The astronaut photo turned by exact quarter turns (counter-clockwise on screen, as np.rot90)."""
+    from skimage.data import astronaut
+    path = tmp_path / f"astronaut_{quarter_turns}.png"
+    Image.fromarray(np.ascontiguousarray(np.rot90(astronaut(), quarter_turns))).save(path)
+    return path
+
+
+def test_an_altered_yunet_model_is_refused_in_one_line(tmp_path):
+    altered = tmp_path / "yunet.onnx"
+    data = bytearray(detectors.YUNET_FILE.read_bytes())
+    data[1000] ^= 1
+    altered.write_bytes(bytes(data))
+    for path, problem in ((altered, "sha256"), (tmp_path / "gone.onnx", "cannot read")):
+        with pytest.raises(errors.WeightsError) as stop:
+            detectors.YuNet(path=path)
+        assert str(stop.value).startswith(f"{path}: ") and problem in str(stop.value) and "\n" not in str(stop.value)
+
+
+@given(st.integers(-4, 7), st.integers(1, 40), st.integers(1, 40))
+@settings(max_examples=40, deadline=None)
+def test_points_found_in_a_quarter_turned_image_map_back_to_the_same_pixels(turns, width, height):
+    image = np.arange(width * height).reshape(height, width)  # every pixel its own value
+    turned = np.rot90(image, turns)
+    ys, xs = np.indices(turned.shape).reshape(2, -1)
+    back = detectors.quarter_turn_points(np.stack([xs, ys], 1).astype(float), turns, (width, height))
+    np.testing.assert_array_equal(image[back[:, 1].astype(int), back[:, 0].astype(int)], turned[ys, xs])
+
+
+def test_yunet_finds_the_face_and_its_roll_at_every_quarter_turn_with_any_roll(tmp_path):
+    yunet = detectors.YuNet(any_roll=True)
+    upright = yunet(np.asarray(Image.open(astronaut_turned(tmp_path, 0))))
+    assert len(upright) == 1 and abs(upright[0].roll) < 15
+    assert len(detectors.YuNet()(np.asarray(Image.open(astronaut_turned(tmp_path, 0))))) == 1
+    for turns in (1, 2, 3):
+        found = yunet(np.asarray(Image.open(astronaut_turned(tmp_path, turns))))
+        assert len(found) == 1
+        # np.rot90 turns counter-clockwise: the face's roll goes the other way from upright's.
+        expected = (upright[0].roll - 90 * turns + 180) % 360 - 180
+        assert abs((found[0].roll - expected + 180) % 360 - 180) < 10, (turns, found[0].roll)
+
+
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+def test_landmarks_of_a_face_turned_a_quarter_ride_back_to_the_turned_truth(tmp_path):
+    from faces import Landmarker
+    landmarker = Landmarker(any_roll=True)
+    [upright] = landmarker(astronaut_turned(tmp_path, 0))
+    truth = upright.points
+    for turns in (1, 2, 3):
+        [face] = landmarker(astronaut_turned(tmp_path, turns))
+        expected = detectors.quarter_turn_points(truth, -turns, (512, 512))  # np.rot90 of the upright points
+        eye_distance = np.linalg.norm(truth[36] - truth[45])
+        assert np.linalg.norm(face.points - expected, axis=1).mean() < 0.08 * eye_distance, turns
+
+
+def test_landmarker_takes_a_path_a_pil_image_and_a_numpy_array_alike(trained, tmp_path):
+    from faces import Landmarker
+    path = astronaut_jpg(tmp_path)
+    landmarker = Landmarker(trained / "best.pt")
+    by_path = landmarker(path)
+    assert len(by_path) == 1
+    for image in (Image.open(path), np.asarray(Image.open(path)), np.asarray(Image.open(path).convert("L"))):
+        [face] = landmarker(image)
+        np.testing.assert_allclose(face.points, by_path[0].points, atol=1.0)
+    with pytest.raises(errors.UsageError, match="uint8"):
+        landmarker(np.zeros((10, 10), np.float32))
+
+
+def photo_folder(tmp_path: Path, n: int = 4) -> Path:
+    """n copies of the astronaut, two in a folder below."""
+    folder = tmp_path / "photos"
+    (folder / "below").mkdir(parents=True)
+    source = astronaut_jpg(tmp_path)
+    for i in range(n):
+        (folder / ("below" if i >= n - 2 else "") / f"p{i}.jpg").write_bytes(source.read_bytes())
+    return folder
+
+
+def test_no_draw_writes_only_json_lines_and_recursive_walks_the_folders_below(trained, tmp_path):
+    folder = photo_folder(tmp_path)
+    flat = predict_images(trained, tmp_path / "flat", "--image", str(folder), "--no-draw", "--workers", "1")
+    assert [Path(r["image"]).name for r in flat["images"]] == ["p0.jpg", "p1.jpg"]
+    assert not list((tmp_path / "flat").glob("*.png")) and "annotated" not in flat["images"][0]
+    every = predict_images(trained, tmp_path / "all", "--image", str(folder), "--recursive", "--no-draw")
+    assert len(every["images"]) == 4 and all(len(r["faces"]) == 1 for r in every["images"])
+    [summary] = every["summaries"]
+    assert summary["images"] == 4 and summary["faces"] == 4 and summary["weights"] == str(trained / "best.pt")
+
+
+def test_two_workers_give_the_points_one_gives(trained, tmp_path):
+    folder = photo_folder(tmp_path)
+    one = predict_images(trained, tmp_path / "one", "--image", str(folder), "--recursive", "--workers", "1")
+    two = predict_images(trained, tmp_path / "two", "--image", str(folder), "--recursive", "--workers", "2")
+    assert [r["image"] for r in one["images"]] == [r["image"] for r in two["images"]]
+    for a, b in zip(one["images"], two["images"]):
+        np.testing.assert_allclose(a["faces"][0]["points"], b["faces"][0]["points"], atol=0.05)
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.png")) == [f"p{i}_landmarks.png" for i in range(4)]
+
+
+def test_shards_together_hold_every_photo_once_and_join_by_concatenation(trained, tmp_path):
+    folder = photo_folder(tmp_path)
+    out = tmp_path / "out"
+    for k in range(3):
+        predict_images_shard = ["--image", str(folder), "--recursive", "--no-draw", "--shard", f"{k}/3"]
+        predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out),
+                                         *predict_images_shard]))
+    joined = tmp_path / "joined.jsonl"
+    joined.write_text("".join(p.read_text() for p in sorted(out.glob("predictions.shard-*-of-3.jsonl"))))
+    saved = photos.read_results(joined)
+    assert sorted(Path(r["image"]).name for r in saved["images"]) == [f"p{i}.jpg" for i in range(4)]
+    assert len(saved["summaries"]) == 3
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--image", "x.jpg", "--shard", "3/3"])
+
+
+def test_an_earlier_run_is_never_overwritten_and_resume_finishes_it(trained, tmp_path):
+    folder = photo_folder(tmp_path)
+    out = tmp_path / "out"
+    first = predict_images(trained, out, "--image", str(folder / "p0.jpg"), "--no-draw")
+    lines = (out / photos.RESULTS).read_text().splitlines()
+    (out / photos.RESULTS).write_text(lines[0] + "\n" + '{"image": "torn')  # cut short mid-line
+    with pytest.raises(SystemExit) as stop:
+        predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out),
+                                         "--image", str(folder), "--no-draw"]))
+    assert "pass --resume" in str(stop.value.code) and "\n" not in str(stop.value.code)
+    assert (out / photos.RESULTS).read_text().startswith(lines[0])
+    resumed = predict_images(trained, out, "--image", str(folder), "--no-draw", "--resume")
+    assert [Path(r["image"]).name for r in resumed["images"]] == ["p0.jpg", "p1.jpg"]
+    assert resumed["images"][0] == first["images"][0]

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import Box
+from landmarks import Box
 
 # dlib's boxes are tight: jaw and brow points often lie outside. A square of 1.4 box sides keeps
 # about nine faces in ten wholly inside the crop (measured on the 300-W subset).
@@ -54,7 +54,7 @@ def occlude(pixels: torch.Tensor, rect: tuple[float, float, float, float]) -> to
 
 def unflip(target: torch.Tensor, flip: tuple[int, ...]) -> torch.Tensor:
     """Predictions (N, 2K) made on horizontally mirrored crops -> predictions for the crops themselves;
-    `flip` is the markup's mirror permutation (dataset.Markup.flip)."""
+    `flip` is the markup's mirror permutation (landmarks.Markup.flip)."""
     points = target.reshape(len(target), -1, 2)[:, list(flip)]
     return (points * points.new_tensor([-1.0, 1.0])).reshape(len(target), -1)
 
@@ -138,9 +138,9 @@ class Transforms:
             target = target[self.flip_permutation]
         return (pixels / 127.5 - 1).unsqueeze(0), torch.from_numpy(target.astype(np.float32)).reshape(-1)
 
-    def to_image(self, target: np.ndarray, box: Box) -> np.ndarray:
-        """A prediction for a face cropped without augmentation -> (K, 2) image pixels."""
-        return target_to_points(target, self.matrix(box), self.img_size)
+    def to_image(self, target: np.ndarray, box: Box, aug: Augment = Augment()) -> np.ndarray:
+        """A prediction for a face cropped with `aug` (no augmentation unless given) -> (K, 2) image pixels."""
+        return target_to_points(target, self.matrix(box, aug), self.img_size)
 
 
 def mean_shape(faces: list) -> np.ndarray:

@@ -12,16 +12,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dataset import DLIB_BOX, Box, BoxRelation, Markup, box_from_points
-from faces import detect_faces, predict_faces
-from model import Network
+from detectors import Detection, detect_faces
+from errors import DataError
+from faces import predict_faces
+from files import write_atomic
+from landmarks import DLIB_RELATION, Box, BoxRelation, Markup, box_from_points, box_iou
+from runtime import Network
 from transforms import Transforms
 
-# FFmpeg and OpenCV otherwise print their own warnings (a missing moov atom, a camera that is not there)
-# beside the one line this file gives for a bad input. Set before cv2 is first imported; a user's own wins.
-os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
-import cv2  # noqa: E402
+import cv2  # noqa: E402  (after detectors, which sets OpenCV's log levels before cv2 first loads)
 
 # The detector runs on the first frame, on every DETECT_EVERY-th frame after it and on any frame where a
 # tracked face is lost. Every 10th frame costs about 7 ms a frame on average at 640x480 (dlib's HOG takes
@@ -40,7 +39,7 @@ LOST_DRIFT = 0.5
 # would be mostly padding.
 MIN_VISIBLE = 0.5
 # A detection continues the track whose box it overlaps most, above this IoU (the fitted box meets dlib's
-# with a median IoU of 0.83, dataset.DLIB_BOX); two tracks overlapping above DUPLICATE_IOU are one face.
+# with a median IoU of 0.83, landmarks.DLIB_RELATION); two tracks overlapping above DUPLICATE_IOU are one face.
 MATCH_IOU = 0.3
 DUPLICATE_IOU = 0.5
 # The One Euro filter's defaults (predict.py's --smooth-* flags); speeds are in face box sides per second.
@@ -89,16 +88,9 @@ class OneEuroFilter:
 
 # ---------------------------------------------------------------- tracking
 
-def iou(a: Box, b: Box) -> float:
-    w = min(a.left + a.width, b.left + b.width) - max(a.left, b.left)
-    h = min(a.top + a.height, b.top + b.height) - max(a.top, b.top)
-    inter = max(w, 0) * max(h, 0)
-    return inter / (a.width * a.height + b.width * b.height - inter)
-
-
 def match_boxes(tracked: list[Box], detected: list[Box], min_iou: float = MATCH_IOU) -> dict[int, int]:
     """Tracked index -> detected index, greedily by the largest overlap, each box used once."""
-    pairs = sorted(((iou(a, b), i, j) for i, a in enumerate(tracked) for j, b in enumerate(detected)), reverse=True)
+    pairs = sorted(((box_iou(a, b), i, j) for i, a in enumerate(tracked) for j, b in enumerate(detected)), reverse=True)
     matched: dict[int, int] = {}
     for overlap, i, j in pairs:
         if overlap >= min_iou and i not in matched and j not in matched.values():
@@ -129,7 +121,8 @@ def network_locator(model: Network, transform: Transforms, device: torch.device,
         if not boxes:
             return np.zeros((0, 0, 2)), np.zeros(0)
         crops = [shifted(box, sign * shift * box.side) for box in boxes for sign in (1, -1)]
-        pairs = np.stack([f.points for f in predict_faces(model, transform, gray, crops, device)])
+        found = predict_faces(model, transform, gray, [Detection(crop, 1.0) for crop in crops], device)
+        pairs = np.stack([f.points for f in found])
         pairs = pairs.reshape(len(boxes), 2, *pairs.shape[1:])
         moved = (pairs[:, 0] - pairs[:, 1]).mean(axis=1)  # (N, 2): mean displacement between the crops
         offset = np.array([[2 * shift * box.side] * 2 for box in boxes])
@@ -157,13 +150,13 @@ class TrackedFace:
 class FaceTracker:
     """Faces across the frames of one video, each with a stable id: the detector on the first frame, every
     `detect_every` frames and when a face is lost; between them each face's box comes from its previous
-    points (dataset.box_from_points, by the markup's `box_relation`). `smoothing` holds OneEuroFilter's
+    points (landmarks.box_from_points, by the markup's `box_relation`). `smoothing` holds OneEuroFilter's
     arguments, or None for raw points. reset() starts a new video; update(gray, t) takes one frame and its
     time in seconds."""
 
     def __init__(self, locate: Locate, detect: Callable[[Image.Image], list[Box]],
                  detect_every: int = DETECT_EVERY, smoothing: dict | None = None, lost_drift: float = LOST_DRIFT,
-                 box_relation: BoxRelation = DLIB_BOX):
+                 box_relation: BoxRelation = DLIB_RELATION):
         self.locate, self.detect, self.detect_every = locate, detect, detect_every
         self.box_relation = box_relation
         self.smoothing, self.lost_drift = smoothing, lost_drift
@@ -207,7 +200,7 @@ class FaceTracker:
         kept: list[Sighting] = []
         for s in sightings:
             # A face found twice (a detection beside a track that drifted) keeps its older id.
-            if s.lost or any(iou(s.box, other.box) > DUPLICATE_IOU for other in kept):
+            if s.lost or any(box_iou(s.box, other.box) > DUPLICATE_IOU for other in kept):
                 continue
             if s.track is None:
                 smoother = None if self.smoothing is None else OneEuroFilter(**self.smoothing)
@@ -243,13 +236,13 @@ def open_video(source: str) -> cv2.VideoCapture:
     if source.isdigit():
         capture = cv2.VideoCapture(int(source))
         if not capture.isOpened():
-            raise SystemExit(f"--video {source}: cannot open camera {source}")
+            raise DataError(f"--video {source}: cannot open camera {source}")
         return capture
     if not Path(source).is_file():
-        raise SystemExit(f"{source}: video not found")
+        raise DataError(f"{source}: video not found")
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
-        raise SystemExit(f"{source}: cannot read video (not a video file, or truncated)")
+        raise DataError(f"{source}: cannot read video (not a video file, or truncated)")
     return capture
 
 
@@ -284,7 +277,7 @@ def even(frame: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(frame, 0, h % 2, 0, w % 2, cv2.BORDER_CONSTANT)
 
 
-def face_record(face: TrackedFace) -> dict:
+def tracked_record(face: TrackedFace) -> dict:
     return {"id": face.id, "box": [round(float(v), 2) for v in face.box],
             "points": np.round(face.points.astype(np.float64), 2).tolist(), "detected": face.detected}
 
@@ -334,14 +327,14 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
     stream = frames(capture)
     first = next(stream, None)
     if first is None:
-        raise SystemExit(f"{source}: cannot read video (no frame could be decoded)")
+        raise DataError(f"{source}: cannot read video (no frame could be decoded)")
     name = f"camera{source}" if camera else Path(source).stem
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path, json_path = out_dir / f"{name}_landmarks.mp4", out_dir / f"{name}.json"
     height, width = first.shape[:2]
     writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, even(first).shape[1::-1])
     if not writer.isOpened():
-        raise SystemExit(f"{video_path}: cannot write video")
+        raise DataError(f"{video_path}: cannot write video")
     view = LiveView(name) if show else None
     tracker.reset()
     records, interrupted, start = [], False, time.perf_counter()
@@ -353,7 +346,7 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
                 frame = cv2.resize(frame, (width, height))
             gray = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
             faces = tracker.update(gray, t)
-            records.append({"frame": i, "time": round(t, 4), "faces": [face_record(f) for f in faces]})
+            records.append({"frame": i, "time": round(t, 4), "faces": [tracked_record(f) for f in faces]})
             draw_faces(frame, faces)
             writer.write(even(frame))
             bar.update()
@@ -366,7 +359,7 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
         writer.release()
         capture.release()
     record = {"weights": weights, "video": source, "fps": fps, "width": width, "height": height, "frames": records}
-    json_path.write_text(json.dumps(record))
+    write_atomic(json_path, json.dumps(record))
     seconds = time.perf_counter() - start
     n_faces = len({f["id"] for r in records for f in r["faces"]})
     print(f"{'stopped: ' if interrupted else ''}wrote {video_path} and {json_path}: {len(records)} frames "

@@ -9,10 +9,16 @@ import cv2
 import numpy as np
 from PIL import Image
 
-import predict
 import video
-from dataset import (DLIB_BOX, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, TRAIN_XML, BoxRelation, Face, Markup, box_from_points,
-                     fit_box_relation, load_faces, nme, number_in, parse_box, read_xml, trained_split)
+from checkpoints import load_for_inference
+from dataset import trained_split
+from detectors import HOG_UPSAMPLE, load_hog
+from flags import number_in, one_line_errors
+from labels import TRAIN_XML, load_faces, parse_box, read_xml
+from landmarks import (DLIB_RELATION, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, BoxRelation, Face, Markup, box_from_points,
+                       box_iou, fit_box_relation, nme)
+from runtime import pick_device
+from transforms import Transforms
 
 FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
 FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
@@ -39,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
                         "(to try other --smooth-* values)")
     p.add_argument("--fit-box", action="store_true",
-                   help="only fit dataset.DLIB_BOX on --xml's faces and print it with its misfit")
+                   help="only fit dataset.DLIB_RELATION on --xml's faces and print it with its misfit")
     return p.parse_args(argv)
 
 
@@ -47,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def report_box_fit(faces: list[Face]) -> dict:
     relation, misfit = fit_box_relation(faces)
-    ious = [video.iou(box_from_points(f.points, relation), f.box) for f in faces]
+    ious = [box_iou(box_from_points(f.points, relation), f.box) for f in faces]
     print(f"{len(faces)} faces: {relation}")
     print(f"RMS misfit in units of the box side: centre x {misfit['dx']:.4f}, centre y {misfit['dy']:.4f}, "
           f"side {misfit['side']:.4f}; IoU with dlib's box: median {np.median(ious):.3f}, "
@@ -114,23 +120,18 @@ def cover(frame: np.ndarray, box, share: float) -> np.ndarray:
 # ---------------------------------------------------------------- running predict.py and scoring it
 
 def run_predict(args: argparse.Namespace, clip: Path, smooth: bool) -> video.VideoRun:
-    """predict.py --video on a clip, as a user runs it, with or without smoothing."""
-    flags = ["--weights", args.weights, "--video", str(clip), "--out-dir", str(clip.parent / ("smooth" if smooth
-                                                                                               else "raw")),
-             "--smooth-min-cutoff", str(args.smooth_min_cutoff), "--smooth-beta", str(args.smooth_beta),
-             "--smooth-d-cutoff", str(args.smooth_d_cutoff)] + ([] if smooth else ["--no-smooth"])
-    options = predict.parse_args(flags)
-    smoothing = None if options.no_smooth else smoothing_of(options)
-    tracker = video.video_tracker(args.model, args.config, args.device, args.detector, options.upsample,
-                                  options.detect_every, smoothing)
-    return video.run_video(str(clip), tracker, Path(options.out_dir), args.weights)
+    """What predict.py --video does on a clip with its default detector settings, with or without smoothing."""
+    out_dir = clip.parent / ("smooth" if smooth else "raw")
+    tracker = video.video_tracker(args.model, args.config, args.device, args.detector, HOG_UPSAMPLE,
+                                  video.DETECT_EVERY, smoothing_of(args) if smooth else None)
+    return video.run_video(str(clip), tracker, out_dir, args.weights)
 
 
 def smoothing_of(args: argparse.Namespace) -> dict:
     return dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta, d_cutoff=args.smooth_d_cutoff)
 
 
-def face_points(record: dict, smoothing: dict | None = None, relation: BoxRelation = DLIB_BOX) -> np.ndarray:
+def face_points(record: dict, smoothing: dict | None = None, relation: BoxRelation = DLIB_RELATION) -> np.ndarray:
     """The points of the clip's face in each frame (NaN where none), from predict.py's JSON; with
     `smoothing`, through the One Euro filter as the tracker runs it (one filter per id, the same times and
     scale), so that raw and smoothed figures come from the very same tracking."""
@@ -175,7 +176,6 @@ def lag_frames(points: np.ndarray, truth: np.ndarray) -> float:
 
 def drift_on(args: argparse.Namespace, clip: Path, boxes: list) -> np.ndarray:
     """network_locator's drift for each frame of the clip, the network cropping the given box."""
-    from transforms import Transforms
     locate = video.network_locator(args.model, Transforms(args.config.get("img_size", 224), train=False), args.device)
     capture, drifts = cv2.VideoCapture(str(clip)), []
     for box in boxes:
@@ -215,7 +215,7 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
                                       [box_from_points(p, relation) for p in covered])[covered_from:].tolist()}
 
 
-def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_BOX) -> dict:
+def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_RELATION) -> dict:
     """Jitter, NME and lag, raw and smoothed, and frames with points after the face was covered or left."""
     def raw(name: str) -> dict:
         return json.loads((folder / "raw" / f"{name}.json").read_text())
@@ -277,18 +277,16 @@ def main(args: argparse.Namespace) -> dict:
         folders = sorted(out.glob("face*"))
         runs = json.loads((out / "runs.json").read_text())
     else:
-        from faces import load_detector
-        from model import load_for_inference, pick_device
         args.device = pick_device("auto")
         args.model, args.config = load_for_inference(args.weights, args.device, args.eager)
-        args.detector = load_detector()
+        args.detector = load_hog()
         rng = np.random.default_rng(0)
         folders = [out / f"face{i}" for i in range(args.faces)]
         for face, folder in zip(pick_faces(args, args.faces), folders):
             make_clips(face, folder, args.seconds, rng)
         runs = [run_face(args, folder) for folder in folders]
         (out / "runs.json").write_text(json.dumps(runs))
-    rows = [{**score_face(folder, smoothing_of(args), BoxRelation(*run.get("box_relation", DLIB_BOX))), **run}
+    rows = [{**score_face(folder, smoothing_of(args), BoxRelation(*run.get("box_relation", DLIB_RELATION))), **run}
             for folder, run in zip(folders, runs)]
     summary = summarise(rows)
     print(f"\n{len(rows)} faces, clips of {args.seconds:g} s at {FRAME[0]}x{FRAME[1]}, {FPS:g} frames/s "

@@ -1,0 +1,99 @@
+"""Weights on disk: train.py's checkpoints, written atomically and loaded with weights_only; the release file that weights/ ships; torchvision's ImageNet start."""
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from errors import WeightsError
+from files import save_with
+from landmarks import Markup
+from model import build_model
+from runtime import Network, optimize_for_inference
+
+# The project's trained weights, committed once (README, "Trained weights"): the default of predict.py
+# --image and --video.
+RELEASED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_300w_68.pt"
+# What best.pt keeps of a training state: enough to predict, evaluate and release, not to resume.
+BEST_KEYS = ("model", "config", "epoch", "val_loss", "val_nme", "labels_sha256")
+
+
+def imagenet_weights() -> dict:
+    """torchvision's ResNet18 ImageNet weights, from torch's hub cache or the internet."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True)
+    except OSError as e:  # URLError is an OSError: no network, DNS failure, refused
+        cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        raise WeightsError(f"--pretrained: cannot download {weights.url} ({e}); "
+                           f"without internet, put that file at {cache}") from None
+
+
+def save_atomic(obj: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash or a full disk never leaves a half-written file."""
+    save_with(path, lambda tmp: torch.save(obj, tmp))
+
+
+def save_or_warn(state: dict, path: Path) -> bool:
+    """A failed save (full disk, say) keeps the previous file and the run goes on; False then."""
+    try:
+        save_atomic(state, path)
+        return True
+    except (OSError, RuntimeError) as e:
+        print(f"warning: could not write {path} ({e}); the previous {path.name} is kept", file=sys.stderr)
+        return False
+
+
+def save_checkpoint(state: dict, is_best: bool, out: Path) -> None:
+    """pytorch/examples' habit: OUT/last.pt holds the whole state, to resume from; OUT/best.pt, when this
+    epoch is the best so far, only the weights, the settings and the scores."""
+    if is_best:
+        save_or_warn({k: state[k] for k in BEST_KEYS if k in state}, out / "best.pt")
+    save_or_warn(state, out / "last.pt")
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
+    """A file written by train.py; WeightsError, in one line, if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file; train first with `python train.py`")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for broken files
+        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise WeightsError(f"{path}: not a weights file written by train.py (no 'model' entry)")
+    return checkpoint
+
+
+def release_copy(checkpoint: dict) -> dict:
+    """What weights/ ships: the network's floating tensors in fp16 (half the size; loading turns them back
+    into fp32), the settings it was trained with and its validation figures; no optimiser state."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
+    kept = {k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme") if k in checkpoint}
+    # Weights trained before markups were saved are iBUG's 68 points: the release says so in its own config.
+    config = checkpoint.get("config", {})
+    kept["config"] = config | {"markup": Markup.from_config(config).to_config()}
+    return {"model": state, **kept}
+
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """The trained network in eval mode, and the settings it was trained with (img_size, split seed, the
+    markup: landmarks.Markup.from_config reads it)."""
+    checkpoint = load_checkpoint(path, device)
+    config = checkpoint.get("config", {})
+    model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
+        raise WeightsError(f"{path}: weights do not fit this model ({first})") from None
+    return model.to(device).eval(), checkpoint.get("config", {})
+
+
+def load_for_inference(path: Path, device: str | torch.device = "cpu",
+                       eager: bool = False) -> tuple[Network, dict]:
+    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`."""
+    model, config = load_model(path, device)
+    return (model if eager else optimize_for_inference(model, config.get("img_size", 224))), config

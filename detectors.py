@@ -1,0 +1,184 @@
+"""Finding faces in a picture: OpenCV's YuNet (fast, any roll with four quarter turns) or dlib's HOG, whose boxes the 300-W labels use; both give boxes in dlib's convention."""
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from errors import UsageError, WeightsError
+from landmarks import Box, BoxRelation, box_iou, point_spread
+
+# FFmpeg and OpenCV otherwise print their own warnings (a missing moov atom, a camera that is not there, the
+# DNN engine's notes) beside the one line the project gives for a bad input. Set before cv2 is first
+# imported, which is here, the lowest file that uses it; a user's own settings win.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
+import cv2  # noqa: E402
+
+DETECTORS = ("yunet", "hog")
+# dlib's HOG doubles the image once before scanning by default: it then finds faces down to about 40 px.
+HOG_UPSAMPLE = 1
+# YuNet, shipped in weights/ with its licences (weights/README.md says where the bytes come from).
+YUNET_FILE = Path(__file__).resolve().parent / "weights" / "face_detection_yunet_2023mar.onnx"
+YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+# YuNet finds faces of about 10 to 300 px: it looks at a copy whose long side is this many pixels.
+YUNET_SIZE = 640
+# OpenCV Zoo's defaults: the score a face needs, and the overlap above which two boxes are one face.
+YUNET_SCORE, YUNET_NMS = 0.6, 0.3
+# dlib's box from YuNet's five points (eye centres, nose tip, mouth corners), in units of their spread and
+# turned with the face's roll: measured on the 1,811 training faces of ../shared/data/300w_subset by
+# `python evaluate.py --fit-box --data-dir ../shared/data/300w_subset --xml labels_ibug_300W_train.xml`: all
+# 1,811 found; the RMS misfit is 8.9% of dlib's box side in side and 4.8% (x), 5.0% (y) in centre, about
+# as close as dlib's own box comes to the box from all 68 labelled points (landmarks.DLIB_RELATION).
+YUNET_RELATION = BoxRelation(side=3.7609, dx=-0.0167, dy=-0.0680)
+# Two detections from different quarter turns are one face when their boxes overlap this much.
+SAME_FACE_IOU = 0.3
+
+
+@dataclass(frozen=True)
+class Detection:
+    box: Box                    # dlib's convention in the picture's pixels, square, as if the face were upright
+    score: float                # the detector's confidence; 1 for HOG, which gives none
+    roll: float = 0.0           # degrees the eye line is turned, clockwise on screen; 0 for HOG (upright only)
+    five: np.ndarray | None = None  # YuNet's (5, 2) points: right eye, left eye, nose, mouth corners
+    own_box: Box | None = None  # the detector's own box, before mapping to dlib's convention
+
+
+def load_hog():
+    """dlib's HOG frontal face detector: the one whose boxes the 300-W training labels use."""
+    try:
+        import dlib
+    except ImportError:
+        raise UsageError("finding faces needs dlib's face detector: pip install dlib-bin "
+                         "(or, with --image, pass --box left,top,width,height)") from None
+    return dlib.get_frontal_face_detector()
+
+
+def detect_faces(detector, gray: Image.Image, upsample: int = HOG_UPSAMPLE) -> list[Box]:
+    """HOG's face boxes in dlib's XML convention (rect.width() counts both edge pixels, as the labels do).
+
+    The detector sees the grayscale the network sees: on the colour original it also took the mission
+    patch on the astronaut's suit, in the tests' photo, for a face.
+    """
+    rects = detector(np.asarray(gray, np.uint8), upsample)
+    return [Box(r.left(), r.top(), r.width(), r.height()) for r in rects]
+
+
+def check_sha256(path: Path, expected: str) -> bytes:
+    """The file's bytes, or WeightsError in one line when it is missing or not the file it claims to be."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read the face detector model ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != expected:
+        raise WeightsError(f"{path}: sha256 {digest[:16]}..., expected {expected[:16]}...: not the model the "
+                           f"project ships; restore it with `git checkout -- {Path(path).name}`")
+    return data
+
+
+def eye_roll(five: np.ndarray) -> float:
+    """Degrees from the right eye (on the left of an upright face's picture) to the left eye."""
+    (x0, y0), (x1, y1) = five[0], five[1]
+    return math.degrees(math.atan2(y1 - y0, x1 - x0))
+
+
+def box_from_five(five: np.ndarray, relation: BoxRelation = YUNET_RELATION) -> tuple[Box, float]:
+    """dlib's box for the face whose YuNet points these are, in the face's own upright frame, and its roll."""
+    roll = eye_roll(five)
+    mean, spread = point_spread(five)
+    c, s = math.cos(math.radians(roll)), math.sin(math.radians(roll))
+    offset = np.array([[c, -s], [s, c]]) @ np.array([relation.dx, relation.dy]) * spread
+    side = relation.side * spread
+    center = mean + offset
+    return Box(float(center[0] - side / 2), float(center[1] - side / 2), float(side), float(side)), roll
+
+
+def fit_five_relation(fives: np.ndarray, boxes: list[Box]) -> tuple[BoxRelation, dict[str, float]]:
+    """Least squares of dlib's box side and centre offset on the five points' spread, the offset measured in
+    the face's own frame (turned back by its roll); with the RMS misfits in units of the box side."""
+    mean, spread = point_spread(fives)
+    rolls = np.radians([eye_roll(f) for f in fives])
+    b = np.array([tuple(x) for x in boxes], np.float64)
+    side = (b[:, 2] + b[:, 3]) / 2
+    d = b[:, :2] + b[:, 2:] / 2 - mean
+    c, s = np.cos(rolls), np.sin(rolls)
+    targets = {"side": side, "dx": c * d[:, 0] + s * d[:, 1], "dy": -s * d[:, 0] + c * d[:, 1]}
+    coefficients = {k: float(spread @ y / (spread @ spread)) for k, y in targets.items()}
+    misfit = {k: float(np.sqrt((((y - coefficients[k] * spread) / side) ** 2).mean())) for k, y in targets.items()}
+    return BoxRelation(**coefficients), misfit
+
+
+def quarter_turn_points(points: np.ndarray, turns: int, size: tuple[int, int]) -> np.ndarray:
+    """Points found in np.rot90(image, turns) -> the image's own pixels (`size`: its width, height)."""
+    x, y = points[..., 0], points[..., 1]
+    for done in reversed(range(turns % 4)):  # undo the last quarter turn first
+        width = size[0] if done % 2 == 0 else size[1]  # of the image that turn was applied to
+        x, y = (width - 1) - y, x
+    return np.stack([x, y], -1)
+
+
+class YuNet:
+    """YuNet on a picture of any size: it looks at a copy YUNET_SIZE pixels on its long side, and with
+    `any_roll` also at that copy turned by a quarter, a half and three quarters (exact turns, nothing
+    resampled), keeping each face's best detection. Its sha256 is checked before OpenCV reads it."""
+
+    def __init__(self, any_roll: bool = False, size: int = YUNET_SIZE, path: Path = YUNET_FILE,
+                 relation: BoxRelation = YUNET_RELATION):
+        data = check_sha256(path, YUNET_SHA256)
+        # From the bytes just checked, not the path again: the file cannot change in between.
+        self.net = cv2.FaceDetectorYN.create("onnx", np.frombuffer(data, np.uint8), np.zeros(0, np.uint8),
+                                             (size, size), YUNET_SCORE, YUNET_NMS, 5000)
+        self.any_roll, self.size, self.relation = any_roll, size, relation
+
+    def raw(self, bgr: np.ndarray) -> np.ndarray:
+        """(N, 15) rows as OpenCV gives them: box (4), five points (10), score."""
+        self.net.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, found = self.net.detect(np.ascontiguousarray(bgr))
+        return np.zeros((0, 15), np.float32) if found is None else found
+
+    def __call__(self, picture: np.ndarray) -> list[Detection]:
+        """Faces in an (H, W) gray or (H, W, 3) RGB uint8 picture, in its pixels, best first."""
+        rgb = np.repeat(picture[..., None], 3, -1) if picture.ndim == 2 else picture
+        height, width = rgb.shape[:2]
+        scale = min(1.0, self.size / max(height, width))
+        small = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) \
+            if scale < 1 else rgb
+        bgr = np.ascontiguousarray(small[..., ::-1])
+        found = []
+        for turns in range(4 if self.any_roll else 1):
+            for row in self.raw(np.rot90(bgr, turns)):
+                corners = quarter_turn_points(np.array([row[:2], row[:2] + row[2:4]]), turns, small.shape[1::-1])
+                five = quarter_turn_points(row[4:14].reshape(5, 2), turns, small.shape[1::-1])
+                five, corners = ((p + 0.5) / scale - 0.5 for p in (five, corners))  # back in the picture's pixels
+                (x0, y0), (x1, y1) = corners.min(0), corners.max(0)
+                box, roll = box_from_five(five, self.relation)
+                found.append(Detection(box, float(row[14]), roll, five, Box(x0, y0, x1 - x0, y1 - y0)))
+        return distinct(found)
+
+
+def distinct(found: list[Detection]) -> list[Detection]:
+    """The best detection of each face: a face seen in two quarter turns keeps its higher score."""
+    kept: list[Detection] = []
+    for d in sorted(found, key=lambda d: -d.score):
+        if all(box_iou(d.box, k.box) < SAME_FACE_IOU for k in kept):
+            kept.append(d)
+    return kept
+
+
+def make_detector(name: str, any_roll: bool = False, upsample: int = HOG_UPSAMPLE):
+    """picture (H, W) gray or (H, W, 3) RGB uint8 -> [Detection]: `yunet` or `hog` (upright faces only)."""
+    if name == "yunet":
+        return YuNet(any_roll)
+    if name != "hog":
+        raise UsageError(f"--detector {name}: expected one of {', '.join(DETECTORS)}")
+    hog = load_hog()
+
+    def find(picture: np.ndarray) -> list[Detection]:
+        gray = picture if picture.ndim == 2 else cv2.cvtColor(picture, cv2.COLOR_RGB2GRAY)
+        return [Detection(box, 1.0) for box in detect_faces(hog, Image.fromarray(gray), upsample)]
+
+    return find

@@ -1,0 +1,38 @@
+"""Writing files so that a crash, Ctrl-C or a full disk leaves the old file or none, never half of one."""
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed onto `path` only when the block ends normally,
+    after the bytes reached the disk. On any error (or Ctrl-C) the temporary file is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: str | bytes, encoding: str = "utf-8", errors: str = "strict") -> Path:
+    """The whole file at once: `data` as text in `encoding`, or bytes."""
+    with atomic_path(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding=encoding, errors=errors)
+    return Path(path)
+
+
+def save_with(path: Path, save: Callable[[Path], object]) -> Path:
+    """`save(tmp)` writes the file in its own way (torch.save, onnx, PIL); it appears whole at `path`."""
+    with atomic_path(path) as tmp:
+        save(tmp)
+    return Path(path)

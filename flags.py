@@ -1,0 +1,125 @@
+"""What users type, checked: the argparse validators every script shares, and the boundary where a library error becomes one line."""
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from errors import Error
+from landmarks import Box
+
+# numpy's and Python's seeders take at most 32 bits; train.py adds the rank and the epoch.
+SEED_MAX = 2**31 - 1
+
+
+def number_in(kind: type, low: float | None = None, high: float | None = None, *,
+              low_open: bool = False, high_open: bool = False) -> Callable[[str], int | float]:
+    """An argparse `type=`: the text as `kind` (int or float) inside [low, high] (open where asked), else
+    argparse's one-line error naming the flag and the range. NaN and infinity are never inside."""
+    show = (lambda v: str(int(v))) if kind is int else (lambda v: f"{v:g}")
+    bounds = ([f"{'above' if low_open else 'at least'} {show(low)}"] if low is not None else []) + \
+             ([f"{'below' if high_open else 'at most'} {show(high)}"] if high is not None else [])
+    wanted = f"{'a whole number' if kind is int else 'a number'} {' and '.join(bounds)}"
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        inside = (math.isfinite(value) and (low is None or (value > low if low_open else value >= low))
+                  and (high is None or (value < high if high_open else value <= high)))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def flip_pairs_arg(text: str) -> list[list[int]]:
+    """An argparse `type=` for --flip-pairs: a JSON file holding [[i, j], ...], or the pairs written out as
+    "0,3 1,2". Whether the points exist is checked once the labels say how many there are."""
+    path = Path(text)
+    if path.suffix.lower() == ".json" or path.is_file():
+        try:
+            pairs = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise argparse.ArgumentTypeError(f"{path}: cannot read mirror pairs ({e})") from None
+        where = str(path)
+    else:
+        pairs = [[int(v) for v in pair.split(",")] if all(v.strip().isdigit() for v in pair.split(","))
+                 else pair for pair in text.split()]
+        where = repr(text)
+    if not (isinstance(pairs, list) and all(isinstance(p, list) and len(p) == 2 and
+                                            all(isinstance(v, int) and v >= 0 for v in p) for p in pairs)):
+        raise argparse.ArgumentTypeError(f"{where}: expected mirror pairs of point numbers, such as "
+                                         f"\"0,3 1,2\" or a JSON file holding [[0, 3], [1, 2]]")
+    return sorted(sorted(pair) for pair in pairs)  # in one order, so that --resume sees "1,2 3,0" as "0,3 1,2"
+
+
+def point_pair_arg(text: str) -> list[int]:
+    """An argparse `type=` for --nme-points: two point numbers, "I,J"."""
+    values = text.split(",")
+    if len(values) != 2 or not all(v.strip().isdigit() for v in values) or int(values[0]) == int(values[1]):
+        raise argparse.ArgumentTypeError(f"expected two different point numbers I,J, got {text!r}")
+    return sorted(int(v) for v in values)  # a distance: "45,36" is the run "36,45" (for --resume)
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why `path` can be neither used nor made as an output folder, or None."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} exists and is not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{path} cannot be made: {parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"{path} cannot be made: {parent} is not writable"
+
+
+def out_folder(text: str) -> str:
+    """An argparse `type=` for --out/--out-dir folders: one that exists or can be made."""
+    problem = folder_problem(Path(text))
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def out_file(text: str) -> str:
+    """An argparse `type=` for a file to write: not a folder, and in a folder that exists or can be made."""
+    path = Path(text)
+    problem = f"{path} is a folder; expected a file name" if path.is_dir() else folder_problem(path.parent)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def box_arg(text: str) -> Box:
+    """--box left,top,width,height in image pixels."""
+    try:
+        box = Box(*(float(v) for v in text.split(",")))
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected four numbers, left,top,width,height") from None
+    if not all(map(math.isfinite, box)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected four finite numbers")
+    if box.width <= 0 or box.height <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: width and height must be positive")
+    return box
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """A script's boundary: a library Error ends the run with its one-line message (exit 1), and Ctrl-C with
+    one line and exit 130, never a traceback. Whatever was written was written atomically, so nothing
+    half-done is left behind."""
+    try:
+        yield
+    except Error as e:
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,0 +1,192 @@
+"""The vocabulary every file shares: Box, Face, the markup (iBUG's 68 points, their mirror twins, the points that normalise NME), the box relation, and the NME itself. Numpy only."""
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+# iBUG 300-W's markup, the default: 68 points, jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, lips 48-67.
+NUM_LANDMARKS = 68
+
+
+LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 36, 45
+
+
+# Each point's mirror twin: jaw, brows, nose, eyes, outer lips, inner lips (the rest lie on the middle line).
+IBUG_FLIP_PAIRS = ([(i, 16 - i) for i in range(8)] + [(17 + i, 26 - i) for i in range(5)] + [(31, 35), (32, 34)]
+                   + [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]
+                   + [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67)])
+
+
+class Box(NamedTuple):
+    left: float
+    top: float
+    width: float
+    height: float
+
+    @property
+    def center(self) -> np.ndarray:
+        return np.array([self.left + self.width / 2, self.top + self.height / 2])
+
+    @property
+    def side(self) -> float:
+        return max(self.width, self.height)
+
+
+@dataclass(frozen=True)
+class Face:
+    image: Path
+    box: Box
+    points: np.ndarray  # (K, 2) float32, image pixels; K = 68 for iBUG's markup
+    index: int = 0  # which box of its image, counting those not marked ignore, as error messages say
+
+
+# ---------------------------------------------------------------- boxes
+
+
+class BoxRelation(NamedTuple):
+    """Where dlib's detector puts its square box, in units of the points' spread (RMS distance from their mean)."""
+    side: float  # box side / spread
+    dx: float    # (box centre - mean point) / spread, along x and y
+    dy: float
+
+
+# Measured, not guessed: fit_box_relation over the 2,012 faces of ../shared/data/300w_subset (1,910 boxes from
+# dlib's detector, 102 derived from its median relation), by `python video_bench.py --fit-box`. The fitted box
+# misses dlib's by 4.3% (x) and 4.7% (y) of its side in centre and by 8.1% in side (RMS over the faces; median
+# IoU 0.83). The points' extent instead of their spread fits the side as well but the centre twice as badly
+# (8.7% in x), and the spread does not change when the head rolls. Video tracking crops each frame with
+# the box of the previous frame's points, so the network sees faces framed as in training.
+DLIB_RELATION = BoxRelation(side=2.7655, dx=-0.0220, dy=-0.1414)
+
+
+def point_spread(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean point and RMS distance of the points from it, for (..., K, 2) points."""
+    points = np.asarray(points, np.float64)
+    mean = points.mean(axis=-2)
+    return mean, np.sqrt(((points - mean[..., None, :]) ** 2).sum(-1).mean(-1))
+
+
+def box_from_points(points: np.ndarray, relation: BoxRelation = DLIB_RELATION) -> Box:
+    """The box dlib's detector would most likely give the face whose landmarks these are."""
+    mean, spread = point_spread(points)
+    side = relation.side * spread
+    center = mean + np.array([relation.dx, relation.dy]) * spread
+    return Box(float(center[0] - side / 2), float(center[1] - side / 2), float(side), float(side))
+
+
+def fit_box_relation(faces: list[Face]) -> tuple[BoxRelation, dict[str, float]]:
+    """Least squares of each box's side and centre offset on its points' spread (no intercept: faces of
+    any size), and the RMS misfits in units of the box side: what DLIB_RELATION and its comment come from."""
+    mean, spread = point_spread(np.stack([f.points for f in faces]))
+    boxes = np.array([tuple(f.box) for f in faces], np.float64)
+    side = (boxes[:, 2] + boxes[:, 3]) / 2
+    targets = {"side": side, "dx": boxes[:, 0] + boxes[:, 2] / 2 - mean[:, 0],
+               "dy": boxes[:, 1] + boxes[:, 3] / 2 - mean[:, 1]}
+    coefficients = {k: float(spread @ y / (spread @ spread)) for k, y in targets.items()}
+    misfit = {k: float(np.sqrt((((y - coefficients[k] * spread) / side) ** 2).mean())) for k, y in targets.items()}
+    return BoxRelation(**coefficients), misfit
+
+
+def rescale(box: Box, points: np.ndarray, scale: float, offset: np.ndarray) -> tuple[Box, np.ndarray]:
+    """Box and points under x -> x * scale + offset; points mark pixel centres, hence the half pixels."""
+    box = Box(box.left * scale + offset[0], box.top * scale + offset[1], box.width * scale, box.height * scale)
+    return box, (points + 0.5) * scale + offset - 0.5
+
+
+def box_iou(a: Box, b: Box) -> float:
+    width = min(a.left + a.width, b.left + b.width) - max(a.left, b.left)
+    height = min(a.top + a.height, b.top + b.height) - max(a.top, b.top)
+    overlap = max(width, 0) * max(height, 0)
+    return overlap / (a.width * a.height + b.width * b.height - overlap)
+
+
+# ---------------------------------------------------------------- the markup: which points, their twins, the NME
+
+
+@dataclass(frozen=True)
+class Markup:
+    """What the points of a dataset are, as far as training and scoring need it; saved with the weights."""
+    num_points: int
+    flip: tuple[int, ...] | None = None  # flip[i]: the point that point i becomes in the mirrored face
+    nme_points: tuple[int, int] | None = None  # the two points whose distance normalises NME; None: box diagonal
+    box_relation: BoxRelation = DLIB_RELATION  # where dlib's box lies around these points (video tracking)
+
+    @property
+    def normalisation(self) -> str:
+        """How NME is normalised, as tables name it."""
+        if self.nme_points == (LEFT_EYE_OUTER, RIGHT_EYE_OUTER) and self.num_points == NUM_LANDMARKS:
+            return "outer eye corners"
+        return "box diagonal" if self.nme_points is None else f"distance of points {self.nme_points[0]} and " \
+                                                              f"{self.nme_points[1]}"
+
+    def to_config(self) -> dict:
+        return {"num_points": self.num_points, "flip": None if self.flip is None else list(self.flip),
+                "nme_points": None if self.nme_points is None else list(self.nme_points),
+                "box_relation": list(self.box_relation)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Markup":
+        """The markup a checkpoint's config names; weights saved before markups existed are iBUG's 68 points."""
+        saved = config.get("markup")
+        if saved is None:
+            return IBUG
+        return cls(saved["num_points"], None if saved["flip"] is None else tuple(saved["flip"]),
+                   None if saved["nme_points"] is None else tuple(saved["nme_points"]),
+                   BoxRelation(*saved.get("box_relation", DLIB_RELATION)))
+
+
+def check_point(i: int, num_points: int) -> None:
+    """ValueError unless point number i is one of K points."""
+    if not 0 <= i < num_points:
+        raise ValueError(f"point {i} is not among the {num_points} points 0..{num_points - 1}")
+
+
+def flip_permutation(pairs: list[tuple[int, int]], num_points: int) -> tuple[int, ...]:
+    """Mirror pairs -> the permutation a horizontal flip applies; points in no pair are their own twin."""
+    permutation = list(range(num_points))
+    seen = set()
+    for a, b in pairs:
+        for i in (a, b):
+            check_point(i, num_points)
+            if i in seen:
+                raise ValueError(f"point {i} is in two mirror pairs")
+            seen.add(i)
+        permutation[a], permutation[b] = b, a
+    return tuple(permutation)
+
+
+IBUG = Markup(NUM_LANDMARKS, flip_permutation(IBUG_FLIP_PAIRS, NUM_LANDMARKS), (LEFT_EYE_OUTER, RIGHT_EYE_OUTER))
+
+
+def markup_for(num_points: int, flip_pairs: list[tuple[int, int]] | None = None,
+               nme_points: tuple[int, int] | None = None, box_relation: BoxRelation = DLIB_RELATION) -> Markup:
+    """The markup of K points: iBUG's twins and eye corners for 68 unless given; for any other K only what
+    is given (no flip; NME over the box diagonal). Raises ValueError naming a bad point number."""
+    try:
+        for i in nme_points or ():
+            check_point(i, num_points)
+    except ValueError as e:
+        raise ValueError(f"--nme-points: {e}") from None
+    if nme_points is not None and nme_points[0] == nme_points[1]:
+        raise ValueError("--nme-points: the two points must differ")
+    default = IBUG if num_points == NUM_LANDMARKS else Markup(num_points)
+    try:
+        flip = default.flip if flip_pairs is None else flip_permutation(flip_pairs, num_points)
+    except ValueError as e:
+        raise ValueError(f"--flip-pairs: {e}") from None
+    return Markup(num_points, flip, default.nme_points if nme_points is None else tuple(nme_points), box_relation)
+
+
+def nme(pred: np.ndarray, true: np.ndarray, markup: Markup = IBUG, diagonal: np.ndarray | None = None) -> np.ndarray:
+    """Per-face mean point-to-point error in % of the distance between the markup's two NME points (iBUG:
+    the outer eye corners), or, for a markup without them, of the box diagonal `diagonal` (N,), in the
+    points' units. Inputs (N, K, 2)."""
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    error = np.linalg.norm(pred - true, axis=-1).mean(axis=-1)
+    if markup.nme_points is None:
+        if diagonal is None:
+            raise ValueError("this markup normalises NME by the box diagonal: pass `diagonal`")
+        return 100 * error / np.asarray(diagonal, np.float64)
+    i, j = markup.nme_points
+    return 100 * error / np.linalg.norm(true[:, i] - true[:, j], axis=-1)

@@ -1,0 +1,126 @@
+"""Running the network: the device, the bf16 policy (native bf16 only), and the traced, frozen and fused CPU form that evaluate, predict and video use."""
+import copy
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+
+from model import LandmarkNet, resnet_features
+
+# A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """`auto` means the GPU when there is one."""
+    if name == "auto":
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+AMP_CHOICES = ("auto", "bf16", "off")
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Does the device do bf16 matrix work in hardware: CUDA with bf16, or a CPU with AVX512-BF16 or AMX?
+
+    Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it also says yes to plain AVX512, where oneDNN
+    emulates bf16 and runs slower than fp32.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """train.py's --amp: `auto` becomes `bf16` where the device has it natively, `off` elsewhere."""
+    if amp == "auto":
+        return "bf16" if has_native_bf16(device) else "off"
+    return amp
+
+
+def autocast(device: torch.device, amp: str = "auto"):
+    """Mixed precision for training and GPU inference: bf16 autocast when `amp` resolves to bf16 (on CUDA
+    without bf16, fp16), plain fp32 otherwise."""
+    if device.type == "cuda" and amp != "off":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    if resolve_amp(amp, device) == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def inference_autocast(device: torch.device):
+    """Autocast for evaluate.py and predict.py: on CUDA only; on the CPU optimize_for_inference decides."""
+    return autocast(device) if device.type == "cuda" else nullcontext()
+
+
+class InferenceBody(nn.Module):
+    """What optimize_for_inference traces: the network up to its outputs (the pip head's raw maps), in bf16
+    up to the last layer when asked. That layer stays fp32: coordinates in bf16 carry only 8 bits, about
+    0.3 px at 160 px, while bf16 convolutions cost nothing measurable (README, "Speed")."""
+
+    def __init__(self, model: nn.Module, bf16: bool):
+        super().__init__()
+        self.pip = isinstance(model, LandmarkNet)
+        if self.pip:
+            self.body, self.last = model.backbone, model.head
+        else:
+            self.body = nn.Sequential(*resnet_features(model), model.avgpool, nn.Flatten(1))
+            self.last = model.fc
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.body.to(self.dtype)
+
+    def forward(self, images: torch.Tensor):
+        features = self.body(images.to(self.dtype)).float()
+        return self.last.maps(features) if self.pip else self.last(features)
+
+
+def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, bf16: bool | None = None) -> Network:
+    """The same network, faster on the CPU: traced, frozen (batch norm folded into the convolutions)
+    and run by oneDNN's graph fuser in channels-last layout; in bf16 up to the last layer where the CPU
+    does bf16 natively (`bf16=None` decides so; README, "Speed", has what each step gains).
+
+    fp32 outputs match the eager model's to ~1e-5; bf16 ones to about 1e-3 of the crop, which leaves the
+    validation NME unchanged to 0.01 (README). On CUDA the model comes back as it is: autocast is what
+    speeds it up there. The model passed in is left untouched. fuse=False skips the oneDNN fuser.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    if bf16 is None:
+        bf16 = has_native_bf16(torch.device("cpu"))
+    example = torch.zeros(1, 1, img_size, img_size).contiguous(memory_format=torch.channels_last)
+    model = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    body = InferenceBody(model, bf16).eval()
+    # PIPNet's decoding (argmax, gather) runs after the graph: oneDNN's fuser cannot compile it, and it is cheap.
+    finish = (lambda maps: model.head.decode(*maps)) if body.pip else (lambda outputs: outputs)
+    with warnings.catch_warnings(), torch.no_grad():
+        # TorchScript is deprecated for torch.compile, which runs no faster here but needs a C++
+        # compiler at run time and ~40 s to compile on 2 cores; trace + freeze takes under a second.
+        warnings.simplefilter("ignore", FutureWarning)
+        frozen = torch.jit.freeze(torch.jit.trace(body, example))
+
+    # torch on macOS and Windows lacks oneDNN Graph: there the frozen graph runs as it is.
+    fuser = fuse and hasattr(torch._C, "_jit_llga_enabled")
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        # The fuser's switch is global, and some other TorchScript (mkldnn-layout graphs) breaks under it:
+        # on only while this network runs, which is when TorchScript builds and rebuilds its fused graph.
+        # (torch.jit.fuser("fuser3") would do this, but warns about nvFuser on every call.)
+        previous = fuser and torch.jit.onednn_fusion_enabled()
+        if fuser:
+            torch.jit.enable_onednn_fusion(True)
+        try:
+            with torch.no_grad():
+                return finish(frozen(images.contiguous(memory_format=torch.channels_last)))
+        finally:
+            if fuser:
+                torch.jit.enable_onednn_fusion(previous)
+
+    for _ in range(3):  # TorchScript profiles the first calls and fuses after; pay that here, not on a face
+        run(example)
+    return run

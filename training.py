@@ -1,0 +1,225 @@
+"""The pieces of a training run: losses (PIPNet's, wing), optimiser, schedule, distributed set-up, one epoch, validation, the log and the curves."""
+import argparse
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from dataset import CACHE_EXTENT, FaceCache, FaceLandmarksDataset, split_faces
+from errors import UsageError
+from labels import load_faces
+from landmarks import Markup, fit_box_relation, markup_for, nme
+from model import PIPHead
+from runtime import autocast, pick_device
+from transforms import CROP_MARGIN, Transforms, box_diagonal
+
+# Wing loss (Feng et al. 2018) in pixels of a 224 px crop, whatever --img-size is.
+WING_W, WING_EPSILON, WING_PIXELS = 10.0, 2.0, 224
+
+
+# PIPNet's weight of the score maps against the offsets (Jin et al. 2021).
+PIP_SCORE_WEIGHT = 10.0
+
+
+def wing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    x = (pred - target).abs() * WING_PIXELS
+    c = WING_W - WING_W * math.log(1 + WING_W / WING_EPSILON)
+    return torch.where(x < WING_W, WING_W * torch.log1p(x / WING_EPSILON), x - c).mean()
+
+
+LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smoothl1": F.smooth_l1_loss, "wing": wing_loss}
+
+
+def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour_index: torch.Tensor) -> torch.Tensor:
+    """PIPNet's loss: MSE of the score maps against a one-hot map of each landmark's cell, plus L1 of the
+    offsets read at that cell, its own and its neighbours' (in cells)."""
+    scores, offsets, neighbour_offsets = (o.float() for o in outputs)
+    n, k, h, w = scores.shape
+    points = (targets.view(n, k, 2) + 0.5) * w                 # grid units; crops are square
+    cell = points.detach().floor().clamp(0, w - 1)
+    best = (cell[..., 1] * w + cell[..., 0]).long()           # (N, K)
+    score_loss = F.mse_loss(scores.flatten(2), F.one_hot(best, h * w).float())
+    own, theirs = PIPHead.read_cells(offsets, neighbour_offsets, best)
+    own_loss = F.l1_loss(own, points - cell)
+    neighbour_loss = F.l1_loss(theirs, points[:, neighbour_index] - cell[:, :, None])
+    return PIP_SCORE_WEIGHT * score_loss + 2 * (own_loss + neighbour_loss)  # x and y each count once, as in PIPNet
+
+
+def make_loss(args: argparse.Namespace, model: nn.Module) -> tuple[Callable, Callable]:
+    """The training loss, and the validation loss on the decoded coordinates (the same for the regression
+    head; L1 for the pip head, whose training loss needs the raw maps)."""
+    if args.head == "pip":
+        index = model.head.neighbour_index
+        return (lambda outputs, targets: pip_loss(outputs, targets, index)), F.l1_loss
+    loss = LOSSES[args.loss]
+    return (lambda outputs, targets: loss(outputs.float(), targets)), loss  # in fp32 under autocast too
+
+
+def make_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    kind = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scaler(device: torch.device, amp: str) -> torch.amp.GradScaler:
+    """Loss scaling, which only fp16 needs: on CUDA without bf16 when autocast is on."""
+    return torch.amp.GradScaler(enabled=device.type == "cuda" and amp != "off" and not torch.cuda.is_bf16_supported())
+
+
+def make_scheduler(args: argparse.Namespace, optimizer, steps_per_epoch: int):
+    """Per-step multiplier of the learning rate: constant, or linear warm-up then cosine to zero."""
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if args.sched == "none":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def setup_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device]:
+    """Rank, world size and device; under torchrun this joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(args.device, local_rank)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def markup_from_flags(args: argparse.Namespace) -> Callable[[int], Markup]:
+    """The markup of the labels' K points with --flip-pairs and --nme-points; load_faces calls it once K is
+    known, and raises DataError in one line when the flags do not fit K points."""
+    pairs = args.flip_pairs and [tuple(p) for p in args.flip_pairs]
+    return lambda num_points: markup_for(num_points, pairs, args.nme_points)
+
+
+def make_loaders(args: argparse.Namespace, rank: int,
+                 world: int) -> tuple[DataLoader, DataLoader, DistributedSampler, Markup]:
+    """The loaders, and the labels' markup: its point count read from them, the rest from the flags, and
+    where dlib's box lies around its points fitted on the training faces (for video tracking)."""
+    xml = Path(args.data_dir) / args.xml
+    markup_of = markup_from_flags(args)
+    faces = load_faces(xml, args.skip_bad, markup_of=markup_of)
+    markup = markup_of(len(faces[0].points))
+    if args.flip and markup.flip is None:
+        raise UsageError(f"--flip: {xml} has {markup.num_points} points, and which is the mirror twin of which "
+                         f"is known only for iBUG's 68; give --flip-pairs (\"0,3 1,2\" or a JSON file), or --no-flip")
+    train_idx, val_idx = split_faces(len(faces), args.val_fraction, args.seed)
+    if not train_idx or not val_idx:
+        raise UsageError(f"{xml}: --val-fraction {args.val_fraction:g} of {len(faces)} faces leaves {len(train_idx)} "
+                         f"for training and {len(val_idx)} for validation; each needs at least one face")
+    markup = replace(markup, box_relation=fit_box_relation([faces[i] for i in train_idx])[0])
+    cache = None
+    if args.cache:
+        if rank == 0:  # one process builds the cache; the others wait, then read it
+            cache = FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN, os.cpu_count() or 1)
+        if world > 1:
+            dist.barrier()
+        cache = cache or FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN)
+    train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip,
+                          flip_permutation=markup.flip, occlusion=args.occlusion)
+    train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
+    val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
+    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(args.seed)
+    common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=args.workers > 0)
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_set) > args.batch_size, generator=generator, **common)
+    val_loader = DataLoader(val_set, args.val_batch_size, **common)
+    return train_loader, val_loader, sampler, markup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp: str, desc: str,
+                    show: bool) -> tuple[float, float]:
+    """Mean training loss, and images per second over the epoch (loading included)."""
+    model.train()
+    total, count, started = 0.0, 0, time.time()
+    bar = tqdm(loader, desc=desc, disable=not show, leave=False, dynamic_ncols=True)
+    for images, targets in bar:
+        images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total, count = total + loss.item() * len(images), count + len(images)
+        if not math.isfinite(total):
+            break  # diverged: the caller stops the run, and nothing of this epoch is saved
+        bar.set_postfix(loss=f"{total / count:.5f}", img_s=f"{count / (time.time() - started):.0f}")
+    return total / max(count, 1), count / (time.time() - started)
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, device, amp: str, markup: Markup) -> tuple[float, float]:
+    """Mean loss and mean NME (%) on the validation set; NME in crop coordinates equals NME in the image
+    because the validation crop is a similarity transform."""
+    model.eval()
+    losses, preds, truths = [], [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True).to(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp):
+            pred = model(images).float()
+        losses.append(loss_fn(pred, targets).item() * len(images))
+        preds.append(pred.cpu().numpy())
+        truths.append(targets.cpu().numpy())
+    dataset = loader.dataset  # not shuffled: the faces in order, for their boxes' diagonals
+    diagonals = [box_diagonal(dataset.faces[i].box) for i in dataset.indices]
+    k = markup.num_points
+    errors = nme(np.concatenate(preds).reshape(-1, k, 2), np.concatenate(truths).reshape(-1, k, 2), markup, diagonals)
+    return sum(losses) / len(errors), float(errors.mean())
+
+
+def write_log(history: list[dict], out: Path) -> None:
+    """The whole history, rewritten each epoch, so a resumed run never duplicates or loses a row."""
+    tmp = out / ".log.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, out / "log.csv")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_nme) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [row["train_loss"] for row in history], label="train")
+    ax_loss.plot(epochs, [row["val_loss"] for row in history], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="loss")
+    ax_loss.legend()
+    ax_nme.plot(epochs, [row["val_nme"] for row in history], color="C1")
+    ax_nme.set(xlabel="epoch", ylabel="NME (%)", title="validation NME")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
