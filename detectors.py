@@ -36,6 +36,9 @@ YUNET_SCORE, YUNET_NMS = 0.6, 0.3
 YUNET_RELATION = BoxRelation(side=3.7609, dx=-0.0167, dy=-0.0680)
 # Two detections from different quarter turns are one face when their boxes overlap this much.
 SAME_FACE_IOU = 0.3
+# With any_roll, each face is looked at again in a crop levelled by its roll (and in that crop turned
+# upside down): LEVEL_CROP pixels a side, LEVEL_EXTENT of the face's dlib box side across.
+LEVEL_CROP, LEVEL_EXTENT = 192, 2.2
 
 
 @dataclass(frozen=True)
@@ -86,9 +89,11 @@ def eye_roll(five: np.ndarray) -> float:
     return math.degrees(math.atan2(y1 - y0, x1 - x0))
 
 
-def box_from_five(five: np.ndarray, relation: BoxRelation = YUNET_RELATION) -> tuple[Box, float]:
-    """dlib's box for the face whose YuNet points these are, in the face's own upright frame, and its roll."""
-    roll = eye_roll(five)
+def box_from_five(five: np.ndarray, relation: BoxRelation = YUNET_RELATION,
+                  roll: float | None = None) -> tuple[Box, float]:
+    """dlib's box for the face whose YuNet points these are, in the face's own upright frame, and its roll
+    (the eye line's, unless given)."""
+    roll = eye_roll(five) if roll is None else roll
     mean, spread = point_spread(five)
     c, s = math.cos(math.radians(roll)), math.sin(math.radians(roll))
     offset = np.array([[c, -s], [s, c]]) @ np.array([relation.dx, relation.dy]) * spread
@@ -157,16 +162,66 @@ class YuNet:
                 (x0, y0), (x1, y1) = corners.min(0), corners.max(0)
                 box, roll = box_from_five(five, self.relation)
                 found.append(Detection(box, float(row[14]), roll, five, Box(x0, y0, x1 - x0, y1 - y0)))
-        return distinct(found)
+        found = distinct(found)
+        return [self.level(rgb, d) for d in found] if self.any_roll else found
+
+    def level(self, rgb: np.ndarray, detection: Detection) -> Detection:
+        """The face looked at again, in a crop levelled by its roll and in the same crop upside down: YuNet
+        sees a face best upright, so the better-scored look says which way up it is. (Its eye points lean
+        strongly towards the level of whatever it looks at, so looking again does not sharpen the roll
+        much: the landmark network's later looks do that, faces.Landmarker's passes.)"""
+        looks = [look for look in (self.look_levelled(rgb, detection, extra) for extra in (0.0, 180.0)) if look]
+        return max(looks, key=lambda d: d.score) if looks else detection
+
+    def look_levelled(self, rgb: np.ndarray, detection: Detection, extra: float) -> Detection | None:
+        roll = detection.roll + extra
+        scale = LEVEL_CROP / (LEVEL_EXTENT * detection.box.side)
+        # Picture -> crop: about the face's centre, turned back by its roll, to LEVEL_CROP pixels.
+        matrix = cv2.getRotationMatrix2D(tuple(map(float, detection.box.center)), roll, scale)
+        matrix[:, 2] += LEVEL_CROP / 2 - detection.box.center
+        crop = cv2.warpAffine(rgb, matrix, (LEVEL_CROP, LEVEL_CROP), flags=cv2.INTER_LINEAR)
+        rows = self.raw(np.ascontiguousarray(crop[..., ::-1]))
+        if not len(rows):
+            return None
+        row = rows[np.argmin(np.linalg.norm(rows[:, :2] + rows[:, 2:4] / 2 - LEVEL_CROP / 2, axis=1))]
+        inverse = cv2.invertAffineTransform(matrix)
+        roll = eye_roll(row[4:14].reshape(5, 2) @ inverse[:, :2].T + inverse[:, 2])
+        # The box from the first look's points (the picture itself, not a resampled crop), turned by this roll.
+        box, _ = box_from_five(detection.five, self.relation, roll)
+        return Detection(box, float(row[14]), roll, detection.five, detection.own_box)
 
 
 def distinct(found: list[Detection]) -> list[Detection]:
-    """The best detection of each face: a face seen in two quarter turns keeps its higher score."""
+    """One detection per face. A face seen in several quarter turns is seen at its roll in each, and YuNet's
+    eye points lean towards the upright of the turn it looked at, the other way in the next turn: the
+    rolls that agree (within 45 degrees) outvote one turn that took an upside-down face for an upright one,
+    and their score-weighted mean cancels the lean."""
     kept: list[Detection] = []
-    for d in sorted(found, key=lambda d: -d.score):
-        if all(box_iou(d.box, k.box) < SAME_FACE_IOU for k in kept):
-            kept.append(d)
+    for group in same_faces(found):
+        support = [sum(o.score for o in group if abs(angle_between(o.roll, d.roll)) < 45) for d in group]
+        best = group[int(np.argmax(support))]
+        agree = [o for o in group if abs(angle_between(o.roll, best.roll)) < 45]
+        roll = best.roll + sum(o.score * angle_between(o.roll, best.roll) for o in agree) / sum(o.score for o in agree)
+        box, _ = box_from_five(best.five, YUNET_RELATION, roll) if best.five is not None else (best.box, roll)
+        kept.append(Detection(box, best.score, (roll + 180) % 360 - 180, best.five, best.own_box))
     return kept
+
+
+def same_faces(found: list[Detection]) -> list[list[Detection]]:
+    """Detections grouped by face: each joins the group of the best-scored one its box overlaps."""
+    groups: list[list[Detection]] = []
+    for d in sorted(found, key=lambda d: -d.score):
+        home = next((g for g in groups if box_iou(d.box, g[0].box) >= SAME_FACE_IOU), None)
+        if home is None:
+            groups.append([d])
+        else:
+            home.append(d)
+    return groups
+
+
+def angle_between(a: float, b: float) -> float:
+    """a - b in degrees, in [-180, 180)."""
+    return (a - b + 180) % 360 - 180
 
 
 def make_detector(name: str, any_roll: bool = False, upsample: int = HOG_UPSAMPLE):

@@ -23,6 +23,7 @@ from flags import number_in, one_line_errors, out_file, out_folder
 from labels import TEST_XML, TRAIN_XML, label_problem, load_faces
 from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme
 from runtime import Network, inference_autocast, pick_device
+from score_eval import score_test
 from transforms import CROP_MARGIN, Transforms, box_diagonal, face_matrix, mean_shape, points_to_target, unflip
 
 THRESHOLDS = (8, 10)  # % of what normalises NME (iBUG: the outer-eye-corner distance)
@@ -63,8 +64,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--any-roll", action="store_true", help="with --detector yunet: look at four quarter turns")
     p.add_argument("--turn", nargs="+", type=float, default=[0.0], metavar="DEG",
                    help="with --detector: turn each photo by these degrees (clockwise) first (default: 0)")
-    p.add_argument("--passes", type=int, choices=[1, 2], default=1,
-                   help="with --detector: 2 looks again at each face, levelled by the first look's points")
+    p.add_argument("--passes", type=number_in(int, 1, 4), default=1,
+                   help="with --detector: more than 1 looks again at each face, levelled by the last look's points")
+    p.add_argument("--score-test", action="store_true",
+                   help="also measure the point scores: covered against visible points (AUROC), and against "
+                        "each point's error (rank correlation)")
     p.add_argument("--fit-box", action="store_true",
                    help="only fit YuNet's box to dlib's on the training split of --xml, and print it")
     return p.parse_args(argv)
@@ -272,6 +276,13 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
     report.record(run_name(weights) + (" +flip" if args.flip_test else ""),
                   f"{weights}{' with flip test' if args.flip_test else ''} on {xml}",
                   score(pred, truths, faces, markup), faces, xml.parent, markup)
+    if args.score_test:
+        row = score_test(model, faces, config.get("img_size", 224), markup)
+        report.results[f"{run_name(weights)} point scores"] = row
+        print(f"point scores of {weights}: AUROC {row['auroc_visible_vs_covered']:.3f} for visible against covered "
+              f"points ({row['visible_points']} and {row['covered_points']}; mean {row['mean_score_visible']:.3f} "
+              f"against {row['mean_score_covered']:.3f}); rank correlation with the point's error "
+              f"{row['spearman_score_vs_error']:+.3f} (Pearson {row['pearson_score_vs_error']:+.3f})")
     if args.detector:
         landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
                                 passes=args.passes)

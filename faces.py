@@ -12,7 +12,8 @@ from detectors import HOG_UPSAMPLE, YUNET_SIZE, Detection, make_detector
 from errors import UsageError
 from images import open_photo, to_gray
 from landmarks import Box, Markup, box_from_points, rescale
-from runtime import Network, pick_device
+from pose import head_pose
+from runtime import Network, pick_device, points_and_scores
 from transforms import Augment, Transforms
 
 # A photo given by its path decodes at 1/2, 1/4 or 1/8 scale while its long side stays at least this: twice
@@ -24,12 +25,16 @@ DECODE_AT_LEAST = 2 * YUNET_SIZE
 class FaceLandmarks:
     box: Box                 # the crop's box in dlib's convention, in the picture's pixels (upright frame)
     points: np.ndarray       # (K, 2) in the picture's pixels
-    roll: float = 0.0        # degrees the face is turned, clockwise on screen (from the detector's eye points)
+    roll: float = 0.0        # degrees the crop was turned to level the face, clockwise on screen
     detector_score: float = 1.0
+    scores: np.ndarray | None = None  # (K,) in [0, 1]: how sure the network is of each point; None: regression head
+    pose: tuple[float, float, float] | None = None  # yaw, pitch, roll in degrees (pose.py); None: not iBUG's 68
 
     def to_dict(self) -> dict:
         return {"box": [round(float(v), 2) for v in self.box],
                 "points": np.round(self.points.astype(np.float64), 2).tolist(),
+                "scores": None if self.scores is None else np.round(self.scores.astype(np.float64), 3).tolist(),
+                "pose": None if self.pose is None else [round(float(v), 1) for v in self.pose],
                 "roll": round(float(self.roll), 1), "detector_score": round(float(self.detector_score), 3)}
 
 
@@ -46,9 +51,14 @@ def predict_faces(model: Network, transform: Transforms, gray: Image.Image, dete
     no_points = np.zeros((1, 2))  # the transform moves points too; here there are none to move
     batch = torch.stack([transform(gray, d.box, no_points, level(d))[0] for d in detections])
     with torch.inference_mode():
-        pred = model(batch.to(device)).float().cpu().numpy()
-    return [FaceLandmarks(d.box, transform.to_image(p, d.box, level(d)), d.roll, d.score)
-            for p, d in zip(pred, detections)]
+        pred, scores = points_and_scores(model, batch.to(device))
+    pred = pred.float().cpu().numpy()
+    scores = [None] * len(detections) if scores is None else scores.float().cpu().numpy()
+    faces = []
+    for p, s, d in zip(pred, scores, detections):
+        points = transform.to_image(p, d.box, level(d))
+        faces.append(FaceLandmarks(d.box, points, d.roll, d.score, s, head_pose(points, *gray.size)))
+    return faces
 
 
 def turn(points: np.ndarray, degrees: float, about: np.ndarray) -> np.ndarray:
@@ -108,8 +118,9 @@ class Landmarker:
         landmarker = Landmarker()              # the released weights, YuNet, the CPU's fastest path
         faces = landmarker("photo.jpg")        # or a PIL image, or an H x W (x 3) uint8 numpy array
 
-    Each face has .box, .points (K, 2) in the picture's pixels, .roll, .detector_score and .to_dict().
-    passes=2 looks again at each face, on the crop levelled and framed by the first look's points.
+    Each face has .box, .points (K, 2) in the picture's pixels, .scores (K,) in [0, 1], .pose (yaw, pitch,
+    roll in degrees), .roll (of its crop), .detector_score and .to_dict().
+    passes=2 (or more) looks again at each face, on the crop levelled and framed by the last look's points.
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", detector: str = "yunet",
@@ -155,9 +166,10 @@ class Landmarker:
         return [full_size(f, factor) for f in faces], gray
 
     def look(self, gray: Image.Image, detections: list[Detection]) -> list[FaceLandmarks]:
-        """The network on each detection's crop; with passes=2, again on the crop its points level."""
+        """The network on each detection's crop; each further pass again, on the crop the last one's points
+        level and frame."""
         faces = predict_faces(self.model, self.transform, gray, detections, self.device)
-        if self.passes == 2 and self.markup.nme_points is not None:
+        for _ in range(self.passes - 1 if self.markup.nme_points is not None else 0):
             faces = predict_faces(self.model, self.transform, gray, [second_look(f, self.markup) for f in faces],
                                   self.device)
         return faces
@@ -168,4 +180,4 @@ def full_size(face: FaceLandmarks, factor: int) -> FaceLandmarks:
     if factor == 1:
         return face
     box, points = rescale(face.box, face.points, factor, np.zeros(2))
-    return FaceLandmarks(box, points, face.roll, face.detector_score)
+    return FaceLandmarks(box, points, face.roll, face.detector_score, face.scores, face.pose)

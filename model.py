@@ -66,6 +66,12 @@ class PIPHead(nn.Module):
         theirs = neighbour_offsets.flatten(4).gather(4, cells[:, :, None, None, None].expand(n, k, m, 2, 1))
         return own, theirs.squeeze(4)
 
+    @staticmethod
+    def point_scores(scores: torch.Tensor) -> torch.Tensor:
+        """How sure the network is of each point, (N, K) in [0, 1]: the peak of its score map, which training
+        pulls towards 1 at the point's cell and 0 elsewhere (train.pip_loss)."""
+        return scores.flatten(2).amax(-1).clamp(0, 1)
+
     def decode(self, scores: torch.Tensor, offsets: torch.Tensor, neighbour_offsets: torch.Tensor) -> torch.Tensor:
         n, k, h, w = scores.shape
         m = self.neighbours

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from errors import DataError, UsageError
+from errors import DataError, Error, UsageError
 from faces import FaceLandmarks, Landmarker
 from landmarks import Box
 
@@ -125,13 +125,18 @@ def start_worker(settings: PhotoSettings, threads: int) -> None:
     """Each process its own Landmarker; one thread each when several processes share the cores."""
     torch.set_num_threads(threads)
     WORKER["settings"] = settings
-    WORKER["landmarker"] = Landmarker(settings.weights, settings.device, settings.detector, settings.any_roll,
-                                      settings.upsample, settings.eager, settings.passes)
+    try:
+        WORKER["landmarker"] = Landmarker(settings.weights, settings.device, settings.detector, settings.any_roll,
+                                          settings.upsample, settings.eager, settings.passes)
+    except Error as e:  # raised again with the first photo, in the parent: a pool whose start fails would retry forever
+        WORKER["error"] = e
 
 
 def do_photo(job: tuple[Path, str]) -> tuple[dict, dict]:
     """One photo's JSON record (an "error" record if unreadable), and the seconds it took by step."""
     path, png = job
+    if "error" in WORKER:
+        raise WORKER["error"]
     settings, landmarker = WORKER["settings"], WORKER["landmarker"]
     before = asdict(landmarker.timings)
     try:

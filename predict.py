@@ -173,14 +173,16 @@ def predict_photos(args: argparse.Namespace) -> dict:
     settings = PhotoSettings(str(args.weights), args.device, args.detector, args.any_roll, args.upsample,
                              args.eager, args.passes, args.box, not args.no_draw, str(out_dir))
     records, spent, started = [], {}, time.perf_counter()
+    workers = min(args.workers, max(len(todo), 1))
     with open(results, "a", encoding="utf-8") as out:
-        for record, seconds in landmark_photos(todo, names, settings, min(args.workers, max(len(todo), 1))):
+        for record, seconds in landmark_photos(todo, names, settings, workers):
             out.write(json.dumps(record) + "\n")
             out.flush()  # line by line: a crash or Ctrl-C keeps every photo done so far
             records.append({"faces": record["faces"], **({"error": 1} if "error" in record else {})})
             spent = {k: spent.get(k, 0) + v for k, v in seconds.items()}
             report_photo(record, args)
-        total = summary(records, time.perf_counter() - started, spent) | {"weights": str(args.weights)}
+        total = summary(records, time.perf_counter() - started, spent) | {"weights": str(args.weights),
+                                                                          "workers": workers}
         out.write(json.dumps({"summary": total}) + "\n")
     print_summary(results, total, len(done))
     if total["unreadable"]:

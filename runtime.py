@@ -96,8 +96,6 @@ def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, b
     example = torch.zeros(1, 1, img_size, img_size).contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     body = InferenceBody(model, bf16).eval()
-    # PIPNet's decoding (argmax, gather) runs after the graph: oneDNN's fuser cannot compile it, and it is cheap.
-    finish = (lambda maps: model.head.decode(*maps)) if body.pip else (lambda outputs: outputs)
     with warnings.catch_warnings(), torch.no_grad():
         # TorchScript is deprecated for torch.compile, which runs no faster here but needs a C++
         # compiler at run time and ~40 s to compile on 2 cores; trace + freeze takes under a second.
@@ -105,22 +103,54 @@ def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, b
         frozen = torch.jit.freeze(torch.jit.trace(body, example))
 
     # torch on macOS and Windows lacks oneDNN Graph: there the frozen graph runs as it is.
-    fuser = fuse and hasattr(torch._C, "_jit_llga_enabled")
+    fast = InferenceNetwork(frozen, model.head if body.pip else None, fuse and hasattr(torch._C, "_jit_llga_enabled"))
+    for _ in range(3):  # TorchScript profiles the first calls and fuses after; pay that here, not on a face
+        fast(example)
+    return fast
 
-    def run(images: torch.Tensor) -> torch.Tensor:
+
+class InferenceNetwork:
+    """optimize_for_inference's network: called on crops it gives (N, 2K) coordinates, as the model does;
+    with_scores also gives each point's score, (N, K), or None for the regression head."""
+
+    def __init__(self, frozen, pip_head: nn.Module | None, fuser: bool):
+        self.frozen, self.pip_head, self.fuser = frozen, pip_head, fuser
+
+    def outputs(self, images: torch.Tensor):
         # The fuser's switch is global, and some other TorchScript (mkldnn-layout graphs) breaks under it:
         # on only while this network runs, which is when TorchScript builds and rebuilds its fused graph.
         # (torch.jit.fuser("fuser3") would do this, but warns about nvFuser on every call.)
-        previous = fuser and torch.jit.onednn_fusion_enabled()
-        if fuser:
+        previous = self.fuser and torch.jit.onednn_fusion_enabled()
+        if self.fuser:
             torch.jit.enable_onednn_fusion(True)
         try:
             with torch.no_grad():
-                return finish(frozen(images.contiguous(memory_format=torch.channels_last)))
+                return self.frozen(images.contiguous(memory_format=torch.channels_last))
         finally:
-            if fuser:
+            if self.fuser:
                 torch.jit.enable_onednn_fusion(previous)
 
-    for _ in range(3):  # TorchScript profiles the first calls and fuses after; pay that here, not on a face
-        run(example)
-    return run
+    def with_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # One crop at a time: TorchScript specialises its fused graph on the input's shape, and a photo's
+        # varying face count re-specialised it on every new batch size (40-130 ms a call instead of one
+        # face's time); on this CPU a batch of 32 costs per face about what 32 single crops cost.
+        parts = [self.outputs(image[None]) for image in images]
+        outputs = torch.cat(parts) if self.pip_head is None else tuple(torch.cat(p) for p in zip(*parts))
+        if self.pip_head is None:
+            return outputs, None
+        # PIPNet's decoding (argmax, gather) runs after the graph: oneDNN's fuser cannot compile it, and it is cheap.
+        return self.pip_head.decode(*outputs), self.pip_head.point_scores(outputs[0])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.with_scores(images)[0]
+
+
+def points_and_scores(network: Network, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Coordinates (N, 2K) and point scores (N, K) from any form of the network: the fast one, the model
+    itself (a PIPNet head has score maps; the regression head has none, and gives None)."""
+    if isinstance(network, InferenceNetwork):
+        return network.with_scores(images)
+    if isinstance(network, LandmarkNet) and not network.training:
+        maps = network.head.maps(network.backbone(images))
+        return network.head.decode(*maps), network.head.point_scores(maps[0])
+    return network(images), None

@@ -385,6 +385,21 @@ def test_subsets_are_split_by_path():
     assert list(evaluate.summarise(np.array([1.0]), [None], "box diagonal")) == ["Full"]
 
 
+def test_faces_outside_the_data_folder_take_their_subset_from_their_own_folders():
+    root = Path("/data/300w")  # an XML of absolute paths, as dlib's imglab writes, pointing elsewhere
+    faces = [Face(Path(p), Box(0, 0, 1, 1), np.zeros((68, 2))) for p in
+             ["/elsewhere/helen/testset/1.jpg", "/mnt/x/ibug/3.jpg", "/mnt/photos/me.jpg", "/data/300w/lfpw/testset/2.png"]]
+    assert [evaluate.subset_of(f, root) for f in faces] == ["Common", "Challenging", None, "Common"]
+
+
+def test_skip_bad_on_labels_whose_boxes_mostly_have_no_parts_stops_with_one_line(tmp_path):
+    Image.new("RGB", (200, 200)).save(tmp_path / "a.jpg")
+    write_xml(tmp_path / "empty.xml", [("a.jpg", ["<box top='40' left='50' width='100' height='100'/>"] * 3
+                                        + [good_face_xml()])])
+    with pytest.raises(errors.DataError, match="most of its boxes have 0 parts; a markup needs at least 2"):
+        load_faces(tmp_path / "empty.xml", skip_bad=True)
+
+
 def test_mirror_permutation_is_an_involution_that_swaps_the_eyes():
     perm = np.array(FLIP_PERMUTATION)
     assert (perm[perm] == np.arange(68)).all()
@@ -931,7 +946,7 @@ def test_predict_image_without_weights_uses_the_released_ones_and_finds_a_plausi
     assert eyes[0, 0] < nose_tip[0] < eyes[1, 0]          # the nose between the eyes (image left to right)
     assert eyes[:, 1].max() < nose_tip[1] < chin[1]       # eyes above the nose tip, the chin below it
     assert left < nose_tip[0] < left + width and top < nose_tip[1] < top + height
-    assert "images/s: face detector" in result.stdout
+    assert "images/s" in result.stdout and "face detector" in result.stdout
 
 
 @pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
@@ -1021,7 +1036,7 @@ def test_image_without_dlib_still_works_with_box_and_otherwise_says_how_to_insta
     saved = predict_images(trained, tmp_path / "out", "--image", str(tmp_path / "a.png"), "--box", ANY_BOX)
     assert len(saved["images"][0]["faces"]) == 1
     with pytest.raises(SystemExit) as stop:
-        predict_images(trained, tmp_path / "out", "--image", str(tmp_path / "a.png"))
+        predict_images(trained, tmp_path / "hog", "--image", str(tmp_path / "a.png"), "--detector", "hog")
     message = str(stop.value.code)
     assert "pip install dlib-bin" in message and "--box" in message and "\n" not in message
 
@@ -2085,9 +2100,10 @@ def test_landmarker_takes_a_path_a_pil_image_and_a_numpy_array_alike(trained, tm
     landmarker = Landmarker(trained / "best.pt")
     by_path = landmarker(path)
     assert len(by_path) == 1
-    for image in (Image.open(path), np.asarray(Image.open(path)), np.asarray(Image.open(path).convert("L"))):
+    for image in (Image.open(path), np.asarray(Image.open(path))):
         [face] = landmarker(image)
         np.testing.assert_allclose(face.points, by_path[0].points, atol=1.0)
+    assert len(landmarker(np.asarray(Image.open(path).convert("L")))) == 1  # gray: the detector sees no colour
     with pytest.raises(errors.UsageError, match="uint8"):
         landmarker(np.zeros((10, 10), np.float32))
 
@@ -2153,3 +2169,74 @@ def test_an_earlier_run_is_never_overwritten_and_resume_finishes_it(trained, tmp
     resumed = predict_images(trained, out, "--image", str(folder), "--no-draw", "--resume")
     assert [Path(r["image"]).name for r in resumed["images"]] == ["p0.jpg", "p1.jpg"]
     assert resumed["images"][0] == first["images"][0]
+
+
+# ---------------------------------------------------------------- from Python: the Landmarker, torch.hub, scores and pose
+
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+def test_torch_hub_loads_the_landmarker_from_a_clone_in_three_lines(tmp_path):
+    landmarker = torch.hub.load(str(HERE), "landmarker", source="local", trust_repo=True)
+    [face] = landmarker(astronaut_jpg(tmp_path))
+    record = face.to_dict()
+    assert np.array(record["points"]).shape == (NUM_LANDMARKS, 2) and len(record["scores"]) == NUM_LANDMARKS
+    assert all(0 <= s <= 1 for s in record["scores"]) and len(record["pose"]) == 3
+
+
+def test_the_regression_head_gives_no_scores_and_a_pip_head_one_per_point(trained, tmp_path, demo):
+    from faces import Landmarker
+    [face] = Landmarker(trained / "best.pt", detector="hog")(astronaut_jpg(tmp_path))
+    assert face.scores is None and face.to_dict()["scores"] is None
+    net = build_model(head="pip").eval()
+    coords, scores = runtime.points_and_scores(net, torch.zeros(2, 1, 64, 64))
+    assert coords.shape == (2, 2 * NUM_LANDMARKS) and scores.shape == (2, NUM_LANDMARKS)
+    fast = optimize_for_inference(net, 64)
+    fast_coords, fast_scores = runtime.points_and_scores(fast, torch.zeros(2, 1, 64, 64))
+    torch.testing.assert_close(fast_scores, scores, atol=0.02, rtol=0)
+
+
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+def test_pose_yaw_flips_and_pitch_stays_in_a_mirror_and_roll_follows_a_turned_photo(tmp_path):
+    from faces import Landmarker
+    from pose import head_pose
+    from skimage.data import astronaut
+    landmarker = Landmarker(passes=2)
+    image = astronaut()
+    [face] = landmarker(image)
+    [mirrored] = landmarker(np.ascontiguousarray(image[:, ::-1]))
+    yaw, pitch, roll = face.pose
+    assert abs(mirrored.pose[0] + yaw) < 5 and abs(mirrored.pose[1] - pitch) < 5 and abs(mirrored.pose[2] + roll) < 3
+    eye_line = np.degrees(np.arctan2(*(face.points[45] - face.points[36])[::-1]))
+    assert abs(roll - eye_line) < 5
+    [turned] = landmarker(np.asarray(Image.fromarray(image).rotate(-20, resample=Image.BILINEAR)))
+    assert abs(turned.pose[2] - roll - 20) < 5
+    assert head_pose(np.zeros((5, 2)), 100, 100) is None
+
+
+def test_auroc_matches_a_count_of_the_pairs_that_are_in_order():
+    from score_eval import auroc
+    rng = np.random.default_rng(0)
+    positive, negative = rng.integers(0, 5, 30).astype(float), rng.integers(0, 5, 20).astype(float)
+    pairs = [(p > n) + 0.5 * (p == n) for p in positive for n in negative]
+    assert auroc(positive, negative) == pytest.approx(np.mean(pairs))
+    assert auroc(np.array([2.0, 3]), np.array([0.0, 1])) == 1.0 and auroc(np.array([0.0]), np.array([1.0])) == 0.0
+
+
+def test_demo_and_importers_have_command_lines_of_their_own(tmp_path):
+    made = run_script("demo.py", str(tmp_path / "five"), "--points", "5", "--images", "10")
+    assert made.returncode == 0, made.stderr
+    assert len(load_faces(tmp_path / "five" / labels.TRAIN_XML)[0].points) == 5
+    picked = run_script("importers.py", "--pick-points", "0,3", "--data-dir", str(tmp_path / "five"),
+                        "--out", str(tmp_path / "two.xml"))
+    assert picked.returncode == 0, picked.stderr
+    assert len(load_faces(tmp_path / "two.xml")[0].points) == 2
+    bad = run_script("importers.py", "--pick-points", "0,9", "--data-dir", str(tmp_path / "five"),
+                     "--out", str(tmp_path / "bad.xml"))
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1 and "--pick-points" in bad.stderr
+
+
+def test_a_detector_that_cannot_start_stops_a_many_worker_run_in_one_line(trained, tmp_path, monkeypatch):
+    folder = photo_folder(tmp_path)
+    monkeypatch.setattr(detectors, "YUNET_SHA256", "0" * 64)  # the workers are forked: they see it too
+    with pytest.raises(SystemExit) as stop:
+        predict_images(trained, tmp_path / "out", "--image", str(folder), "--recursive", "--workers", "2")
+    assert "sha256" in str(stop.value.code) and "\n" not in str(stop.value.code)
