@@ -12,7 +12,7 @@ from landmarks import Markup
 from model import build_model
 from runtime import Network, optimize_for_inference
 
-# The project's trained weights, committed once (README, "Trained weights"): the default of predict.py
+# The project's trained weights, committed once (docs/training.md, "Trained weights"): the default of predict.py
 # --image and --video.
 RELEASED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_300w_68.pt"
 # What best.pt keeps of a training state: enough to predict, evaluate and release, not to resume.

@@ -157,7 +157,8 @@ class Landmarker:
         if boxes is None:
             detections = self.detect(detector_view(photo, gray))
         else:
-            detections = [Detection(rescale(b, np.zeros((1, 2)), 1 / factor, np.zeros(2))[0], 1.0) for b in boxes]
+            detections = [Detection(rescale(inside(b, photo, factor), np.zeros((1, 2)), 1 / factor, np.zeros(2))[0], 1.0)
+                          for b in boxes]
         middle = perf_counter()
         faces = self.look(gray, detections)
         self.timings.detect += middle - start
@@ -173,6 +174,14 @@ class Landmarker:
             faces = predict_faces(self.model, self.transform, gray, [second_look(f, self.markup) for f in faces],
                                   self.device)
         return faces
+
+
+def inside(box: Box, photo: Image.Image, factor: int) -> Box:
+    """A given box, or UsageError in one line when it lies wholly outside the photo (its points would too)."""
+    width, height = photo.width * factor, photo.height * factor
+    if box.left >= width or box.top >= height or box.left + box.width <= 0 or box.top + box.height <= 0:
+        raise UsageError(f"--box {','.join(f'{v:g}' for v in box)}: lies wholly outside the {width}x{height} photo")
+    return box
 
 
 def full_size(face: FaceLandmarks, factor: int) -> FaceLandmarks:

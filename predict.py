@@ -1,7 +1,6 @@
 """Pictures of predictions: a grid of validation faces, truth green and prediction red; landmarks on your own photos and videos (video.py tracks and smooths)."""
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -9,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
 
 import video
 from checkpoints import RELEASED_WEIGHTS, load_for_inference

@@ -12,7 +12,7 @@ DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_ba
                 select=None, amp="auto", head="regression")
 
 
-# Measured on the 300-W subset (README, "Results"); explicit flags still override these.
+# Measured on the 300-W subset (docs/results.md); explicit flags still override these.
 RECIPES = {
     "writeup": {},
     "best": dict(head="pip", img_size=160, epochs=96, batch_size=32, lr=1e-3, optimizer="adamw",

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
+from errors import UsageError
 from model import LandmarkNet, resnet_features
 
 # A network as evaluate.py and predict.py call it: the nn.Module itself, or its optimized form.
@@ -14,10 +15,18 @@ Network = Callable[[torch.Tensor], torch.Tensor]
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
-    """`auto` means the GPU when there is one."""
+    """`auto` means the GPU when there is one; UsageError in one line for a device this machine lacks."""
     if name == "auto":
         name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a device name; expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this machine has no CUDA GPU that torch can use; pass --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    return device
 
 
 AMP_CHOICES = ("auto", "bf16", "off")
@@ -62,7 +71,7 @@ def inference_autocast(device: torch.device):
 class InferenceBody(nn.Module):
     """What optimize_for_inference traces: the network up to its outputs (the pip head's raw maps), in bf16
     up to the last layer when asked. That layer stays fp32: coordinates in bf16 carry only 8 bits, about
-    0.3 px at 160 px, while bf16 convolutions cost nothing measurable (README, "Speed")."""
+    0.3 px at 160 px, while bf16 convolutions cost nothing measurable (docs/results.md, "Speed")."""
 
     def __init__(self, model: nn.Module, bf16: bool):
         super().__init__()
@@ -83,7 +92,7 @@ class InferenceBody(nn.Module):
 def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, bf16: bool | None = None) -> Network:
     """The same network, faster on the CPU: traced, frozen (batch norm folded into the convolutions)
     and run by oneDNN's graph fuser in channels-last layout; in bf16 up to the last layer where the CPU
-    does bf16 natively (`bf16=None` decides so; README, "Speed", has what each step gains).
+    does bf16 natively (`bf16=None` decides so; docs/results.md, "Speed", has what each step gains).
 
     fp32 outputs match the eager model's to ~1e-5; bf16 ones to about 1e-3 of the crop, which leaves the
     validation NME unchanged to 0.01 (README). On CUDA the model comes back as it is: autocast is what

@@ -8,7 +8,7 @@ from dataset import FaceLandmarksDataset
 from errors import UsageError
 from landmarks import Face, Markup
 from runtime import Network, points_and_scores
-from transforms import Augment, Transforms, occlude
+from transforms import Transforms, occlude
 
 BATCH = 32
 

@@ -2240,3 +2240,24 @@ def test_a_detector_that_cannot_start_stops_a_many_worker_run_in_one_line(traine
     with pytest.raises(SystemExit) as stop:
         predict_images(trained, tmp_path / "out", "--image", str(folder), "--recursive", "--workers", "2")
     assert "sha256" in str(stop.value.code) and "\n" not in str(stop.value.code)
+
+
+def test_a_cuda_device_on_a_machine_without_one_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, problem in (("cuda", "no CUDA GPU"), ("cuda:1", "no CUDA GPU"), ("tpu9", "not a device name")):
+        with pytest.raises(errors.UsageError, match=problem):
+            runtime.pick_device(name)
+    assert runtime.pick_device("auto").type == "cpu"
+
+
+def test_a_box_outside_the_photo_is_refused_naming_the_box_and_the_photo_size(trained, tmp_path):
+    photo = astronaut_jpg(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        predict_images(trained, tmp_path / "out", "--image", str(photo), "--box", "5000,5000,100,100")
+    assert str(stop.value.code) == "--box 5000,5000,100,100: lies wholly outside the 512x512 photo"
+
+
+def test_warmup_as_long_as_the_run_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--sched", "cosine", "--warmup-epochs", "10", "--epochs", "10"])
+    assert "argument --warmup-epochs: 10 leaves no epoch of the cosine" in capsys.readouterr().err

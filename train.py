@@ -108,7 +108,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         with one_line_errors():
             saved = resumable_checkpoint(given["resume"])
         check_resume_flags(p, given, saved)
-    return resolve(given, saved and saved["config"])
+    args = resolve(given, saved and saved["config"])
+    if args.sched == "cosine" and args.warmup_epochs >= args.epochs:
+        p.error(f"argument --warmup-epochs: {args.warmup_epochs} leaves no epoch of the cosine in {args.epochs} "
+                f"epochs; pass fewer than --epochs")
+    return args
 
 
 def check_resume_flags(p: argparse.ArgumentParser, given: dict, checkpoint: dict) -> None:

@@ -1,7 +1,6 @@
 """Landmarks on video: frames from a file or a camera, faces tracked between detections, points smoothed by a One Euro filter, the annotated video and its JSON written."""
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ DETECT_EVERY = 10
 # along both axes: points on a face stay on the face, so they barely move between the two crops; points
 # on a background move with the crop (the network draws a face where it is told one is). LOST_DRIFT is the
 # share of the shift the points may follow before the face counts as lost (video_bench.py measures the
-# share on real faces and on the background they leave; README, "Video"). The two crops' points are
+# share on real faces and on the background they leave; docs/video.md). The two crops' points are
 # averaged, which also halves part of the network's noise.
 CHECK_SHIFT = 0.05
 LOST_DRIFT = 0.5

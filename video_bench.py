@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
                         "(to try other --smooth-* values)")
     p.add_argument("--fit-box", action="store_true",
-                   help="only fit dataset.DLIB_RELATION on --xml's faces and print it with its misfit")
+                   help="only fit landmarks.DLIB_RELATION on --xml's faces and print it with its misfit")
     return p.parse_args(argv)
 
 
@@ -269,6 +269,11 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def main(args: argparse.Namespace) -> dict:
+    with one_line_errors():
+        return bench(args)
+
+
+def bench(args: argparse.Namespace) -> dict:
     if args.fit_box:
         return report_box_fit(load_faces(Path(args.data_dir) / args.xml, skip_bad=True))
     out = Path(args.out_dir)
