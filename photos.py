@@ -124,6 +124,7 @@ WORKER: dict = {}
 def start_worker(settings: PhotoSettings, threads: int) -> None:
     """Each process its own Landmarker; one thread each when several processes share the cores."""
     torch.set_num_threads(threads)
+    WORKER.clear()  # this process may have run photos before (in-process runs, from Python or the tests)
     WORKER["settings"] = settings
     try:
         WORKER["landmarker"] = Landmarker(settings.weights, settings.device, settings.detector, settings.any_roll,
