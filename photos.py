@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from errors import DataError, Error, UsageError
 from faces import FaceLandmarks, Landmarker
+from files import save_with
 from landmarks import Box
 
 # The JSON Lines file a run writes in --out-dir: one object per photo, then one {"summary": ...} line.
@@ -101,12 +102,7 @@ def draw_faces(photo: Image.Image, gray: Image.Image, faces: list[FaceLandmarks]
         draw.polygon(turned_corners(box, face.roll), outline=(255, 220, 0), width=max(1, round(r / 2)))
         for x, y in points:
             draw.ellipse([x - r, y - r, x + r, y + r], fill=(255, 40, 40))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    try:
-        canvas.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_with(path, lambda tmp: canvas.save(tmp, format="PNG"))
 
 
 def turned_corners(box: Box, roll: float) -> list[tuple[float, float]]:
