@@ -2261,3 +2261,17 @@ def test_warmup_as_long_as_the_run_is_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--sched", "cosine", "--warmup-epochs", "10", "--epochs", "10"])
     assert "argument --warmup-epochs: 10 leaves no epoch of the cosine" in capsys.readouterr().err
+
+
+def test_a_resumed_run_ends_with_the_weights_of_a_run_that_never_stopped(demo, tmp_path):
+    common = ["--data-dir", str(demo), *FAST, "--rotation", "15", "--scale", "0.1", "--occlusion", "0.5"]
+    train.main(train.parse_args([*common, "--epochs", "2", "--out", str(tmp_path / "whole")]))
+    train.main(train.parse_args([*common, "--epochs", "1", "--out", str(tmp_path / "cut")]))
+    train.main(train.parse_args([*common, "--epochs", "2", "--out", str(tmp_path / "cut"), "--resume"]))
+    whole, cut = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("whole", "cut"))
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(cut["model"][key], value, rtol=0, atol=0, msg=key)
+    first_moment = lambda state: [s["exp_avg"] for s in state["optimizer"]["state"].values()]  # noqa: E731
+    for a, b in zip(first_moment(cut), first_moment(whole)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [r["val_loss"] for r in cut["history"]] == [r["val_loss"] for r in whole["history"]]

@@ -20,7 +20,8 @@ from model import HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
 from recipes import DEFAULTS, RECIPES, RESUME_FIXED, RESUME_KEYS, resolve
 from runtime import AMP_CHOICES, resolve_amp
 from training import (make_loaders, make_loss, make_optimizer, make_scaler, make_scheduler, plot_curves,
-                      seed_everything, setup_distributed, train_one_epoch, validate, write_log)
+                      restore_rng, rng_states, seed_everything, setup_distributed, train_one_epoch, validate,
+                      write_log)
 from transforms import CROP_MARGIN, mean_shape
 
 try:
@@ -243,7 +244,7 @@ def new_model(args: argparse.Namespace, train_loader, num_points: int, device: t
 
 
 def resume_into(args: argparse.Namespace, model, optimizer, scheduler, labels: str, steps_per_epoch: int,
-                device: torch.device) -> tuple[list[dict], float, int]:
+                device: torch.device) -> tuple[list[dict], float, int, dict | None]:
     """The history, the best score and the epochs done of the checkpoint, its weights and optimiser state
     loaded into `model`, `optimizer` and `scheduler`."""
     checkpoint = load_checkpoint(args.resume, device)
@@ -253,7 +254,7 @@ def resume_into(args: argparse.Namespace, model, optimizer, scheduler, labels: s
     history, best = checkpoint["history"], checkpoint["best"]
     if args.select != checkpoint["config"].get("select"):  # the best so far by the figure chosen now
         best = min(row["val_nme" if args.select == "nme" else "val_loss"] for row in history)
-    return history, best, checkpoint["epoch"]
+    return history, best, checkpoint["epoch"], checkpoint.get("rng")
 
 
 def describe(args: argparse.Namespace, train_loader, val_loader, markup, device: torch.device, amp: str) -> str:
@@ -281,21 +282,24 @@ class Run:
         self.amp = resolve_amp(args.amp, self.device)
         self.scaler = make_scaler(self.device, self.amp)
         self.loss_fn, self.val_loss_fn = make_loss(args, self.model)
-        self.history, self.best, self.start = [], math.inf, 0
+        self.history, self.best, self.start, self.rng = [], math.inf, 0, None
         if args.resume:
-            self.history, self.best, self.start = resume_into(args, self.model, self.optimizer, self.scheduler,
-                                                              self.labels, len(self.train_loader), self.device)
+            self.history, self.best, self.start, self.rng = resume_into(
+                args, self.model, self.optimizer, self.scheduler, self.labels, len(self.train_loader), self.device)
             if self.show:
                 print(f"resumed from {args.resume} after epoch {self.start}")
         self.trained = nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else self.model
         self.config = vars(args) | {"margin": CROP_MARGIN, "precision": self.amp, "markup": self.markup.to_config()}
         self.saved = self.start  # epochs held by the last.pt on disk
+        if self.rng is not None:  # last of all: building the run above drew random numbers too
+            restore_rng(self.rng)
 
     def state(self, epoch: int, scores: dict | None = None) -> dict:
         """What last.pt holds after `epoch`: enough to go on exactly as if the run had never stopped."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "best": self.best,
-                "history": self.history, "config": self.config, "labels_sha256": self.labels, **(scores or {})}
+                "history": self.history, "config": self.config, "labels_sha256": self.labels, "rng": self.rng,
+                **(scores or {})}
 
     def epoch(self, epoch: int) -> dict:
         """Train and validate one epoch; stops the run if either loss diverged."""
@@ -333,6 +337,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     try:
         for epoch in range(r.start, args.epochs):
             row = r.epoch(epoch)
+            r.rng = rng_states()  # as the next epoch will find them
             r.history.append(row)
             if r.show:
                 r.keep(row, row["val_loss"], row["val_nme"])

@@ -154,6 +154,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def rng_states() -> dict:
+    """Python's, numpy's and torch's random states, as plain lists and tensors (weights_only loads them): what
+    the augmentation draws next, saved with each epoch so that --resume draws what the run would have."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
+            "numpy": [kind, keys.tolist(), position, has_gauss, gauss], "torch": torch.get_rng_state()}
+
+
+def restore_rng(states: dict) -> None:
+    internal, version, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.array(keys, np.uint32), position, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp: str, desc: str,
                     show: bool) -> tuple[float, float]:
     """Mean training loss, and images per second over the epoch (loading included)."""
