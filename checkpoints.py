@@ -1,4 +1,6 @@
 """Weights on disk: train.py's checkpoints, written atomically and loaded with weights_only; the release file that weights/ ships; torchvision's ImageNet start."""
+import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -54,17 +56,40 @@ def save_checkpoint(state: dict, is_best: bool, out: Path) -> None:
 
 
 def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
-    """A file written by train.py; WeightsError, in one line, if it is missing or unreadable."""
+    """A file written by train.py; WeightsError, in one line, if it is missing, unreadable, or holds more than
+    tensors and plain values (weights_only refuses to run the code a hostile pickle carries)."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path}: a folder, not a weights file; pass the .pt file inside it")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file; train first with `python train.py`")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for broken files
-        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {e})") from None
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise WeightsError(f"{path}: not a weights file written by train.py (no 'model' entry)")
+    except pickle.UnpicklingError as e:
+        wanted = re.search(r"GLOBAL (\S+)", str(e))  # what weights_only refused to build
+        if not wanted:
+            raise WeightsError(f"{path}: not a readable weights file (not one torch.save wrote)") from None
+        raise WeightsError(f"{path}: refused: it asks to run {wanted[1]}, and weights hold only tensors and "
+                           f"plain values (load only files you trust)") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken or foreign files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {first})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise WeightsError(f"{path}: not a weights file written by train.py (no 'model' entry of weights)")
+    if not isinstance(checkpoint.get("config", {}), dict):
+        raise WeightsError(f"{path}: not a weights file written by train.py (its 'config' is not settings)")
     return checkpoint
+
+
+def misfit(model: nn.Module, state: dict) -> str | None:
+    """How a state dict fails to fit the model, in a few words, or None if it fits."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    other = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    problems = [f"{len(keys)} {what} (first: {keys[0]})" for what, keys in
+                (("missing", missing), ("unexpected", unexpected), ("of another shape", other)) if keys]
+    return "; ".join(problems) or None
 
 
 def release_copy(checkpoint: dict) -> dict:
@@ -83,13 +108,17 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     markup: landmarks.Markup.from_config reads it)."""
     checkpoint = load_checkpoint(path, device)
     config = checkpoint.get("config", {})
-    model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points)
     try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1].strip() if "\n" in str(e) else str(e)
-        raise WeightsError(f"{path}: weights do not fit this model ({first})") from None
-    return model.to(device).eval(), checkpoint.get("config", {})
+        model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points)
+    except (ValueError, TypeError, KeyError, RuntimeError) as e:
+        raise WeightsError(f"{path}: its settings are not ones train.py writes ({type(e).__name__}: {e})") from None
+    problem = misfit(model, checkpoint["model"])
+    if problem:
+        raise WeightsError(f"{path}: weights do not fit this model: {problem}")
+    model.load_state_dict(checkpoint["model"])
+    if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
+        raise WeightsError(f"{path}: the weights hold NaN or infinite values (the run that wrote them diverged)")
+    return model.to(device).eval(), config
 
 
 def load_for_inference(path: Path, device: str | torch.device = "cpu",

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 import demo
 import importers
 from errors import DataError
-from flags import SEED_MAX, number_in, one_line_errors, out_file, out_folder
+from flags import SEED_MAX, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
 from images import open_gray
 from labels import TRAIN_XML, load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, rescale
@@ -120,7 +120,7 @@ class FaceCache:
                 if hasattr(os, "posix_fallocate"):  # claim the space first: a full disk fails before any work
                     os.posix_fallocate(f.fileno(), 0, f.tell() + len(jobs) * self.size ** 2)
                 if workers > 1:
-                    with Pool(workers) as pool:
+                    with Pool(workers, ignore_ctrl_c) as pool:
                         for crop in tqdm(pool.imap(cache_crop, jobs, chunksize=8), **bar):
                             f.write(crop.tobytes())
                 else:
@@ -199,7 +199,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=number_in(int, 0, SEED_MAX), default=0, help="random seed (default: 0)")
     parser.add_argument("--out", type=out_file, help="file to write: the PNG of faces (default: samples.png), or "
                                                      "the XML that --from-pts, --from-wflw and --pick-points write")
-    parser.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping")
+    parser.add_argument("--skip-bad", action="store_true", help="skip bad faces instead of stopping (with --from-pts: bad .pts files and unreadable images)")
     make = parser.add_mutually_exclusive_group()
     make.add_argument("--make-demo", metavar="DIR", type=out_folder,
                       help="write a small demo dataset into DIR and exit (as `python demo.py DIR`)")

@@ -155,7 +155,7 @@ class YuNet:
         rgb = np.repeat(picture[..., None], 3, -1) if picture.ndim == 2 else picture
         height, width = rgb.shape[:2]
         scale = min(1.0, self.size / max(height, width))
-        small = cv2.resize(rgb, (round(width * scale), round(height * scale)), interpolation=cv2.INTER_AREA) \
+        small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA) \
             if scale < 1 else rgb
         bgr = np.ascontiguousarray(small[..., ::-1])
         found = []

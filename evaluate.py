@@ -23,6 +23,7 @@ from flags import number_in, one_line_errors, out_file, out_folder
 from labels import TEST_XML, TRAIN_XML, label_problem, load_faces
 from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme
 from runtime import Network, inference_autocast, pick_device
+from pose_eval import pose_test
 from score_eval import score_test
 from transforms import CROP_MARGIN, Transforms, box_diagonal, face_matrix, mean_shape, points_to_target, unflip
 
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--score-test", action="store_true",
                    help="also measure the point scores: covered against visible points (AUROC), and against "
                         "each point's error (rank correlation)")
+    p.add_argument("--pose-test", action="store_true",
+                   help="also measure the head pose on the XML's boxes: the spread of yaw, pitch and roll, yaw "
+                        "against the true points' yaw, and roll against the eye line's angle")
     p.add_argument("--fit-box", action="store_true",
                    help="only fit YuNet's box to dlib's on the training split of --xml, and print it")
     return p.parse_args(argv)
@@ -283,6 +287,10 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
               f"points ({row['visible_points']} and {row['covered_points']}; mean {row['mean_score_visible']:.3f} "
               f"against {row['mean_score_covered']:.3f}); rank correlation with the point's error "
               f"{row['spearman_score_vs_error']:+.3f} (Pearson {row['pearson_score_vs_error']:+.3f})")
+    if args.pose_test:
+        row = pose_test(Landmarker(weights, args.device, eager=args.eager), faces)
+        report.results[f"{run_name(weights)} head pose"] = row
+        print(f"head pose of {weights}: {json.dumps(row)}")
     if args.detector:
         landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
                                 passes=args.passes)

@@ -9,8 +9,8 @@ from PIL import Image
 
 from checkpoints import RELEASED_WEIGHTS, load_for_inference
 from detectors import HOG_UPSAMPLE, YUNET_SIZE, Detection, make_detector
-from errors import UsageError
-from images import open_photo, to_gray
+from errors import DataError, UsageError
+from images import open_photo, readable_mode, to_gray
 from landmarks import Box, Markup, box_from_points, rescale
 from pose import head_pose
 from runtime import Network, pick_device, points_and_scores
@@ -31,11 +31,16 @@ class FaceLandmarks:
     pose: tuple[float, float, float] | None = None  # yaw, pitch, roll in degrees (pose.py); None: not iBUG's 68
 
     def to_dict(self) -> dict:
-        return {"box": [round(float(v), 2) for v in self.box],
-                "points": np.round(self.points.astype(np.float64), 2).tolist(),
-                "scores": None if self.scores is None else np.round(self.scores.astype(np.float64), 3).tolist(),
-                "pose": None if self.pose is None else [round(float(v), 1) for v in self.pose],
+        return {**face_fields(self.box, self.points, self.scores, self.pose),
                 "roll": round(float(self.roll), 1), "detector_score": round(float(self.detector_score), 3)}
+
+
+def face_fields(box: Box, points: np.ndarray, scores: np.ndarray | None,
+                pose: tuple[float, float, float] | None) -> dict:
+    """A face's box, points, point scores and pose as the JSON of photos and of video frames holds them."""
+    return {"box": [round(float(v), 2) for v in box], "points": np.round(points.astype(np.float64), 2).tolist(),
+            "scores": None if scores is None else np.round(scores.astype(np.float64), 3).tolist(),
+            "pose": None if pose is None else [round(float(v), 1) for v in pose]}
 
 
 def level(detection: Detection) -> Augment:
@@ -88,7 +93,10 @@ def as_picture(image) -> tuple[Image.Image, int]:
     if isinstance(image, (str, Path)):
         return open_photo(Path(image), DECODE_AT_LEAST)
     if isinstance(image, Image.Image):
-        return image, 1
+        try:
+            return readable_mode(image), 1
+        except ValueError as e:
+            raise DataError(f"a PIL image in mode {image.mode}: cannot read it ({e})", "unreadable image") from None
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             raise UsageError(f"expected an H x W or H x W x 3 uint8 array, got {image.dtype} of shape {image.shape}")

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,15 +39,22 @@ def number_in(kind: type, low: float | None = None, high: float | None = None, *
     return parse
 
 
+def markup_file(path: Path, key: str, what: str):
+    """A JSON file holding `key`'s value, or the value alone: [[i, j], ...] mirror pairs, or [i, j]."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: cannot read {what} ({e})") from None
+    return value.get(key) if isinstance(value, dict) else value
+
+
 def flip_pairs_arg(text: str) -> list[list[int]]:
-    """An argparse `type=` for --flip-pairs: a JSON file holding [[i, j], ...], or the pairs written out as
-    "0,3 1,2". Whether the points exist is checked once the labels say how many there are."""
+    """An argparse `type=` for --flip-pairs: a JSON file holding [[i, j], ...] (alone, or as "flip_pairs" of
+    a markup file such as importers.py writes for WFLW), or the pairs written out as "0,3 1,2". Whether the
+    points exist is checked once the labels say how many there are."""
     path = Path(text)
     if path.suffix.lower() == ".json" or path.is_file():
-        try:
-            pairs = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise argparse.ArgumentTypeError(f"{path}: cannot read mirror pairs ({e})") from None
+        pairs = markup_file(path, "flip_pairs", "mirror pairs")
         where = str(path)
     else:
         pairs = [[int(v) for v in pair.split(",")] if all(v.strip().isdigit() for v in pair.split(","))
@@ -60,7 +68,12 @@ def flip_pairs_arg(text: str) -> list[list[int]]:
 
 
 def point_pair_arg(text: str) -> list[int]:
-    """An argparse `type=` for --nme-points: two point numbers, "I,J"."""
+    """An argparse `type=` for --nme-points: two point numbers, "I,J", or a JSON file holding [I, J] (alone,
+    or as "nme_points" of a markup file)."""
+    path = Path(text)
+    if path.suffix.lower() == ".json" or path.is_file():
+        points = markup_file(path, "nme_points", "NME points")
+        text = ",".join(map(str, points)) if isinstance(points, list) else repr(points)
     values = text.split(",")
     if len(values) != 2 or not all(v.strip().isdigit() for v in values) or int(values[0]) == int(values[1]):
         raise argparse.ArgumentTypeError(f"expected two different point numbers I,J, got {text!r}")
@@ -112,14 +125,22 @@ def box_arg(text: str) -> Box:
 
 
 @contextmanager
-def one_line_errors() -> Iterator[None]:
+def one_line_errors(quiet: bool = False) -> Iterator[None]:
     """A script's boundary: a library Error ends the run with its one-line message (exit 1), and Ctrl-C with
     one line and exit 130, never a traceback. Whatever was written was written atomically, so nothing
-    half-done is left behind."""
+    half-done is left behind. `quiet`: the same exits without the line (the other processes of a
+    multi-process run, whose rank 0 says it)."""
     try:
         yield
     except Error as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(1 if quiet else str(e)) from None
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        if not quiet:
+            print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def ignore_ctrl_c() -> None:
+    """A pool worker's initializer: Ctrl-C reaches every process of the terminal's group, and the parent
+    alone answers it (ending the pool, with one line); a worker's own traceback would bury that line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

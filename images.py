@@ -7,11 +7,30 @@ from PIL import Image, ImageOps
 
 from errors import DataError
 
+# Modes PIL converts to both L and RGB; any other is brought to one of them first (readable_mode).
+CONVERTIBLE = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr",
+               "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+
+
+def readable_mode(image: Image.Image) -> Image.Image:
+    """A photo in a mode PIL can turn into gray and RGB: LAB keeps its lightness band (already a gray
+    image: PIL converts LAB to nothing), HSV and the like go through RGB. ValueError where PIL cannot."""
+    if image.mode in CONVERTIBLE:
+        return image
+    if image.mode == "LAB":
+        return image.getchannel("L")
+    return image.convert("RGB")
+
+
 def to_gray(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit grayscale; 16-bit and float images are rescaled rather than clipped."""
+    image = readable_mode(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        # The range the values were written for: a 16-bit file whose values stay under 256 holds 8-bit data
+        # (as PIL's own convert("I;16") writes it), and float images are often 0..1.
+        peak = array.max(initial=0.0)
+        top = 1.0 if image.mode == "F" and peak <= 1 else 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
         return Image.fromarray(np.clip(array * 255.0 / top, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         image = image.convert("RGBA")
@@ -60,7 +79,8 @@ def open_photo(path: Path, at_least: int = 0) -> tuple[Image.Image, int]:
             if wanted > 1 and image.format == "JPEG":
                 image.draft(image.mode, (math.ceil(image.size[0] / wanted), math.ceil(image.size[1] / wanted)))
             factor = 2 ** round(math.log2(width / image.size[0]))
-            return ImageOps.exif_transpose(image), factor  # a decoded copy, so truncated files fail here
+            # a decoded copy, so truncated files fail here
+            return readable_mode(ImageOps.exif_transpose(image)), factor
     except FileNotFoundError:
         raise DataError(f"{path}: image not found", "image not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

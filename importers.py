@@ -1,9 +1,11 @@
 """Other landmark formats -> dlib's XML: 300-W .pts folders, WFLW's annotation file, and a subset of an XML's points."""
 import argparse
+import json
 import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -12,11 +14,12 @@ import numpy as np
 
 from detectors import detect_faces, load_hog
 from errors import DataError, UsageError
+from files import write_atomic
 from flags import one_line_errors, out_file
 from images import open_gray
 from labels import TRAIN_XML, load_faces, write_xml
-from landmarks import (DLIB_RELATION, IBUG, NUM_LANDMARKS, Box, BoxRelation, Face, box_from_points, box_iou,
-                       check_point, fit_box_relation)
+from landmarks import (DLIB_RELATION, IBUG, NUM_LANDMARKS, WFLW_EYE_OUTER, WFLW_FLIP_PAIRS, WFLW_POINTS, Box,
+                       BoxRelation, Face, box_from_points, box_iou, check_point, fit_box_relation)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 # 300-W names the faces of one image name_1.pts, name_2.pts, ... beside name.jpg.
@@ -27,8 +30,10 @@ MIN_SHARE_INSIDE = 0.5
 # Once the relation is fitted, a detection must also overlap the box the relation puts around the points
 # this much: it drops detections that hold a small face's points but are another, larger face's.
 MIN_IOU_WITH_FITTED = 0.4
-WFLW_POINTS = 98
 WFLW_FLAGS = ("pose", "expression", "illumination", "make-up", "occlusion", "blur")
+# Written beside the XML: what --flip-pairs and --nme-points read for WFLW's markup.
+WFLW_MARKUP = "wflw_markup.json"
+WFLW_SOURCE = "WFLW (Wu et al., CVPR 2018), as in mmpose's configs/_base_/datasets/wflw.py"
 WFLW_FIELDS = 2 * WFLW_POINTS + 4 + len(WFLW_FLAGS) + 1  # points, box, flags, image name
 
 
@@ -172,26 +177,67 @@ def face_finder() -> Callable[[Path], list[Box]]:
     return find
 
 
-def from_pts(folders: list[Path], out: Path) -> None:
-    """Images with .pts files beside them -> dlib's XML at `out`. Boxes are dlib's detections where the
-    detector finds the face, and elsewhere the box the relation fitted on those puts around the points."""
-    from tqdm import tqdm
-    images = find_pts_images([Path(f) for f in folders])
-    labelled = []
-    first = None
+def read_labelled(images: list[tuple[Path, list[Path]]], skip_bad: bool) -> tuple[list, int]:
+    """(image, [points of each face]) for each image, and K. Every .pts file must have the points the first
+    has; with `skip_bad`, the points most have, and a file that is unreadable or has other points (or whose
+    image is unreadable) is left out with one line saying how many and the first."""
+    read, bad = [], []
     for image, pts_files in images:
         faces = []
         for pts in pts_files:
-            points = read_pts(pts)
-            if first is None:
-                first = (pts, len(points))
-            elif len(points) != first[1]:
+            try:
+                faces.append((pts, read_pts(pts)))
+            except DataError as e:
+                if not skip_bad:
+                    raise
+                bad.append(str(e))
+        read.append((image, faces))
+    counts = Counter(len(points) for _, faces in read for _, points in faces)
+    if not counts:
+        raise DataError(f"--from-pts: none of the .pts files could be read (first: {bad[0]})")
+    first = next((pts, len(points)) for _, faces in read for pts, points in faces)
+    num_points = counts.most_common(1)[0][0] if skip_bad else first[1]
+    labelled = []
+    for image, faces in read:
+        for pts, points in faces:
+            if len(points) != num_points and not skip_bad:
                 raise DataError(f"{pts}: {len(points)} points, but {first[0]} has {first[1]}; every .pts "
                                 f"file must have the same points")
-            faces.append(points)
-        labelled.append((image, faces))
-    find = face_finder()
-    detections = [find(image) for image, _ in tqdm(labelled, desc="finding faces with dlib", unit="image")]
+        kept = [points for pts, points in faces if len(points) == num_points]
+        bad += [f"{pts}: {len(points)} points, expected {num_points}" for pts, points in faces
+                if len(points) != num_points]
+        if kept:
+            labelled.append((image, kept))
+    if bad:
+        print(f"--from-pts --skip-bad: skipped {len(bad)} bad .pts files (first: {bad[0]})", file=sys.stderr)
+    return labelled, num_points
+
+
+def detect_or_skip(labelled: list, skip_bad: bool) -> tuple[list, list]:
+    """dlib's boxes in each labelled image; with `skip_bad` an unreadable image is left out and counted."""
+    from tqdm import tqdm
+    find, kept, detections, bad = face_finder(), [], [], []
+    for image, faces in tqdm(labelled, desc="finding faces with dlib", unit="image"):
+        try:
+            detections.append(find(image))
+            kept.append((image, faces))
+        except DataError as e:
+            if not skip_bad:
+                raise
+            bad.append(str(e))
+    if bad:
+        print(f"--from-pts --skip-bad: skipped {len(bad)} unreadable images (first: {bad[0]})", file=sys.stderr)
+    if not kept:
+        raise DataError(f"--from-pts: none of the images could be read (first: {bad[0]})")
+    return kept, detections
+
+
+def from_pts(folders: list[Path], out: Path, skip_bad: bool = False) -> None:
+    """Images with .pts files beside them -> dlib's XML at `out`. Boxes are dlib's detections where the
+    detector finds the face, and elsewhere the box the relation fitted on those puts around the points.
+    `skip_bad`: leave out bad .pts files and unreadable images instead of stopping at the first."""
+    labelled, num_points = read_labelled(find_pts_images([Path(f) for f in folders]), skip_bad)
+    labelled, detections = detect_or_skip(labelled, skip_bad)
     # A first guess that holds for any markup, then again with the relation that guess gives.
     relation, misfit, found = None, None, []
     for _ in range(2):
@@ -202,7 +248,7 @@ def from_pts(folders: list[Path], out: Path) -> None:
             relation = None
             break
         relation, misfit = fit_box_relation(detected)
-    num_points, n_detected = first[1], sum(box is not None for boxes in found for box in boxes)
+    n_detected = sum(box is not None for boxes in found for box in boxes)
     n_faces = sum(len(faces) for _, faces in labelled)
     if relation is None:
         if num_points != NUM_LANDMARKS:
@@ -286,8 +332,12 @@ def from_wflw(annotations: Path, images: Path, out: Path) -> None:
             raise DataError(f"{image}: image not found (line {faces[0].line} of {annotations})")
         records.append((relative_to(image, out), [(f.box, f.points) for f in faces]))
     write_xml(out, records, "faces from WFLW")
+    markup = write_atomic(Path(out).with_name(WFLW_MARKUP), json.dumps(
+        {"flip_pairs": WFLW_FLIP_PAIRS, "nme_points": WFLW_EYE_OUTER, "source": WFLW_SOURCE}) + "\n")
     n_faces = sum(len(faces) for faces in grouped.values())
-    print(f"wrote {out}: {n_faces} faces of {len(grouped)} images, {WFLW_POINTS} points each, WFLW's boxes")
+    print(f"wrote {out}: {n_faces} faces of {len(grouped)} images, {WFLW_POINTS} points each, WFLW's boxes; "
+          f"WFLW's mirror pairs and outer eye corners in {markup}: train with --flip --flip-pairs {markup} "
+          f"--nme-points {markup}")
 
 
 # ---------------------------------------------------------------- a smaller markup
@@ -365,7 +415,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def convert(args: argparse.Namespace) -> None:
     if args.from_pts:
-        from_pts(args.from_pts, Path(args.out))
+        from_pts(args.from_pts, Path(args.out), args.skip_bad)
     elif args.from_wflw:
         from_wflw(args.from_wflw, args.images, Path(args.out))
     else:
@@ -379,6 +429,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default="data", help="with --pick-points: the dataset folder (default: data)")
     parser.add_argument("--xml", default=TRAIN_XML, help=f"with --pick-points: its labels (default: {TRAIN_XML})")
     parser.add_argument("--out", type=out_file, required=True, help="the XML to write")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="with --from-pts: leave out bad .pts files and unreadable images, and say how many")
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     return args

@@ -158,6 +158,18 @@ def flip_permutation(pairs: list[tuple[int, int]], num_points: int) -> tuple[int
 
 IBUG = Markup(NUM_LANDMARKS, flip_permutation(IBUG_FLIP_PAIRS, NUM_LANDMARKS), (LEFT_EYE_OUTER, RIGHT_EYE_OUTER))
 
+# WFLW's 98 points (Wu et al., "Look at Boundary", CVPR 2018): jaw 0-32; brows 33-37 and 42-46 along their
+# tops, 38-41 and 47-50 back along their bottoms; nose bridge 51-54, nostrils 55-59; eyes 60-67 and 68-75,
+# each from its outer corner; outer lips 76-87, inner lips 88-95; pupils 96 and 97. NME is over the outer
+# eye corners, 60 and 72. Checked against the WFLW definition mmpose ships (configs/_base_/datasets/wflw.py).
+WFLW_POINTS = 98
+WFLW_EYE_OUTER = (60, 72)
+WFLW_FLIP_PAIRS = ([(i, 32 - i) for i in range(16)] + [(33 + i, 46 - i) for i in range(5)]
+                   + [(38 + i, 50 - i) for i in range(4)] + [(55, 59), (56, 58)]
+                   + [(60 + i, 68 + (4 - i) % 8) for i in range(8)]
+                   + [(76, 82), (77, 81), (78, 80), (83, 87), (84, 86), (88, 92), (89, 91), (93, 95), (96, 97)])
+WFLW = Markup(WFLW_POINTS, flip_permutation(WFLW_FLIP_PAIRS, WFLW_POINTS), WFLW_EYE_OUTER)
+
 
 def markup_for(num_points: int, flip_pairs: list[tuple[int, int]] | None = None,
                nme_points: tuple[int, int] | None = None, box_relation: BoxRelation = DLIB_RELATION) -> Markup:

@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 from errors import DataError, Error, UsageError
 from faces import FaceLandmarks, Landmarker
 from files import save_with
+from flags import ignore_ctrl_c
 from landmarks import Box
 
 # The JSON Lines file a run writes in --out-dir: one object per photo, then one {"summary": ...} line.
@@ -129,6 +130,11 @@ def start_worker(settings: PhotoSettings, threads: int) -> None:
         WORKER["error"] = e
 
 
+def start_pool_worker(settings: PhotoSettings) -> None:
+    ignore_ctrl_c()
+    start_worker(settings, 1)
+
+
 def do_photo(job: tuple[Path, str]) -> tuple[dict, dict]:
     """One photo's JSON record (an "error" record if unreadable), and the seconds it took by step."""
     path, png = job
@@ -159,7 +165,7 @@ def landmark_photos(files: list[Path], names: dict[Path, str], settings: PhotoSe
         start_worker(settings, torch.get_num_threads())
         yield from map(do_photo, jobs)
         return
-    with Pool(workers, start_worker, (settings, 1)) as pool:
+    with Pool(workers, start_pool_worker, (settings,)) as pool:
         yield from pool.imap(do_photo, jobs, chunksize=1)
 
 

@@ -173,12 +173,17 @@ def predict_photos(args: argparse.Namespace) -> dict:
     records, spent, started = [], {}, time.perf_counter()
     workers = min(args.workers, max(len(todo), 1))
     with open(results, "a", encoding="utf-8") as out:
-        for record, seconds in landmark_photos(todo, names, settings, workers):
-            out.write(json.dumps(record) + "\n")
-            out.flush()  # line by line: a crash or Ctrl-C keeps every photo done so far
-            records.append({"faces": record["faces"], **({"error": 1} if "error" in record else {})})
-            spent = {k: spent.get(k, 0) + v for k, v in seconds.items()}
-            report_photo(record, args)
+        try:
+            for record, seconds in landmark_photos(todo, names, settings, workers):
+                out.write(json.dumps(record) + "\n")
+                out.flush()  # line by line: a crash or Ctrl-C keeps every photo done so far
+                records.append({"faces": record["faces"], **({"error": 1} if "error" in record else {})})
+                spent = {k: spent.get(k, 0) + v for k, v in seconds.items()}
+                report_photo(record, args)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {results} holds the {len(done) + len(records)} photos done; finish them with "
+                  f"the same command and --resume", file=sys.stderr)
+            raise SystemExit(130) from None
         total = summary(records, time.perf_counter() - started, spent) | {"weights": str(args.weights),
                                                                           "workers": workers}
         out.write(json.dumps({"summary": total}) + "\n")

@@ -356,7 +356,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(args: argparse.Namespace) -> list[dict]:
     """The run, holding --out against a second run there (rank 0 only: the other ranks write nothing)."""
-    with one_line_errors(), hold_folder(Path(args.out)) if int(os.environ.get("RANK", 0)) == 0 else nullcontext():
+    first = int(os.environ.get("RANK", 0)) == 0
+    with one_line_errors(quiet=not first), hold_folder(Path(args.out)) if first else nullcontext():
         return run(args)
 
 

@@ -170,6 +170,16 @@ def restore_rng(states: dict) -> None:
     torch.set_rng_state(states["torch"])
 
 
+def finite_on_every_rank(loss: float, device: torch.device) -> bool:
+    """Whether every process's loss is finite. All ranks must leave the epoch at the same step: one that
+    stopped alone would leave the others waiting in the next gradient all-reduce for ever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return math.isfinite(loss)
+    flag = torch.tensor([float(math.isfinite(loss))], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp: str, desc: str,
                     show: bool) -> tuple[float, float]:
     """Mean training loss, and images per second over the epoch (loading included)."""
@@ -181,14 +191,14 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device
         targets = targets.to(device, non_blocking=True)
         with autocast(device, amp):
             loss = loss_fn(model(images), targets)
+        if not finite_on_every_rank(loss.item(), device):
+            return math.nan, count / (time.time() - started)  # diverged: the caller stops the run, saving nothing
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
         total, count = total + loss.item() * len(images), count + len(images)
-        if not math.isfinite(total):
-            break  # diverged: the caller stops the run, and nothing of this epoch is saved
         bar.set_postfix(loss=f"{total / count:.5f}", img_s=f"{count / (time.time() - started):.0f}")
     return total / max(count, 1), count / (time.time() - started)
 

@@ -13,9 +13,10 @@ from PIL import Image
 
 from detectors import Detection, detect_faces
 from errors import DataError
-from faces import predict_faces
+from faces import face_fields, predict_faces
 from files import write_atomic
 from landmarks import DLIB_RELATION, Box, BoxRelation, Markup, box_from_points, box_iou
+from pose import head_pose
 from runtime import Network
 from transforms import Transforms
 
@@ -104,8 +105,9 @@ def visible_share(box: Box, width: int, height: int) -> float:
     return max(w, 0) * max(h, 0) / (box.width * box.height)
 
 
-# (gray frame, boxes) -> (points (N, K, 2) in frame pixels, drift (N,)): what the tracker asks of the network.
-Locate = Callable[[Image.Image, list[Box]], tuple[np.ndarray, np.ndarray]]
+# (gray frame, boxes) -> (points (N, K, 2) in frame pixels, drift (N,), point scores (N, K) or None for a
+# network without them): what the tracker asks of the network.
+Locate = Callable[[Image.Image, list[Box]], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
 
 
 def shifted(box: Box, by: float) -> Box:
@@ -116,9 +118,9 @@ def network_locator(model: Network, transform: Transforms, device: torch.device,
                     shift: float = CHECK_SHIFT) -> Locate:
     """Points for each box from two crops shifted by +-shift of its side, their mean, and their drift: the
     share of the crops' shift that the points followed (0 on a face, 1 where the network sees none)."""
-    def locate(gray: Image.Image, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+    def locate(gray: Image.Image, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         if not boxes:
-            return np.zeros((0, 0, 2)), np.zeros(0)
+            return np.zeros((0, 0, 2)), np.zeros(0), None
         crops = [shifted(box, sign * shift * box.side) for box in boxes for sign in (1, -1)]
         found = predict_faces(model, transform, gray, [Detection(crop, 1.0) for crop in crops], device)
         pairs = np.stack([f.points for f in found])
@@ -126,7 +128,9 @@ def network_locator(model: Network, transform: Transforms, device: torch.device,
         moved = (pairs[:, 0] - pairs[:, 1]).mean(axis=1)  # (N, 2): mean displacement between the crops
         offset = np.array([[2 * shift * box.side] * 2 for box in boxes])
         drift = (moved * offset).sum(1) / (offset ** 2).sum(1)
-        return pairs.mean(axis=1), drift
+        scores = None if found[0].scores is None else np.stack([f.scores for f in found]).reshape(
+            len(boxes), 2, -1).mean(axis=1)
+        return pairs.mean(axis=1), drift, scores
     return locate
 
 
@@ -144,6 +148,8 @@ class TrackedFace:
     points: np.ndarray   # (K, 2) frame pixels, smoothed unless smoothing is off
     detected: bool       # the detector gave the box on this frame
     drift: float         # see network_locator
+    scores: np.ndarray | None = None  # (K,) the network's sureness of each point (faces.FaceLandmarks)
+    pose: tuple[float, float, float] | None = None  # yaw, pitch, roll of the points shown (pose.head_pose)
 
 
 class FaceTracker:
@@ -173,7 +179,7 @@ class FaceTracker:
         sightings = self.look(gray, detect=scheduled)
         if not scheduled and any(s.lost for s in sightings):
             sightings = self.look(gray, detect=True)  # the same frame again, now with the detector's boxes
-        return self.commit(sightings, t)
+        return self.commit(sightings, t, gray.size)
 
     def look(self, gray: Image.Image, detect: bool) -> list["Sighting"]:
         """Each tracked face, then each new one the detector found, on this frame; changes no track."""
@@ -183,7 +189,7 @@ class FaceTracker:
         matched = match_boxes(tracked, detections)
         boxes = [detections[matched[i]] if i in matched else box for i, box in enumerate(tracked)]
         boxes += [box for j, box in enumerate(detections) if j not in matched.values()]
-        points, drift = self.locate(gray, boxes)
+        points, drift, scores = self.locate(gray, boxes)
         sightings = []
         for i, box in enumerate(boxes):
             track = self.tracks[i] if i < len(self.tracks) else None
@@ -192,10 +198,11 @@ class FaceTracker:
             # longer follows it, or if where its points now are is mostly outside the frame.
             lost = not detected and (drift[i] > self.lost_drift
                                      or visible_share(box_from_points(points[i], self.box_relation), *gray.size) < MIN_VISIBLE)
-            sightings.append(Sighting(track, box, points[i], float(drift[i]), detected, lost))
+            sightings.append(Sighting(track, box, points[i], float(drift[i]), detected, lost,
+                                      None if scores is None else scores[i]))
         return sightings
 
-    def commit(self, sightings: list["Sighting"], t: float) -> list[TrackedFace]:
+    def commit(self, sightings: list["Sighting"], t: float, size: tuple[int, int]) -> list[TrackedFace]:
         kept: list[Sighting] = []
         for s in sightings:
             # A face found twice (a detection beside a track that drifted) keeps its older id.
@@ -213,7 +220,8 @@ class FaceTracker:
             points = s.points
             if s.track.smoother is not None:
                 points = s.track.smoother.update(points, t, scale=box_from_points(points, self.box_relation).side)
-            faces.append(TrackedFace(s.track.id, s.box, points, s.detected, s.drift))
+            faces.append(TrackedFace(s.track.id, s.box, points, s.detected, s.drift, s.scores,
+                                     head_pose(points, *size)))
         return faces
 
 
@@ -226,6 +234,7 @@ class Sighting:
     drift: float
     detected: bool
     lost: bool
+    scores: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------- reading, drawing, writing
@@ -237,6 +246,8 @@ def open_video(source: str) -> cv2.VideoCapture:
         if not capture.isOpened():
             raise DataError(f"--video {source}: cannot open camera {source}")
         return capture
+    if Path(source).is_dir():
+        raise DataError(f"{source}: a folder, not a video (--image takes folders of photos)")
     if not Path(source).is_file():
         raise DataError(f"{source}: video not found")
     capture = cv2.VideoCapture(source)
@@ -277,8 +288,7 @@ def even(frame: np.ndarray) -> np.ndarray:
 
 
 def tracked_record(face: TrackedFace) -> dict:
-    return {"id": face.id, "box": [round(float(v), 2) for v in face.box],
-            "points": np.round(face.points.astype(np.float64), 2).tolist(), "detected": face.detected}
+    return {"id": face.id, **face_fields(face.box, face.points, face.scores, face.pose), "detected": face.detected}
 
 
 class LiveView:
