@@ -57,7 +57,7 @@ def add_photo_flags(photos) -> None:
                              "the released ones)")
     photos.add_argument("--out-dir", type=out_folder, default="predictions",
                         help=f"folder for {RESULTS} (a JSON line per image, then a summary line) and one "
-                             "annotated PNG per image, or for the video's <name>_landmarks.mp4 and <name>.json "
+                             "annotated PNG per image, or for the video's <name>_landmarks.mp4 and <name>.jsonl "
                              "(default: predictions)")
     photos.add_argument("--detector", choices=DETECTORS, default="yunet",
                         help="yunet: OpenCV's YuNet, fast, finds tilted faces (default); hog: dlib's HOG, whose "
@@ -234,10 +234,10 @@ def predict_video(model: Network, config: dict, args: argparse.Namespace, device
                           show=args.video.isdigit() and has_display())
     if run.missing:
         raise DataError(f"{args.video}: truncated: {run.missing} of its frames could not be read "
-                        f"(the {len(run.record['frames'])} before were written)")
+                        f"(the {run.frames} before were written)")
     if run.interrupted and not args.video.isdigit():
         raise SystemExit(130)  # as train.py: the files hold what was done, the exit code says it was cut short
-    return run.record
+    return {"results": str(run.results), "frames": run.frames, "faces": run.faces}
 
 
 def main(args: argparse.Namespace) -> dict | None:

@@ -1688,7 +1688,7 @@ def drawn_face_clip(path: Path, centers: np.ndarray, **kwargs) -> np.ndarray:
 def predict_video(trained: Path, out_dir: Path, clip: Path, *args: str) -> dict:
     predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--out-dir", str(out_dir),
                                      "--video", str(clip), *args]))
-    return json.loads((out_dir / f"{clip.stem}.json").read_text())
+    return video.read_video_results(out_dir / f"{clip.stem}.jsonl")
 
 
 def test_one_euro_filter_steadies_a_still_point_and_follows_a_moving_one():
@@ -1812,7 +1812,7 @@ def test_video_points_follow_a_moving_face_and_the_json_has_every_frame(trained,
 def test_video_frames_carry_a_score_for_every_point_and_the_head_pose_as_photos_do(tmp_path):
     drawn_face_clip(tmp_path / "still.mp4", np.tile([160.0, 120.0], (4, 1)))
     predict.main(predict.parse_args(["--out-dir", str(tmp_path / "out"), "--video", str(tmp_path / "still.mp4")]))
-    faces = [f for frame in json.loads((tmp_path / "out" / "still.json").read_text())["frames"] for f in frame["faces"]]
+    faces = [f for frame in video.read_video_results(tmp_path / "out" / "still.jsonl")["frames"] for f in frame["faces"]]
     assert faces and all(len(f["scores"]) == NUM_LANDMARKS and 0 <= min(f["scores"]) <= max(f["scores"]) <= 1
                          and len(f["pose"]) == 3 and all(map(math.isfinite, f["pose"])) for f in faces)
 
@@ -1908,7 +1908,7 @@ def test_a_video_cut_short_keeps_the_frames_before_the_cut_and_says_it_was_trunc
         predict_video(trained, tmp_path / "out", tmp_path / "cut.avi")
     message = str(stop.value.code)
     assert "truncated" in message and str(tmp_path / "cut.avi") in message and "\n" not in message
-    saved = json.loads((tmp_path / "out" / "cut.json").read_text())
+    saved = video.read_video_results(tmp_path / "out" / "cut.jsonl")
     assert 0 < len(saved["frames"]) < 20
 
 
@@ -1926,9 +1926,28 @@ def test_ctrl_c_stops_a_video_with_the_frames_done_written(trained, tmp_path, mo
     with pytest.raises(SystemExit) as stop:
         predict_video(trained, tmp_path / "out", tmp_path / "long.mp4")
     assert stop.value.code == 130
-    saved = json.loads((tmp_path / "out" / "long.json").read_text())
+    saved = video.read_video_results(tmp_path / "out" / "long.jsonl")
     assert [f["frame"] for f in saved["frames"]] == [0, 1, 2, 3]
     assert cv2.VideoCapture(str(tmp_path / "out" / "long_landmarks.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 4
+
+
+def test_a_crash_mid_video_keeps_every_frame_done_and_the_earlier_runs_results(trained, tmp_path, monkeypatch):
+    drawn_face_clip(tmp_path / "clip.mp4", np.tile([160.0, 120.0], (12, 1)))
+    earlier = predict_video(trained, tmp_path / "out", tmp_path / "clip.mp4")
+    update, calls = video.FaceTracker.update, []
+
+    def crashing(self, gray, t):
+        calls.append(t)
+        if len(calls) == 6:
+            raise RuntimeError("the machine fell over")
+        return update(self, gray, t)
+
+    monkeypatch.setattr(video.FaceTracker, "update", crashing)
+    with pytest.raises(RuntimeError):
+        predict_video(trained, tmp_path / "out", tmp_path / "clip.mp4")
+    kept = video.read_video_results(tmp_path / "out" / "clip.jsonl.part")  # written line by line as it ran
+    assert [f["frame"] for f in kept["frames"]] == [0, 1, 2, 3, 4] and kept["fps"] == earlier["fps"]
+    assert video.read_video_results(tmp_path / "out" / "clip.jsonl") == earlier  # replaced only by a run's end
 
 
 @pytest.mark.parametrize("flags, problem", [(["--detect-every", "0"], "a whole number at least 1"),

@@ -1,6 +1,7 @@
 """Landmarks on video: frames from a file or a camera, faces tracked between detections, points smoothed by a One Euro filter, the annotated video and its JSON written."""
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,7 +15,6 @@ from PIL import Image
 from detectors import Detection, detect_faces
 from errors import DataError
 from faces import face_fields, predict_faces
-from files import write_atomic
 from landmarks import DLIB_RELATION, Box, BoxRelation, Markup, box_from_points, box_iou
 from pose import head_pose
 from runtime import Network
@@ -317,16 +317,39 @@ class LiveView:
 
 @dataclass
 class VideoRun:
-    record: dict          # what the JSON holds
+    results: Path         # the JSON Lines file: a header line, then one line per frame (read_video_results)
+    frames: int           # frames done
+    faces: int            # distinct face ids tracked
     detector_runs: int
     seconds: float        # wall clock from the first frame read to the files written
     interrupted: bool
     missing: int          # frames the file's header promised but that could not be read
 
 
+def read_video_results(path: Path) -> dict:
+    """A video's JSON Lines file as one dict: its header's keys, and "frames", the list of frame records
+    (a line torn by a crash, the last, is left out)."""
+    header, frames = None, []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if header is None:
+                header = record
+            else:
+                frames.append(record)
+    if header is None:
+        raise DataError(f"{path}: not a video's results (no header line)")
+    return {**header, "frames": frames}
+
+
 def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, show: bool = False) -> VideoRun:
     """Landmarks on every frame of `source` (a file or a camera number): OUT/<name>_landmarks.mp4 and
-    OUT/<name>.json. Ctrl-C, or closing the live window, ends the run with what was done written."""
+    OUT/<name>.jsonl. Each frame's line is written and flushed as it comes, so memory stays flat over any
+    length of video and a crash keeps every frame done (in <name>.jsonl.part); the file takes its name when
+    the run ends, by Ctrl-C or closing the live window too, replacing an earlier run's only then."""
     from tqdm import tqdm
     camera = source.isdigit()
     capture = open_video(source)
@@ -339,15 +362,18 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
         raise DataError(f"{source}: cannot read video (no frame could be decoded)")
     name = f"camera{source}" if camera else Path(source).stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    video_path, json_path = out_dir / f"{name}_landmarks.mp4", out_dir / f"{name}.json"
+    video_path, results = out_dir / f"{name}_landmarks.mp4", out_dir / f"{name}.jsonl"
     height, width = first.shape[:2]
     writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, even(first).shape[1::-1])
     if not writer.isOpened():
         raise DataError(f"{video_path}: cannot write video")
     view = LiveView(name) if show else None
     tracker.reset()
-    records, interrupted, start = [], False, time.perf_counter()
+    done, ids, interrupted, start = 0, set(), False, time.perf_counter()
     bar = tqdm(total=expected or None, unit="frame", desc=name, disable=None)
+    part = results.with_name(results.name + ".part")
+    out = open(part, "w", encoding="utf-8")
+    out.write(json.dumps({"weights": weights, "video": source, "fps": fps, "width": width, "height": height}) + "\n")
     try:
         for i, frame in enumerate(chain([first], stream)):
             t = time.perf_counter() - start if camera else i / fps
@@ -355,7 +381,9 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
                 frame = cv2.resize(frame, (width, height))
             gray = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
             faces = tracker.update(gray, t)
-            records.append({"frame": i, "time": round(t, 4), "faces": [tracked_record(f) for f in faces]})
+            out.write(json.dumps({"frame": i, "time": round(t, 4), "faces": [tracked_record(f) for f in faces]}) + "\n")
+            out.flush()
+            done, ids = done + 1, ids | {f.id for f in faces}
             draw_faces(frame, faces)
             writer.write(even(frame))
             bar.update()
@@ -367,16 +395,15 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
         bar.close()
         writer.release()
         capture.release()
-    record = {"weights": weights, "video": source, "fps": fps, "width": width, "height": height, "frames": records}
-    write_atomic(json_path, json.dumps(record))
+        out.close()
+    os.replace(part, results)
     seconds = time.perf_counter() - start
-    n_faces = len({f["id"] for r in records for f in r["faces"]})
-    print(f"{'stopped: ' if interrupted else ''}wrote {video_path} and {json_path}: {len(records)} frames "
-          f"({len(records) / seconds:.1f}/s), {n_faces} face{'s' * (n_faces != 1)} tracked, "
+    print(f"{'stopped: ' if interrupted else ''}wrote {video_path} and {results}: {done} frames "
+          f"({done / seconds:.1f}/s), {len(ids)} face{'s' * (len(ids) != 1)} tracked, "
           f"detector ran on {tracker.detector_runs}")
     # Frame counts in headers can be estimates: only a clear shortfall means the file ends early.
-    missing = expected - len(records) if not interrupted and expected - len(records) > max(1, expected // 100) else 0
-    return VideoRun(record, tracker.detector_runs, seconds, interrupted, missing)
+    missing = expected - done if not interrupted and expected - done > max(1, expected // 100) else 0
+    return VideoRun(results, done, len(ids), tracker.detector_runs, seconds, interrupted, missing)
 
 
 def video_tracker(model: Network, config: dict, device: torch.device, detector, upsample: int,

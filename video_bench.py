@@ -13,6 +13,7 @@ import video
 from checkpoints import load_for_inference
 from dataset import trained_split
 from detectors import HOG_UPSAMPLE, load_hog
+from files import write_atomic
 from flags import number_in, one_line_errors
 from labels import TRAIN_XML, load_faces, parse_box, read_xml
 from landmarks import (DLIB_RELATION, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, BoxRelation, Face, Markup, box_from_points,
@@ -203,13 +204,13 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
     timed = run_predict(args, folder / "moving.mp4", smooth=True)
     # The tracker frames faces and scales its filter by the weights' box relation: so does everything here.
     relation = Markup.from_config(args.config).box_relation
-    replayed = face_points(json.loads((folder / "raw" / "moving.json").read_text()), smoothing_of(args), relation)
+    replayed = face_points(video.read_video_results(folder / "raw" / "moving.jsonl"), smoothing_of(args), relation)
     # The filter replayed on the raw JSON is the filter the tracker ran: scores below rest on that.
-    assert np.allclose(face_points(timed.record), replayed, atol=0.05, equal_nan=True)
+    assert np.allclose(face_points(video.read_video_results(timed.results)), replayed, atol=0.05, equal_nan=True)
     moving, covered = np.load(folder / "moving.npy"), np.load(folder / "covered.npy")
     covered_from = len(covered) // 3 + 5
-    return {"fps": len(timed.record["frames"]) / timed.seconds, "detector_runs": timed.detector_runs,
-            "frames": len(timed.record["frames"]), "box_relation": list(relation),
+    return {"fps": timed.frames / timed.seconds, "detector_runs": timed.detector_runs,
+            "frames": timed.frames, "box_relation": list(relation),
             "drift_face": drift_on(args, folder / "moving.mp4", [box_from_points(p, relation) for p in moving]).tolist(),
             "drift_covered": drift_on(args, folder / "covered.mp4",
                                       [box_from_points(p, relation) for p in covered])[covered_from:].tolist()}
@@ -218,7 +219,7 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
 def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_RELATION) -> dict:
     """Jitter, NME and lag, raw and smoothed, and frames with points after the face was covered or left."""
     def raw(name: str) -> dict:
-        return json.loads((folder / "raw" / f"{name}.json").read_text())
+        return video.read_video_results(folder / "raw" / f"{name}.jsonl")
 
     row = {}
     for key, smooth in (("raw", None), ("smooth", smoothing)):
@@ -290,7 +291,7 @@ def bench(args: argparse.Namespace) -> dict:
         for face, folder in zip(pick_faces(args, args.faces), folders):
             make_clips(face, folder, args.seconds, rng)
         runs = [run_face(args, folder) for folder in folders]
-        (out / "runs.json").write_text(json.dumps(runs))
+        write_atomic(out / "runs.json", json.dumps(runs))
     rows = [{**score_face(folder, smoothing_of(args), BoxRelation(*run.get("box_relation", DLIB_RELATION))), **run}
             for folder, run in zip(folders, runs)]
     summary = summarise(rows)
@@ -313,7 +314,7 @@ def bench(args: argparse.Namespace) -> dict:
           f"max {top:.2f}; where the face was covered min {low:.2f}, median {mid:.2f}")
     result = {"weights": args.weights, "smoothing": smoothing_of(args), "summary": summary, "faces": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return result
 
