@@ -49,8 +49,9 @@ def level(detection: Detection) -> Augment:
 
 
 def predict_faces(model: Network, transform: Transforms, gray: Image.Image, detections: list[Detection],
-                  device: torch.device) -> list[FaceLandmarks]:
-    """All faces of one picture as one batch, each cropped level with its roll."""
+                  device: torch.device, with_pose: bool = True) -> list[FaceLandmarks]:
+    """All faces of one picture as one batch, each cropped level with its roll; with_pose=False leaves out
+    the head pose (the video tracker takes it of the smoothed points instead)."""
     if not detections:
         return []
     no_points = np.zeros((1, 2))  # the transform moves points too; here there are none to move
@@ -62,7 +63,8 @@ def predict_faces(model: Network, transform: Transforms, gray: Image.Image, dete
     faces = []
     for p, s, d in zip(pred, scores, detections):
         points = transform.to_image(p, d.box, level(d))
-        faces.append(FaceLandmarks(d.box, points, d.roll, d.score, s, head_pose(points, *gray.size)))
+        pose = head_pose(points, *gray.size) if with_pose else None
+        faces.append(FaceLandmarks(d.box, points, d.roll, d.score, s, pose))
     return faces
 
 
@@ -71,20 +73,19 @@ def turn(points: np.ndarray, degrees: float, about: np.ndarray) -> np.ndarray:
     return (points - about) @ np.array([[c, s], [-s, c]]) + about
 
 
-def second_look(face: FaceLandmarks, markup: Markup) -> Detection | None:
-    """The crop that pass 1's points put the face in: levelled by the line through the markup's two NME
-    points (iBUG: the outer eye corners), and framed by the markup's box relation in the face's own upright
-    frame. None for a markup without NME points, whose eye line is unknown."""
+def level_crop(points: np.ndarray, markup: Markup, score: float = 1.0) -> Detection:
+    """The crop that a face's points put it in: levelled by the line through the markup's two NME points
+    (iBUG: the outer eye corners), and framed by the markup's box relation in the face's own upright frame.
+    A markup without NME points, whose eye line is unknown, gets the upright box its points give."""
     if markup.nme_points is None:
-        return None
+        return Detection(box_from_points(points, markup.box_relation), score)
     i, j = markup.nme_points
-    (x0, y0), (x1, y1) = face.points[i], face.points[j]
+    (x0, y0), (x1, y1) = points[i], points[j]
     roll = float(np.degrees(np.arctan2(y1 - y0, x1 - x0)))
-    mean = face.points.mean(0)
-    box = box_from_points(turn(face.points, -roll, mean), markup.box_relation)
+    mean = points.mean(0)
+    box = box_from_points(turn(points, -roll, mean), markup.box_relation)
     center = turn(box.center, roll, mean)
-    return Detection(Box(center[0] - box.width / 2, center[1] - box.height / 2, box.width, box.height),
-                     face.detector_score, roll)
+    return Detection(Box(center[0] - box.width / 2, center[1] - box.height / 2, box.width, box.height), score, roll)
 
 
 def as_picture(image) -> tuple[Image.Image, int]:
@@ -179,7 +180,7 @@ class Landmarker:
         level and frame."""
         faces = predict_faces(self.model, self.transform, gray, detections, self.device)
         for _ in range(self.passes - 1 if self.markup.nme_points is not None else 0):
-            faces = predict_faces(self.model, self.transform, gray, [second_look(f, self.markup) for f in faces],
+            faces = predict_faces(self.model, self.transform, gray, [level_crop(f.points, self.markup, f.detector_score) for f in faces],
                                   self.device)
         return faces
 

@@ -12,7 +12,7 @@ import torch
 import video
 from checkpoints import RELEASED_WEIGHTS, load_for_inference
 from dataset import FaceLandmarksDataset, trained_split
-from detectors import DETECTORS, HOG_UPSAMPLE, load_hog
+from detectors import DETECTORS, HOG_UPSAMPLE, make_detector
 from errors import DataError, UsageError
 from flags import box_arg, number_in, one_line_errors, out_file, out_folder
 from labels import TRAIN_XML, load_faces
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     grid.add_argument("--out", type=out_file, default="predictions.png",
                       help="PNG to write (default: predictions.png)")
     add_photo_flags(parser.add_argument_group("your own photos"))
-    add_video_flags(parser.add_argument_group("video (also takes --out-dir, --detector and --upsample)"))
+    add_video_flags(parser.add_argument_group("video (also takes --out-dir, --detector, --any-roll and --upsample)"))
     args = parser.parse_args(argv)
     if args.video is not None and (args.image or args.box):
         parser.error("--video takes neither --image nor --box")
@@ -92,6 +92,10 @@ def add_video_flags(clips) -> None:
     clips.add_argument("--detect-every", type=number_in(int, 1), default=video.DETECT_EVERY, metavar="K",
                        help="run the detector every K frames; between, each face's box follows its points, and "
                             f"a lost face is looked for at once (default: {video.DETECT_EVERY})")
+    clips.add_argument("--lost-by", choices=video.LOST_CHECKS, default=video.LOST_BY,
+                       help="how a face that went is noticed: score, one crop per face, lost when its point scores "
+                            "fall; drift, two crops per face, lost when its points follow the crop (a regression "
+                            f"head, which has no scores, always uses drift) (default: {video.LOST_BY})")
     clips.add_argument("--no-smooth", action="store_true", help="raw points: no One Euro filter")
     clips.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF,
                        metavar="HZ", help=f"One Euro cutoff of a still face; lower is steadier "
@@ -228,8 +232,8 @@ def predict_video(model: Network, config: dict, args: argparse.Namespace, device
     """Landmarks on every frame of --video: the annotated MP4 and its JSON in --out-dir (video.py does it)."""
     smoothing = None if args.no_smooth else dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta,
                                                  d_cutoff=args.smooth_d_cutoff)
-    tracker = video.video_tracker(model, config, device, load_hog(), args.upsample, args.detect_every,
-                                  smoothing)
+    detector = make_detector(args.detector, args.any_roll, args.upsample)
+    tracker = video.video_tracker(model, config, device, detector, args.detect_every, smoothing, args.lost_by)
     run = video.run_video(args.video, tracker, Path(args.out_dir), str(args.weights),
                           show=args.video.isdigit() and has_display())
     if run.missing:

@@ -1733,9 +1733,11 @@ class FakeFaces:
     def __init__(self, boxes: dict[str, Box]):
         self.boxes, self.detector_frames, self.frame = dict(boxes), [], 0
 
-    def detect(self, gray) -> list[Box]:
+    def detect(self, picture: np.ndarray) -> list[detectors.Detection]:
         self.detector_frames.append(self.frame)
-        return [box for box in self.boxes.values() if video.visible_share(box, *gray.size) > 0.5]
+        height, width = picture.shape[:2]
+        return [detectors.Detection(box, 1.0) for box in self.boxes.values()
+                if video.visible_share(box, width, height) > 0.5]
 
     @staticmethod
     def points_in(box: Box) -> np.ndarray:
@@ -1745,15 +1747,15 @@ class FakeFaces:
         center = box.center - np.array([relation.dx, relation.dy]) * scale
         return (template_shape() - mean) / spread * scale + center
 
-    def locate(self, gray, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray, None]:
+    def locate(self, gray, crops: list[detectors.Detection]) -> tuple[np.ndarray, np.ndarray, None]:
         """A face under the box: its points (the network finds it); none: the template in the box, drift 1."""
         points, drift = [], []
-        for box in boxes:
+        for box in (crop.box for crop in crops):
             near = max(self.boxes.values(), key=lambda real: landmarks.box_iou(box, real), default=None)
             found = near is not None and landmarks.box_iou(box, near) > 0.3
             points.append(self.points_in(near if found else box))
             drift.append(0.0 if found else 1.0)
-        return np.array(points).reshape(len(boxes), -1, 2), np.array(drift), None
+        return np.array(points).reshape(len(crops), -1, 2), np.array(drift), None
 
 
 def run_tracker(scene: FakeFaces, tracker: "video.FaceTracker", moves: list[dict[str, Box | None]]) -> list:
@@ -1916,11 +1918,11 @@ def test_ctrl_c_stops_a_video_with_the_frames_done_written(trained, tmp_path, mo
     drawn_face_clip(tmp_path / "long.mp4", np.tile([160.0, 120.0], (20, 1)))
     update, calls = video.FaceTracker.update, []
 
-    def interrupted(self, gray, t):
+    def interrupted(self, gray, t, picture):
         calls.append(t)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return update(self, gray, t)
+        return update(self, gray, t, picture)
 
     monkeypatch.setattr(video.FaceTracker, "update", interrupted)
     with pytest.raises(SystemExit) as stop:
@@ -1936,11 +1938,11 @@ def test_a_crash_mid_video_keeps_every_frame_done_and_the_earlier_runs_results(t
     earlier = predict_video(trained, tmp_path / "out", tmp_path / "clip.mp4")
     update, calls = video.FaceTracker.update, []
 
-    def crashing(self, gray, t):
+    def crashing(self, gray, t, picture):
         calls.append(t)
         if len(calls) == 6:
             raise RuntimeError("the machine fell over")
-        return update(self, gray, t)
+        return update(self, gray, t, picture)
 
     monkeypatch.setattr(video.FaceTracker, "update", crashing)
     with pytest.raises(RuntimeError):

@@ -4,7 +4,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 
@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from detectors import Detection, detect_faces
+from detectors import Detection
 from errors import DataError
-from faces import face_fields, predict_faces
-from landmarks import DLIB_RELATION, Box, BoxRelation, Markup, box_from_points, box_iou
+from faces import face_fields, level_crop, predict_faces
+from landmarks import IBUG, Box, Markup, box_from_points, box_iou
 from pose import head_pose
 from runtime import Network
 from transforms import Transforms
@@ -23,16 +23,19 @@ from transforms import Transforms
 import cv2  # noqa: E402  (after detectors, which sets OpenCV's log levels before cv2 first loads)
 
 # The detector runs on the first frame, on every DETECT_EVERY-th frame after it and on any frame where a
-# tracked face is lost. Every 10th frame costs about 7 ms a frame on average at 640x480 (dlib's HOG takes
-# 67 ms there with --upsample 1, 17 ms without, on this 2-core CPU), a fifth of a 30 frames/s budget,
-# and finds a face that walks in within a third of a second at 30 frames/s. Lost faces do not wait for it.
+# tracked face is lost: it finds faces that walk in within a third of a second at 30 frames/s, and costs
+# YuNet's 640x480 look (about 12 ms on this 2-core CPU) spread over 10 frames. Lost faces do not wait for it.
 DETECT_EVERY = 10
-# A tracked face is checked on every frame by cropping it twice, shifted by +-CHECK_SHIFT of the box side
-# along both axes: points on a face stay on the face, so they barely move between the two crops; points
-# on a background move with the crop (the network draws a face where it is told one is). LOST_DRIFT is the
-# share of the shift the points may follow before the face counts as lost (video_bench.py measures the
-# share on real faces and on the background they leave; docs/video.md). The two crops' points are
-# averaged, which also halves part of the network's noise.
+# How a tracked face that went (covered, turned away, or a crop left on the background) is noticed on each
+# frame (predict.py's --lost-by; docs/video.md has what video_bench.py measured of both):
+# - "score": one crop per face; lost when the mean of its point scores falls below LOST_SCORE;
+# - "drift": two crops, shifted by +-CHECK_SHIFT of the box side along both axes. Points on a face stay on
+#   the face, so they barely move between the crops; on a background they move with the crop (the network
+#   draws a face where it is told one is). Lost when they follow more than LOST_DRIFT of the shift. The only
+#   check for a regression head, which gives no scores; it runs the network twice per face.
+LOST_CHECKS = ("score", "drift")
+LOST_BY = "score"
+LOST_SCORE = 0.6
 CHECK_SHIFT = 0.05
 LOST_DRIFT = 0.5
 # A face whose box (from this frame's points) is less than half inside the frame is lost too: the next crop
@@ -105,66 +108,74 @@ def visible_share(box: Box, width: int, height: int) -> float:
     return max(w, 0) * max(h, 0) / (box.width * box.height)
 
 
-# (gray frame, boxes) -> (points (N, K, 2) in frame pixels, drift (N,), point scores (N, K) or None for a
-# network without them): what the tracker asks of the network.
-Locate = Callable[[Image.Image, list[Box]], tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+# (gray frame, crops) -> (points (N, K, 2) in frame pixels, drift (N,) or None where one crop was taken,
+# point scores (N, K) or None for a network without them): what the tracker asks of the network.
+Locate = Callable[[Image.Image, list[Detection]], tuple[np.ndarray, np.ndarray | None, np.ndarray | None]]
 
 
-def shifted(box: Box, by: float) -> Box:
-    return Box(box.left + by, box.top + by, box.width, box.height)
+def shifted(crop: Detection, by: float) -> Detection:
+    box = crop.box
+    return replace(crop, box=Box(box.left + by, box.top + by, box.width, box.height))
 
 
-def network_locator(model: Network, transform: Transforms, device: torch.device,
+def network_locator(model: Network, transform: Transforms, device: torch.device, lost_by: str = LOST_BY,
                     shift: float = CHECK_SHIFT) -> Locate:
-    """Points for each box from two crops shifted by +-shift of its side, their mean, and their drift: the
-    share of the crops' shift that the points followed (0 on a face, 1 where the network sees none)."""
-    def locate(gray: Image.Image, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        if not boxes:
-            return np.zeros((0, 0, 2)), np.zeros(0), None
-        crops = [shifted(box, sign * shift * box.side) for box in boxes for sign in (1, -1)]
-        found = predict_faces(model, transform, gray, [Detection(crop, 1.0) for crop in crops], device)
-        pairs = np.stack([f.points for f in found])
-        pairs = pairs.reshape(len(boxes), 2, *pairs.shape[1:])
-        moved = (pairs[:, 0] - pairs[:, 1]).mean(axis=1)  # (N, 2): mean displacement between the crops
-        offset = np.array([[2 * shift * box.side] * 2 for box in boxes])
+    """Points for each crop. With lost_by="score", from one crop, with no drift. With "drift", from two
+    crops shifted by +-shift of the box side, their mean, and their drift: the share of the crops' shift
+    that the points followed (0 on a face, 1 where the network sees none)."""
+    def locate(gray: Image.Image, crops: list[Detection]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if not crops:
+            return np.zeros((0, 0, 2)), None, None
+        if lost_by == "score":
+            found = predict_faces(model, transform, gray, crops, device, with_pose=False)
+            scores = None if found[0].scores is None else np.stack([f.scores for f in found])
+            return np.stack([f.points for f in found]), None, scores
+        pairs = [shifted(crop, sign * shift * crop.box.side) for crop in crops for sign in (1, -1)]
+        found = predict_faces(model, transform, gray, pairs, device, with_pose=False)
+        points = np.stack([f.points for f in found])
+        points = points.reshape(len(crops), 2, *points.shape[1:])
+        moved = (points[:, 0] - points[:, 1]).mean(axis=1)  # (N, 2): mean displacement between the crops
+        offset = np.array([[2 * shift * crop.box.side] * 2 for crop in crops])
         drift = (moved * offset).sum(1) / (offset ** 2).sum(1)
         scores = None if found[0].scores is None else np.stack([f.scores for f in found]).reshape(
-            len(boxes), 2, -1).mean(axis=1)
-        return pairs.mean(axis=1), drift, scores
+            len(crops), 2, -1).mean(axis=1)
+        return points.mean(axis=1), drift, scores
     return locate
 
 
 @dataclass
 class Track:
     id: int
-    points: np.ndarray  # the network's points in the last frame, unsmoothed: the next frame's box comes from them
+    points: np.ndarray  # the network's points in the last frame, unsmoothed: the next frame's crop comes from them
     smoother: OneEuroFilter | None
 
 
 @dataclass(frozen=True)
 class TrackedFace:
     id: int
-    box: Box             # the box the face was cropped with: the detector's, or the one from last frame's points
+    box: Box             # the crop's box (dlib's convention, as if the face were upright), turned by `roll`
     points: np.ndarray   # (K, 2) frame pixels, smoothed unless smoothing is off
-    detected: bool       # the detector gave the box on this frame
-    drift: float         # see network_locator
+    detected: bool       # the detector found the face on this frame
+    drift: float | None  # see network_locator; None where one crop was taken (lost_by="score")
     scores: np.ndarray | None = None  # (K,) the network's sureness of each point (faces.FaceLandmarks)
     pose: tuple[float, float, float] | None = None  # yaw, pitch, roll of the points shown (pose.head_pose)
+    roll: float = 0.0    # degrees the crop was turned to level the face, clockwise on screen
 
 
 class FaceTracker:
     """Faces across the frames of one video, each with a stable id: the detector on the first frame, every
-    `detect_every` frames and when a face is lost; between them each face's box comes from its previous
-    points (landmarks.box_from_points, by the markup's `box_relation`). `smoothing` holds OneEuroFilter's
-    arguments, or None for raw points. reset() starts a new video; update(gray, t) takes one frame and its
-    time in seconds."""
+    `detect_every` frames and when a face is lost; between them each face is cropped level with its roll and
+    framed by its previous points (faces.level_crop), so a head that tilts all the way round stays upright
+    in its crop. `smoothing` holds OneEuroFilter's arguments, or None for raw points. `locate` decides how a
+    face that went is noticed (network_locator's lost_by). reset() starts a new video; update(gray, t,
+    picture) takes one frame, its time in seconds, and the picture the detector looks at (the gray frame
+    itself where None)."""
 
-    def __init__(self, locate: Locate, detect: Callable[[Image.Image], list[Box]],
-                 detect_every: int = DETECT_EVERY, smoothing: dict | None = None, lost_drift: float = LOST_DRIFT,
-                 box_relation: BoxRelation = DLIB_RELATION):
-        self.locate, self.detect, self.detect_every = locate, detect, detect_every
-        self.box_relation = box_relation
-        self.smoothing, self.lost_drift = smoothing, lost_drift
+    def __init__(self, locate: Locate, detect: Callable[[np.ndarray], list[Detection]],
+                 detect_every: int = DETECT_EVERY, smoothing: dict | None = None, markup: Markup = IBUG,
+                 lost_drift: float = LOST_DRIFT, lost_score: float = LOST_SCORE):
+        self.locate, self.detect, self.detect_every, self.markup = locate, detect, detect_every, markup
+        self.smoothing, self.lost_drift, self.lost_score = smoothing, lost_drift, lost_score
         self.reset()
 
     def reset(self) -> None:
@@ -173,40 +184,58 @@ class FaceTracker:
         self.next_id = 0
         self.detector_runs = 0
 
-    def update(self, gray: Image.Image, t: float) -> list[TrackedFace]:
+    def update(self, gray: Image.Image, t: float, picture: np.ndarray | None = None) -> list[TrackedFace]:
         scheduled = self.frame % self.detect_every == 0 or not self.tracks
         self.frame += 1
-        sightings = self.look(gray, detect=scheduled)
-        if not scheduled and any(s.lost for s in sightings):
-            sightings = self.look(gray, detect=True)  # the same frame again, now with the detector's boxes
+        picture = np.asarray(gray) if picture is None else picture
+        detections = self.run_detector(picture) if scheduled else []
+        sightings = self.look(gray, detections)
+        lost = {i for i, s in enumerate(sightings) if s.lost}
+        if lost:  # the same frame again, with the detector's faces
+            detections = detections if scheduled else self.run_detector(picture)
+            sightings = self.look(gray, detections, lost)
         return self.commit(sightings, t, gray.size)
 
-    def look(self, gray: Image.Image, detect: bool) -> list["Sighting"]:
-        """Each tracked face, then each new one the detector found, on this frame; changes no track."""
-        tracked = [box_from_points(track.points, self.box_relation) for track in self.tracks]
-        detections = self.detect(gray) if detect else []
-        self.detector_runs += detect
-        matched = match_boxes(tracked, detections)
-        boxes = [detections[matched[i]] if i in matched else box for i, box in enumerate(tracked)]
-        boxes += [box for j, box in enumerate(detections) if j not in matched.values()]
-        points, drift, scores = self.locate(gray, boxes)
+    def run_detector(self, picture: np.ndarray) -> list[Detection]:
+        self.detector_runs += 1
+        return self.detect(picture)
+
+    def look(self, gray: Image.Image, detections: list[Detection], lost: set[int] = frozenset()) -> list["Sighting"]:
+        """Each tracked face, then each new one the detector found, on this frame; changes no track.
+
+        A tracked face is cropped as its own points say, level with their roll: framed as the network learnt,
+        and turned by a roll that YuNet's leans off by several degrees. Only a face whose own crop lost it
+        (`lost`, from a look before on this frame) takes the crop of a detection that overlaps it; without
+        one it is lost. The detector's word beats the network's."""
+        crops = [level_crop(track.points, self.markup) for track in self.tracks]
+        matched = match_boxes([crop.box for crop in crops], [d.box for d in detections])
+        for i in lost & matched.keys():
+            crops[i] = detections[matched[i]]
+        crops += [d for j, d in enumerate(detections) if j not in matched.values()]
+        points, drift, scores = self.locate(gray, crops)
         sightings = []
-        for i, box in enumerate(boxes):
+        for i, crop in enumerate(crops):
             track = self.tracks[i] if i < len(self.tracks) else None
-            detected = track is None or i in matched
-            # The detector's word beats the drift; a face that went on its own is lost if the network no
-            # longer follows it, or if where its points now are is mostly outside the frame.
-            lost = not detected and (drift[i] > self.lost_drift
-                                     or visible_share(box_from_points(points[i], self.box_relation), *gray.size) < MIN_VISIBLE)
-            sightings.append(Sighting(track, box, points[i], float(drift[i]), detected, lost,
-                                      None if scores is None else scores[i]))
+            if track is None or i in lost:
+                gone = track is not None and i not in matched
+            else:  # a face that went is lost if the network no longer sees it or its points are mostly outside
+                gone = self.unseen(drift, scores, i) or visible_share(
+                    box_from_points(points[i], self.markup.box_relation), *gray.size) < MIN_VISIBLE
+            sightings.append(Sighting(track, crop, points[i], None if drift is None else float(drift[i]),
+                                      track is None or i in matched, gone, None if scores is None else scores[i]))
         return sightings
+
+    def unseen(self, drift: np.ndarray | None, scores: np.ndarray | None, i: int) -> bool:
+        """The network no longer sees a face in crop i: its points followed the crop, or it is unsure of them."""
+        if drift is not None:
+            return bool(drift[i] > self.lost_drift)
+        return scores is not None and bool(scores[i].mean() < self.lost_score)
 
     def commit(self, sightings: list["Sighting"], t: float, size: tuple[int, int]) -> list[TrackedFace]:
         kept: list[Sighting] = []
         for s in sightings:
             # A face found twice (a detection beside a track that drifted) keeps its older id.
-            if s.lost or any(box_iou(s.box, other.box) > DUPLICATE_IOU for other in kept):
+            if s.lost or any(box_iou(s.crop.box, other.crop.box) > DUPLICATE_IOU for other in kept):
                 continue
             if s.track is None:
                 smoother = None if self.smoothing is None else OneEuroFilter(**self.smoothing)
@@ -219,9 +248,9 @@ class FaceTracker:
         for s in kept:
             points = s.points
             if s.track.smoother is not None:
-                points = s.track.smoother.update(points, t, scale=box_from_points(points, self.box_relation).side)
-            faces.append(TrackedFace(s.track.id, s.box, points, s.detected, s.drift, s.scores,
-                                     head_pose(points, *size)))
+                points = s.track.smoother.update(points, t, scale=box_from_points(points, self.markup.box_relation).side)
+            faces.append(TrackedFace(s.track.id, s.crop.box, points, s.detected, s.drift, s.scores,
+                                     head_pose(points, *size), s.crop.roll))
         return faces
 
 
@@ -229,9 +258,9 @@ class FaceTracker:
 class Sighting:
     """One face on one frame, before the tracker commits to it."""
     track: Track | None  # None: a face the detector found that no track follows
-    box: Box
+    crop: Detection
     points: np.ndarray
-    drift: float
+    drift: float | None
     detected: bool
     lost: bool
     scores: np.ndarray | None = None
@@ -266,13 +295,14 @@ def frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
 
 
 def draw_faces(frame: np.ndarray, faces: list[TrackedFace]) -> None:
-    """As predict.py draws photos: boxes yellow, points red, and each face's id."""
+    """As predict.py draws photos: crops yellow (turned by the face's roll), points red, and each face's id."""
     for face in faces:
         box = face.box
         thick = max(1, round(box.side / 150))
-        cv2.rectangle(frame, (round(box.left), round(box.top)),
-                      (round(box.left + box.width - 1), round(box.top + box.height - 1)), (0, 220, 255), thick)
-        cv2.putText(frame, str(face.id), (round(box.left), round(box.top) - 4), cv2.FONT_HERSHEY_SIMPLEX,
+        corners = cv2.boxPoints((tuple(map(float, box.center)), (box.width, box.height), face.roll))
+        cv2.polylines(frame, [np.round(corners).astype(np.int32)], True, (0, 220, 255), thick)
+        top_left = corners[np.argmin(corners.sum(1))]
+        cv2.putText(frame, str(face.id), (round(top_left[0]), round(top_left[1]) - 4), cv2.FONT_HERSHEY_SIMPLEX,
                     max(0.4, box.side / 250), (0, 220, 255), thick)
         radius = max(1.5, box.side / 90)
         for x, y in face.points:  # 4 fractional bits: points sit between pixels
@@ -288,7 +318,8 @@ def even(frame: np.ndarray) -> np.ndarray:
 
 
 def tracked_record(face: TrackedFace) -> dict:
-    return {"id": face.id, **face_fields(face.box, face.points, face.scores, face.pose), "detected": face.detected}
+    return {"id": face.id, **face_fields(face.box, face.points, face.scores, face.pose),
+            "roll": round(float(face.roll), 1), "detected": face.detected}
 
 
 class LiveView:
@@ -380,7 +411,7 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
             if frame.shape[:2] != (height, width):  # a camera that changes resolution mid-stream
                 frame = cv2.resize(frame, (width, height))
             gray = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
-            faces = tracker.update(gray, t)
+            faces = tracker.update(gray, t, frame)
             out.write(json.dumps({"frame": i, "time": round(t, 4), "faces": [tracked_record(f) for f in faces]}) + "\n")
             out.flush()
             done, ids = done + 1, ids | {f.id for f in faces}
@@ -406,10 +437,12 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
     return VideoRun(results, done, len(ids), tracker.detector_runs, seconds, interrupted, missing)
 
 
-def video_tracker(model: Network, config: dict, device: torch.device, detector, upsample: int,
-                  detect_every: int, smoothing: dict | None) -> FaceTracker:
-    """The tracker predict.py runs: dlib's detector and the trained network."""
+def video_tracker(model: Network, config: dict, device: torch.device, detector: Callable[[np.ndarray], list[Detection]],
+                  detect_every: int, smoothing: dict | None, lost_by: str = LOST_BY) -> FaceTracker:
+    """The tracker predict.py runs: `detector` (detectors.make_detector, which takes RGB) on the BGR frames
+    run_video passes it, and the trained network."""
     transform = Transforms(config.get("img_size", 224), train=False)
-    return FaceTracker(network_locator(model, transform, device),
-                       lambda gray: detect_faces(detector, gray, upsample), detect_every, smoothing,
-                       box_relation=Markup.from_config(config).box_relation)
+    lost_by = lost_by if config.get("head", "regression") == "pip" else "drift"  # only PIPNet's maps give scores
+    return FaceTracker(network_locator(model, transform, device, lost_by),
+                       lambda bgr: detector(np.ascontiguousarray(bgr[..., ::-1])), detect_every, smoothing,
+                       Markup.from_config(config))

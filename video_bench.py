@@ -1,7 +1,10 @@
-"""Video figures: clips made from real 300-W faces with known points in every frame, and what predict.py --video does on them (jitter, NME, lag, lost faces, frames/s); also fits dlib's box from landmarks."""
+"""Video figures: clips made from real 300-W faces with known points in every frame, and what predict.py --video does on them (jitter, NME, lag, lost faces, tilting heads, frames/s, memory over a long run); also fits dlib's box from landmarks."""
 import argparse
 import json
 import math
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from PIL import Image
 import video
 from checkpoints import load_for_inference
 from dataset import trained_split
-from detectors import HOG_UPSAMPLE, load_hog
+from detectors import DETECTORS, Detection, make_detector
 from files import write_atomic
 from flags import number_in, one_line_errors
 from labels import TRAIN_XML, load_faces, parse_box, read_xml
@@ -24,7 +27,9 @@ from transforms import Transforms
 FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
 FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
 FPS = 30.0
+CLIPS = ("still", "moving", "covered", "leaving", "tilting", "tilt10")
 NOISE = 4.0          # grey levels of Gaussian noise per pixel and frame, as a webcam in room light
+TILT_SECONDS = 6.0   # one slow tilt to one side, to the other and back
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--smooth-min-cutoff", type=float, default=video.MIN_CUTOFF)
     p.add_argument("--smooth-beta", type=float, default=video.BETA)
     p.add_argument("--smooth-d-cutoff", type=float, default=video.D_CUTOFF)
+    p.add_argument("--detector", choices=DETECTORS, default="yunet", help="as predict.py's (default: yunet)")
+    p.add_argument("--lost-by", choices=video.LOST_CHECKS, default=video.LOST_BY,
+                   help=f"as predict.py's (default: {video.LOST_BY})")
+    p.add_argument("--command-seconds", type=number_in(float, 0), default=20.0,
+                   help="length of the two-face clip that `python predict.py --video` is timed on as a whole "
+                        "command, start-up included; 0: skip (default: 20)")
+    p.add_argument("--memory-minutes", type=number_in(float, 0), default=0.0,
+                   help="instead of the rest: run a clip this long of one moving face and report the peak memory "
+                        "after each minute (default: 0, skip)")
     p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--rescore", action="store_true",
@@ -123,8 +137,8 @@ def cover(frame: np.ndarray, box, share: float) -> np.ndarray:
 def run_predict(args: argparse.Namespace, clip: Path, smooth: bool) -> video.VideoRun:
     """What predict.py --video does on a clip with its default detector settings, with or without smoothing."""
     out_dir = clip.parent / ("smooth" if smooth else "raw")
-    tracker = video.video_tracker(args.model, args.config, args.device, args.detector, HOG_UPSAMPLE,
-                                  video.DETECT_EVERY, smoothing_of(args) if smooth else None)
+    tracker = video.video_tracker(args.model, args.config, args.device, args.find_faces, video.DETECT_EVERY,
+                                  smoothing_of(args) if smooth else None, args.lost_by)
     return video.run_video(str(clip), tracker, out_dir, args.weights)
 
 
@@ -175,31 +189,80 @@ def lag_frames(points: np.ndarray, truth: np.ndarray) -> float:
     return best[1]
 
 
-def drift_on(args: argparse.Namespace, clip: Path, boxes: list) -> np.ndarray:
-    """network_locator's drift for each frame of the clip, the network cropping the given box."""
-    locate = video.network_locator(args.model, Transforms(args.config.get("img_size", 224), train=False), args.device)
-    capture, drifts = cv2.VideoCapture(str(clip)), []
+def checks_on(args: argparse.Namespace, clip: Path, boxes: list) -> tuple[np.ndarray, np.ndarray]:
+    """What each lost check reads on each frame of the clip, the network cropping the given upright box:
+    the drift of two crops, and the mean point score of one (NaN for a network without scores)."""
+    transform = Transforms(args.config.get("img_size", 224), train=False)
+    by_drift, by_score = (video.network_locator(args.model, transform, args.device, lost_by)
+                          for lost_by in ("drift", "score"))
+    capture, drifts, scores = cv2.VideoCapture(str(clip)), [], []
     for box in boxes:
         gray = Image.fromarray(cv2.cvtColor(capture.read()[1], cv2.COLOR_BGR2GRAY))
-        drifts.append(locate(gray, [box])[1][0])
-    return np.array(drifts)
+        crop = [Detection(box, 1.0)]
+        drifts.append(by_drift(gray, crop)[1][0])
+        point_scores = by_score(gray, crop)[2]
+        scores.append(np.nan if point_scores is None else point_scores[0].mean())
+    return np.array(drifts), np.array(scores)
+
+
+def tilt_path(n: int, degrees: float) -> list[dict]:
+    """A head that tilts slowly to +-degrees and back, once over TILT_SECONDS (up to 94 degrees a second at
+    90), swaying a little sideways."""
+    t = np.arange(n) / FPS
+    w = 2 * math.pi / TILT_SECONDS
+    return [dict(shift=(30 * math.sin(w * u), 0.0), angle=degrees * math.sin(w * u)) for u in t]
 
 
 def make_clips(face: Face, folder: Path, seconds: float, rng: np.random.Generator) -> None:
-    """still, moving, covered and leaving .mp4, each with its true points in a .npy beside it."""
+    """still, moving, covered, leaving, tilting (to +-90 degrees) and tilt10 (+-10) .mp4, each with its true
+    points in a .npy beside it."""
     photo = cv2.imread(str(face.image))
     folder.mkdir(parents=True, exist_ok=True)
-    n = round(seconds * FPS)
+    n, tilt = round(seconds * FPS), round(TILT_SECONDS * FPS)
     walk = [dict(shift=(min(1.0, i / (n / 2)) * (FRAME[0] / 2 + FACE_SIDE), 0.0)) for i in range(n)]
     for name, poses, cover_from in (("still", [{}] * n, None), ("moving", moving_path(n), None),
-                                    ("covered", [{}] * n, n // 3), ("leaving", walk, None)):
+                                    ("covered", [{}] * n, n // 3), ("leaving", walk, None),
+                                    ("tilting", tilt_path(tilt, 90), None), ("tilt10", tilt_path(tilt, 10), None)):
         np.save(folder / f"{name}.npy", write_clip(folder / f"{name}.mp4", photo, face, poses, rng, cover_from))
+
+
+def write_pair_clip(path: Path, faces: list[Face], seconds: float, rng: np.random.Generator) -> None:
+    """Two faces side by side, each swaying on its own, for the frames/s of two faces."""
+    photos = [cv2.imread(str(face.image)) for face in faces]
+    noise = [rng.normal(0, NOISE, (*FRAME[::-1], 3)) for _ in range(30)]  # cycled: drawing it is the slow part
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, FRAME)
+    for i in range(round(seconds * FPS)):
+        u = i / FPS
+        frame = None
+        for side, photo, face in zip((-1, 1), photos, faces):
+            matrix = face_matrix(face, shift=(side * 150 + 30 * math.sin(u + side), 20 * math.sin(1.3 * u)),
+                                 angle=10 * math.sin(0.7 * u + side))
+            warped = cv2.warpAffine(photo, matrix, FRAME, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            if frame is None:
+                frame = warped
+            else:  # the right half from the second face
+                frame[:, FRAME[0] // 2:] = warped[:, FRAME[0] // 2:]
+        writer.write(np.clip(frame + noise[i % len(noise)], 0, 255).astype(np.uint8))
+    writer.release()
+
+
+def make_long_clip(path: Path, face: Face, minutes: float, rng: np.random.Generator) -> None:
+    """One face on the moving path, looped for `minutes`."""
+    photo = cv2.imread(str(face.image))
+    poses = moving_path(round(3 * FPS))  # the path's period: 3 s
+    noise = [rng.normal(0, NOISE, (*FRAME[::-1], 3)) for _ in range(30)]
+    warped = [cv2.warpAffine(photo, face_matrix(face, **pose), FRAME, flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REPLICATE) for pose in poses]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, FRAME)
+    for i in range(round(minutes * 60 * FPS)):
+        writer.write(np.clip(warped[i % len(warped)] + noise[i % len(noise)], 0, 255).astype(np.uint8))
+    writer.release()
 
 
 def run_face(args: argparse.Namespace, folder: Path) -> dict:
     """predict.py --no-smooth on each clip (JSON in folder/raw), and once smoothed on the moving clip, timed
-    end to end; the drift the lost check reads on the face and where it was covered."""
-    for name in ("still", "moving", "covered", "leaving"):
+    end to end; what the lost checks read on the face and where it was covered."""
+    for name in CLIPS:
         run_predict(args, folder / f"{name}.mp4", smooth=False)
     timed = run_predict(args, folder / "moving.mp4", smooth=True)
     # The tracker frames faces and scales its filter by the weights' box relation: so does everything here.
@@ -209,11 +272,23 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
     assert np.allclose(face_points(video.read_video_results(timed.results)), replayed, atol=0.05, equal_nan=True)
     moving, covered = np.load(folder / "moving.npy"), np.load(folder / "covered.npy")
     covered_from = len(covered) // 3 + 5
+    drift_face, score_face = checks_on(args, folder / "moving.mp4", [box_from_points(p, relation) for p in moving])
+    drift_covered, score_covered = checks_on(args, folder / "covered.mp4", [box_from_points(p, relation) for p in covered])
     return {"fps": timed.frames / timed.seconds, "detector_runs": timed.detector_runs,
             "frames": timed.frames, "box_relation": list(relation),
-            "drift_face": drift_on(args, folder / "moving.mp4", [box_from_points(p, relation) for p in moving]).tolist(),
-            "drift_covered": drift_on(args, folder / "covered.mp4",
-                                      [box_from_points(p, relation) for p in covered])[covered_from:].tolist()}
+            "drift_face": drift_face.tolist(), "drift_covered": drift_covered[covered_from:].tolist(),
+            "score_face": score_face.tolist(), "score_covered": score_covered[covered_from:].tolist()}
+
+
+def time_command(args: argparse.Namespace, clip: Path) -> dict:
+    """`python predict.py --video clip` as a user runs it, start-up included."""
+    command = [sys.executable, "predict.py", "--weights", args.weights, "--video", str(clip), "--out-dir",
+               str(clip.parent / "command"), "--detector", args.detector, "--lost-by", args.lost_by]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).resolve().parent)
+    seconds = time.perf_counter() - start
+    frames = len(video.read_video_results(clip.parent / "command" / f"{clip.stem}.jsonl")["frames"])
+    return {"command": " ".join(command[1:]), "frames": frames, "seconds": seconds, "fps": frames / seconds}
 
 
 def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_RELATION) -> dict:
@@ -230,6 +305,11 @@ def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_RELAT
         row[f"nme_{key}"] = float(nme(moving[found], moving_truth[found]).mean())
         row[f"found_{key}"] = float(found.mean())
         row[f"lag_{key}_frames"] = lag_frames(moving, moving_truth)
+    for name in ("tilting", "tilt10"):
+        points, truth = face_points(raw(name), smoothing, relation), np.load(folder / f"{name}.npy")
+        found = ~np.isnan(points[:, 0, 0])
+        row[f"found_{name}"] = float(found.mean())
+        row[f"nme_{name}"] = float(nme(points[found], truth[found]).mean())
     covered, walk = face_points(raw("covered")), np.load(folder / "leaving.npy")
     gone = next(i for i, p in enumerate(walk) if video.visible_share(box_from_points(p), *FRAME) < video.MIN_VISIBLE)
     row["frames_shown_after_covered"] = int((~np.isnan(covered[len(covered) // 3 + 5:, 0, 0])).sum())
@@ -258,6 +338,14 @@ def pick_faces(args: argparse.Namespace, n: int) -> list[Face]:
 
 
 def summarise(rows: list[dict]) -> dict:
+    def spread_low(key: str) -> list[float]:
+        values = np.concatenate([r[key] for r in rows])
+        return [float(np.percentile(values, 1)), float(np.median(values)), float(values.min())]
+
+    def spread_high(key: str) -> list[float]:
+        values = np.concatenate([r[key] for r in rows])
+        return [float(values.max()), float(np.median(values))]
+
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if isinstance(rows[0][k], (int, float))}
     face_drift = np.concatenate([r["drift_face"] for r in rows])
     covered_drift = np.concatenate([r["drift_covered"] for r in rows])
@@ -266,7 +354,9 @@ def summarise(rows: list[dict]) -> dict:
             "lag_added_ms": 1000 * (mean["lag_smooth_frames"] - mean["lag_raw_frames"]) / FPS,
             "drift_face_p50_p99_max": [float(np.percentile(face_drift, 50)), float(np.percentile(face_drift, 99)),
                                        float(face_drift.max())],
-            "drift_covered_min_p50": [float(covered_drift.min()), float(np.percentile(covered_drift, 50))]}
+            "drift_covered_min_p50": [float(covered_drift.min()), float(np.percentile(covered_drift, 50))],
+            "score_face_p1_p50_min": spread_low("score_face"), "score_covered_max_p50": spread_high("score_covered"),
+            "tilt_nme_ratio": mean["nme_tilting"] / mean["nme_tilt10"]}
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -282,21 +372,83 @@ def bench(args: argparse.Namespace) -> dict:
     if args.rescore:
         folders = sorted(out.glob("face*"))
         runs = json.loads((out / "runs.json").read_text())
+        pair = json.loads((out / "pair.json").read_text())
     else:
         args.device = pick_device("auto")
         args.model, args.config = load_for_inference(args.weights, args.device, args.eager)
-        args.detector = load_hog()
+        args.find_faces = make_detector(args.detector)
         rng = np.random.default_rng(0)
+        faces = pick_faces(args, max(args.faces, 2))
+        if args.memory_minutes:
+            return memory_run(args, faces[0], out, rng)
         folders = [out / f"face{i}" for i in range(args.faces)]
-        for face, folder in zip(pick_faces(args, args.faces), folders):
+        for face, folder in zip(faces, folders):
             make_clips(face, folder, args.seconds, rng)
         runs = [run_face(args, folder) for folder in folders]
+        pair = run_pair(args, faces[:2], out / "pair", rng)
         write_atomic(out / "runs.json", json.dumps(runs))
+        write_atomic(out / "pair.json", json.dumps(pair))
     rows = [{**score_face(folder, smoothing_of(args), BoxRelation(*run.get("box_relation", DLIB_RELATION))), **run}
             for folder, run in zip(folders, runs)]
-    summary = summarise(rows)
-    print(f"\n{len(rows)} faces, clips of {args.seconds:g} s at {FRAME[0]}x{FRAME[1]}, {FPS:g} frames/s "
-          f"({time.perf_counter() - start:.0f} s in all), weights {args.weights}, "
+    summary = {**summarise(rows), **pair}
+    report(args, summary, len(rows), time.perf_counter() - start)
+    result = {"weights": args.weights, "detector": args.detector, "lost_by": args.lost_by,
+              "smoothing": smoothing_of(args), "summary": summary, "faces": rows}
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+def run_pair(args: argparse.Namespace, faces: list[Face], folder: Path, rng: np.random.Generator) -> dict:
+    """Frames/s with two faces: as the run reports it on a --seconds clip, and for the whole command on a
+    --command-seconds one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_pair_clip(folder / "two.mp4", faces, args.seconds, rng)
+    timed = run_predict(args, folder / "two.mp4", smooth=True)
+    pair = {"fps_two": timed.frames / timed.seconds}
+    if args.command_seconds:
+        write_pair_clip(folder / "command.mp4", faces, args.command_seconds, rng)
+        pair["command"] = time_command(args, folder / "command.mp4")
+    return pair
+
+
+def peak_mb() -> float:
+    """The process's peak resident memory so far (Linux counts ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def memory_run(args: argparse.Namespace, face: Face, out: Path, rng: np.random.Generator) -> dict:
+    """predict.py --video's run on a clip of --memory-minutes, the peak memory read after each minute."""
+    out.mkdir(parents=True, exist_ok=True)
+    clip = out / "long.mp4"
+    make_long_clip(clip, face, args.memory_minutes, rng)
+    tracker = video.video_tracker(args.model, args.config, args.device, args.find_faces, video.DETECT_EVERY,
+                                  smoothing_of(args), args.lost_by)
+    update, per_minute = tracker.update, []
+
+    def sampled(gray, t, picture=None):
+        faces = update(gray, t, picture)
+        if tracker.frame % round(60 * FPS) == 0:
+            per_minute.append(peak_mb())
+            print(f"minute {len(per_minute)}: peak memory {per_minute[-1]:.1f} MB", flush=True)
+        return faces
+
+    tracker.update = sampled
+    run = video.run_video(str(clip), tracker, out / "long", args.weights)
+    result = {"minutes": args.memory_minutes, "frames": run.frames, "fps": run.frames / run.seconds,
+              "peak_mb_per_minute": per_minute, "growth_mb": per_minute[-1] - per_minute[0]}
+    print(f"peak memory after minute 1: {per_minute[0]:.1f} MB, after minute {len(per_minute)}: "
+          f"{per_minute[-1]:.1f} MB ({result['growth_mb']:+.1f} MB); {result['fps']:.1f} frames/s")
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def report(args: argparse.Namespace, summary: dict, faces: int, seconds: float) -> None:
+    print(f"\n{faces} faces, clips of {args.seconds:g} s at {FRAME[0]}x{FRAME[1]}, {FPS:g} frames/s "
+          f"({seconds:.0f} s in all), weights {args.weights}, detector {args.detector}, lost by {args.lost_by}, "
           f"smoothing {smoothing_of(args)}")
     print(f"still-face jitter: {summary['jitter_raw']:.3f}% raw, {summary['jitter_smooth']:.3f}% smoothed "
           f"({summary['jitter_cut']:.1f}x less)")
@@ -304,19 +456,26 @@ def bench(args: argparse.Namespace) -> dict:
           f"({summary['nme_cost_pct']:+.1f}%); lag {summary['lag_raw_frames']:.2f} -> "
           f"{summary['lag_smooth_frames']:.2f} frames ({summary['lag_added_ms']:+.0f} ms added by smoothing); "
           f"face found on {100 * summary['found_raw']:.1f}% of frames")
-    print(f"end to end (read, track, landmarks, smooth, draw, write), moving clips: {summary['fps']:.1f} frames/s; "
-          f"detector on {summary['detector_runs']:.1f} of {summary['frames']:.0f} frames")
+    print(f"tilting to +-90 degrees over {TILT_SECONDS:g} s: found on {100 * summary['found_tilting']:.1f}% of "
+          f"frames, NME {summary['nme_tilting']:.2f}%; to +-10: found on {100 * summary['found_tilt10']:.1f}%, "
+          f"NME {summary['nme_tilt10']:.2f}% ({summary['tilt_nme_ratio']:.2f}x)")
+    print(f"frames/s as the run reports it (read, track, landmarks, smooth, draw, write): one face "
+          f"{summary['fps']:.1f} (moving clips), two faces {summary['fps_two']:.1f}; detector on "
+          f"{summary['detector_runs']:.1f} of {summary['frames']:.0f} frames")
+    if "command" in summary:
+        command = summary["command"]
+        print(f"whole command, start-up included, two faces: {command['frames']} frames in "
+              f"{command['seconds']:.1f} s, {command['fps']:.1f} frames/s ({command['command']})")
     print(f"lost faces: points shown on {summary['frames_shown_after_covered']:.1f} frames after the face was "
           f"covered, {summary['frames_shown_after_leaving']:.1f} after it left the frame")
     p50, p99, top = summary["drift_face_p50_p99_max"]
     low, mid = summary["drift_covered_min_p50"]
     print(f"drift (lost when > {video.LOST_DRIFT:g}): on faces median {p50:.2f}, 99th percentile {p99:.2f}, "
           f"max {top:.2f}; where the face was covered min {low:.2f}, median {mid:.2f}")
-    result = {"weights": args.weights, "smoothing": smoothing_of(args), "summary": summary, "faces": rows}
-    if args.json:
-        write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return result
+    p1, p50, least = summary["score_face_p1_p50_min"]
+    most, mid = summary["score_covered_max_p50"]
+    print(f"mean point score (lost when < {video.LOST_SCORE:g}): on faces median {p50:.3f}, 1st percentile "
+          f"{p1:.3f}, min {least:.3f}; where the face was covered max {most:.3f}, median {mid:.3f}")
 
 
 if __name__ == "__main__":
