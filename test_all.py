@@ -32,6 +32,7 @@ import detectors
 import errors
 import evaluate
 import export
+import faces
 import flags
 import images
 import labels
@@ -320,6 +321,30 @@ def test_pip_head_decodes_perfect_maps_to_the_points_and_its_loss_is_zero_there(
     assert torch.allclose(net.head.decode(*maps), targets, atol=1e-6)
     assert training.pip_loss(maps, targets, index).item() == pytest.approx(0, abs=1e-6)
     assert training.pip_loss(maps, targets + 0.05, index).item() > 0.1
+
+
+def test_covered_scores_mark_the_points_under_the_occluder_and_teach_their_maps_flat():
+    box = Box(60, 40, 180, 180)
+    points = grid_points(box)
+    transform = Transforms(img_size=100, jitter=0, visibility=True)
+    image = Image.new("L", (320, 260), 100)
+    _, target = transform(image, box, points, Augment(occlusion=(0.2, 0.5, 0.3, 0.4)))
+    coords, seen = target[:2 * len(points)].view(-1, 2) + 0.5, target[2 * len(points):]
+    under = (coords[:, 0] >= 0.2) & (coords[:, 0] < 0.5) & (coords[:, 1] >= 0.5) & (coords[:, 1] < 0.9)
+    assert 0 < under.sum() < len(points) and torch.equal(seen, (~under).float())
+    assert (transform(image, box, points, Augment())[1][2 * len(points):] == 1).all()  # nothing covered
+    net = build_model(head="pip")
+    net.head.set_neighbours(torch.from_numpy(template_shape()))
+    index = net.head.neighbour_index
+    targets = torch.rand(2, 136) * 0.9 - 0.45
+    maps = pip_maps(targets, index, grid=5)
+    all_seen, one_covered = torch.ones(2, 68), torch.ones(2, 68)
+    one_covered[0, 7] = 0
+    assert training.pip_loss(maps, torch.cat([targets, all_seen], 1), index).item() == pytest.approx(0, abs=1e-6)
+    flat = tuple(m.clone() for m in maps)
+    flat[0][0, 7] = 0  # point 7's map flat, its offsets as they were
+    assert training.pip_loss(maps, torch.cat([targets, one_covered], 1), index).item() > 0
+    assert training.pip_loss(flat, torch.cat([targets, one_covered], 1), index).item() == pytest.approx(0, abs=1e-6)
 
 
 def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
@@ -1789,6 +1814,67 @@ def test_a_face_that_is_covered_or_leaves_the_frame_is_dropped_at_once_and_a_new
     assert scene.detector_frames == [0, 2, 5, 6]  # the first frame, each frame that lost a face, and no face
 
 
+def test_a_face_whose_point_scores_fall_is_lost_with_one_crop_per_face():
+    scene = FakeFaces({"a": Box(100, 100, 80, 80), "b": Box(400, 100, 80, 80)})
+    crops_per_call = []
+
+    def locate(gray, crops):  # the scene's network, sure of a face (0.9) or not (0.2), and no drift
+        points, drift, _ = scene.locate(gray, crops)
+        crops_per_call.append(len(crops))
+        return points, None, np.repeat(np.where(drift > 0.5, 0.2, 0.9)[:, None], 68, axis=1)
+
+    tracker = video.FaceTracker(locate, scene.detect, detect_every=100)
+    seen = run_tracker(scene, tracker, [{}, {}, {"a": None}, {}])
+    assert [sorted(f.id for f in faces) for faces in seen] == [[0, 1], [0, 1], [1], [1]]
+    assert scene.detector_frames == [0, 2] and crops_per_call[:2] == [2, 2]  # one crop per face
+    assert all(f.drift is None and f.scores.mean() == pytest.approx(0.9) for faces in seen for f in faces)
+
+
+def test_the_tracker_turns_each_crop_with_the_face_so_a_head_rolling_to_90_degrees_is_followed():
+    face_box = Box(260, 180, 120, 120)
+    upright = FakeFaces.points_in(face_box)
+    roll_now = [0.0]
+
+    def locate(gray, crops):  # a network that learnt +-20 degrees of roll: beyond, it sees no face
+        points, scores = [], []
+        for crop in crops:
+            sure = abs(detectors.angle_between(crop.roll, roll_now[0])) < 20 and landmarks.box_iou(crop.box, face_box) > 0.3
+            points.append(faces.turn(upright, roll_now[0], upright.mean(0)) if sure else FakeFaces.points_in(crop.box))
+            scores.append(np.full(68, 0.9 if sure else 0.2))
+        return np.array(points), None, np.array(scores)
+
+    def detect(picture):  # upright faces only, as dlib's HOG
+        return [detectors.Detection(face_box, 1.0)] if abs(roll_now[0]) < 20 else []
+
+    tracker, rolls = video.FaceTracker(locate, detect, detect_every=10), list(range(0, 95, 5))
+    for i, roll_now[0] in enumerate(rolls):
+        [face] = tracker.update(Image.new("L", (640, 480)), i / 30)
+        assert face.id == 0
+        # Cropped level with the last frame's points: the roll of the frame before.
+        assert face.roll == pytest.approx(rolls[max(i - 1, 0)], abs=1e-6)
+        np.testing.assert_allclose(face.points, faces.turn(upright, roll_now[0], upright.mean(0)), atol=1e-6)
+
+
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+def test_video_follows_a_real_face_that_rolls_to_90_degrees_with_yunet_and_the_released_weights(tmp_path):
+    photo = np.asarray(Image.open(astronaut_jpg(tmp_path)).convert("RGB"))[..., ::-1]
+    center, angles = (225.0, 140.0), np.linspace(0, 90, 31)
+    turns = [cv2.getRotationMatrix2D(center, -angle, 1.0) for angle in angles]  # clockwise on screen
+    write_clip(tmp_path / "roll.mp4", [cv2.warpAffine(photo, m, (512, 512), borderMode=cv2.BORDER_REPLICATE)
+                                       for m in turns])
+    predict.main(predict.parse_args(["--video", str(tmp_path / "roll.mp4"), "--out-dir", str(tmp_path / "out"),
+                                     "--no-smooth"]))
+    frames = video.read_video_results(tmp_path / "out" / "roll.jsonl")["frames"]
+    assert [[f["id"] for f in frame["faces"]] for frame in frames] == [[0]] * len(angles)
+    upright = np.array(frames[0]["faces"][0]["points"])
+    eye_distance = np.linalg.norm(upright[45] - upright[36])
+    for frame, m, angle in zip(frames, turns, angles):
+        [face] = frame["faces"]
+        expected = upright @ m[:, :2].T + m[:, 2]  # frame 0's points, turned with the photo
+        assert np.linalg.norm(np.array(face["points"]) - expected, axis=1).mean() < 0.08 * eye_distance
+        assert abs(face["roll"] - angle) < 10 and min(face["scores"]) >= 0 and face["pose"] is not None
+
+
 def test_video_points_follow_a_moving_face_and_the_json_has_every_frame(trained, tmp_path):
     centers = np.stack([np.linspace(110, 210, 24), np.linspace(115, 125, 24)], 1)
     truth = drawn_face_clip(tmp_path / "walk.mp4", centers)
@@ -2534,6 +2620,15 @@ def test_a_box_outside_the_photo_is_refused_naming_the_box_and_the_photo_size(tr
     with pytest.raises(SystemExit) as stop:
         predict_images(trained, tmp_path / "out", "--image", str(photo), "--box", "5000,5000,100,100")
     assert str(stop.value.code) == "--box 5000,5000,100,100: lies wholly outside the 512x512 photo"
+
+
+@pytest.mark.parametrize("flags", [["--covered-scores"], ["--covered-scores", "--occlusion", "0.5"],
+                                   ["--covered-scores", "--head", "pip"]])
+def test_covered_scores_without_the_pip_head_and_occlusion_is_refused(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert "--covered-scores: needs --head pip" in capsys.readouterr().err
+    assert train.parse_args(["--covered-scores", "--head", "pip", "--occlusion", "0.5"]).covered_scores
 
 
 def test_warmup_as_long_as_the_run_is_refused(capsys):

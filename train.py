@@ -72,6 +72,9 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--occlusion", type=number_in(float, 0, 1),
                    help="chance of a random noise rectangle over part of the face, its points still labelled "
                         "(default: 0)")
+    p.add_argument("--covered-scores", action=argparse.BooleanOptionalAction,
+                   help="with --occlusion and the pip head: the points under the noise rectangle are taught a flat "
+                        "score map, so each point's score says whether it is seen (default: off)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction,
                    help="random horizontal flip (default: off); needs --flip-pairs unless the labels are iBUG's 68")
     p.add_argument("--flip-pairs", type=flip_pairs_arg, metavar="PAIRS",
@@ -110,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             saved = resumable_checkpoint(given["resume"])
         check_resume_flags(p, given, saved)
     args = resolve(given, saved and saved["config"])
+    if args.covered_scores and (args.head != "pip" or not args.occlusion):
+        p.error("argument --covered-scores: needs --head pip (whose score maps it teaches) and --occlusion above 0 "
+                "(the covered points it teaches them on)")
     if args.sched == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"argument --warmup-epochs: {args.warmup_epochs} leaves no epoch of the cosine in {args.epochs} "
                 f"epochs; pass fewer than --epochs")

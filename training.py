@@ -45,13 +45,17 @@ LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smoothl1": F.smooth_l1_loss, "win
 
 def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour_index: torch.Tensor) -> torch.Tensor:
     """PIPNet's loss: MSE of the score maps against a one-hot map of each landmark's cell, plus L1 of the
-    offsets read at that cell, its own and its neighbours' (in cells)."""
+    offsets read at that cell, its own and its neighbours' (in cells). Targets of (N, 3K) carry each point's
+    visibility after its coordinates (Transforms' visibility=True): a covered point's map is taught flat,
+    while its offsets still learn where it is."""
     scores, offsets, neighbour_offsets = (o.float() for o in outputs)
     n, k, h, w = scores.shape
+    visible = targets[:, 2 * k:] if targets.shape[1] == 3 * k else targets.new_ones(n, k)
+    targets = targets[:, :2 * k]
     points = (targets.view(n, k, 2) + 0.5) * w                 # grid units; crops are square
     cell = points.detach().floor().clamp(0, w - 1)
     best = (cell[..., 1] * w + cell[..., 0]).long()           # (N, K)
-    score_loss = F.mse_loss(scores.flatten(2), F.one_hot(best, h * w).float())
+    score_loss = F.mse_loss(scores.flatten(2), F.one_hot(best, h * w).float() * visible[..., None])
     own, theirs = PIPHead.read_cells(offsets, neighbour_offsets, best)
     own_loss = F.l1_loss(own, points - cell)
     neighbour_loss = F.l1_loss(theirs, points[:, neighbour_index] - cell[:, :, None])
@@ -135,7 +139,8 @@ def make_loaders(args: argparse.Namespace, rank: int,
             dist.barrier()
         cache = cache or FaceCache(faces, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN)
     train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip,
-                          flip_permutation=markup.flip, occlusion=args.occlusion)
+                          flip_permutation=markup.flip, occlusion=args.occlusion,
+                          visibility=args.covered_scores)
     train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
     val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
     sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None

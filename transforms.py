@@ -52,6 +52,15 @@ def occlude(pixels: torch.Tensor, rect: tuple[float, float, float, float]) -> to
     return pixels
 
 
+def visible(target: np.ndarray, rect: tuple[float, float, float, float] | None) -> np.ndarray:
+    """(K,) 1.0 for each point (target units, [-0.5, 0.5]) outside the occluder `rect`, 0.0 under it."""
+    if rect is None:
+        return np.ones(len(target), np.float32)
+    left, top, width, height = rect
+    x, y = target[:, 0] + 0.5, target[:, 1] + 0.5
+    return (~((x >= left) & (x < left + width) & (y >= top) & (y < top + height))).astype(np.float32)
+
+
 def unflip(target: torch.Tensor, flip: tuple[int, ...]) -> torch.Tensor:
     """Predictions (N, 2K) made on horizontally mirrored crops -> predictions for the crops themselves;
     `flip` is the markup's mirror permutation (landmarks.Markup.flip)."""
@@ -87,13 +96,13 @@ class Transforms:
 
     def __init__(self, img_size: int = 224, train: bool = True, rotation: float = 10.0, scale: float = 0.0,
                  shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN,
-                 flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0):
+                 flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0, visibility: bool = False):
         if flip and flip_permutation is None:
             raise ValueError("flipping needs the markup's mirror permutation")
         self.img_size, self.train, self.margin = img_size, train, margin
         self.flip_permutation = None if flip_permutation is None else list(flip_permutation)
         self.rotation, self.scale, self.shift, self.flip, self.jitter = rotation, scale, shift, flip, jitter
-        self.occlusion = occlusion
+        self.occlusion, self.visibility = occlusion, visibility
 
     def draw(self) -> Augment:
         if not self.train:
@@ -136,7 +145,10 @@ class Transforms:
         target = points_to_target(points, matrix, self.img_size)
         if aug.flip:
             target = target[self.flip_permutation]
-        return (pixels / 127.5 - 1).unsqueeze(0), torch.from_numpy(target.astype(np.float32)).reshape(-1)
+        target = target.astype(np.float32).reshape(-1)
+        if self.visibility:  # (3K,): the coordinates, then 1 for each point seen and 0 for each covered
+            target = np.concatenate([target, visible(target.reshape(-1, 2), aug.occlusion)])
+        return (pixels / 127.5 - 1).unsqueeze(0), torch.from_numpy(target)
 
     def to_image(self, target: np.ndarray, box: Box, aug: Augment = Augment()) -> np.ndarray:
         """A prediction for a face cropped with `aug` (no augmentation unless given) -> (K, 2) image pixels."""

@@ -304,9 +304,9 @@ def draw_faces(frame: np.ndarray, faces: list[TrackedFace]) -> None:
         top_left = corners[np.argmin(corners.sum(1))]
         cv2.putText(frame, str(face.id), (round(top_left[0]), round(top_left[1]) - 4), cv2.FONT_HERSHEY_SIMPLEX,
                     max(0.4, box.side / 250), (0, 220, 255), thick)
-        radius = max(1.5, box.side / 90)
-        for x, y in face.points:  # 4 fractional bits: points sit between pixels
-            cv2.circle(frame, (round(x * 16), round(y * 16)), round(radius * 16), (40, 40, 255), -1, cv2.LINE_AA, 4)
+        radius = round(max(1.5, box.side / 90) * 16)
+        for x, y in np.round(face.points * 16).astype(int).tolist():  # 4 fractional bits: points sit between pixels
+            cv2.circle(frame, (x, y), radius, (40, 40, 255), -1, cv2.LINE_AA, 4)
 
 
 def even(frame: np.ndarray) -> np.ndarray:

@@ -2,6 +2,7 @@
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="length of the two-face clip that `python predict.py --video` is timed on as a whole "
                         "command, start-up included; 0: skip (default: 20)")
     p.add_argument("--memory-minutes", type=number_in(float, 0), default=0.0,
-                   help="instead of the rest: run a clip this long of one moving face and report the peak memory "
-                        "after each minute (default: 0, skip)")
+                   help="instead of the rest: run a clip this long of one moving face and report the resident "
+                        "memory after each minute (default: 0, skip)")
     p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--rescore", action="store_true",
@@ -413,14 +414,19 @@ def run_pair(args: argparse.Namespace, faces: list[Face], folder: Path, rng: np.
     return pair
 
 
-def peak_mb() -> float:
-    """The process's peak resident memory so far (Linux counts ru_maxrss in KiB, macOS in bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+def resident_mb() -> float:
+    """The process's resident memory now, from /proc on Linux; elsewhere its peak so far (ru_maxrss: KiB on
+    Linux, bytes on macOS), which the clip made beforehand can dominate."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 
 
 def memory_run(args: argparse.Namespace, face: Face, out: Path, rng: np.random.Generator) -> dict:
-    """predict.py --video's run on a clip of --memory-minutes, the peak memory read after each minute."""
+    """predict.py --video's run on a clip of --memory-minutes, the resident memory read after each minute."""
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "long.mp4"
     make_long_clip(clip, face, args.memory_minutes, rng)
@@ -431,15 +437,15 @@ def memory_run(args: argparse.Namespace, face: Face, out: Path, rng: np.random.G
     def sampled(gray, t, picture=None):
         faces = update(gray, t, picture)
         if tracker.frame % round(60 * FPS) == 0:
-            per_minute.append(peak_mb())
-            print(f"minute {len(per_minute)}: peak memory {per_minute[-1]:.1f} MB", flush=True)
+            per_minute.append(resident_mb())
+            print(f"minute {len(per_minute)}: resident memory {per_minute[-1]:.1f} MB", flush=True)
         return faces
 
     tracker.update = sampled
     run = video.run_video(str(clip), tracker, out / "long", args.weights)
     result = {"minutes": args.memory_minutes, "frames": run.frames, "fps": run.frames / run.seconds,
-              "peak_mb_per_minute": per_minute, "growth_mb": per_minute[-1] - per_minute[0]}
-    print(f"peak memory after minute 1: {per_minute[0]:.1f} MB, after minute {len(per_minute)}: "
+              "resident_mb_per_minute": per_minute, "growth_mb": per_minute[-1] - per_minute[0]}
+    print(f"resident memory after minute 1: {per_minute[0]:.1f} MB, after minute {len(per_minute)}: "
           f"{per_minute[-1]:.1f} MB ({result['growth_mb']:+.1f} MB); {result['fps']:.1f} frames/s")
     if args.json:
         write_atomic(Path(args.json), json.dumps(result, indent=2) + "\n")
