@@ -1,4 +1,4 @@
-"""Scoring what a user gets: the detector finds the faces of labelled photos (turned, if asked), each found face is matched to its labels, and the network's points on it are scored; also fits the detector's box to dlib's."""
+"""Scoring what a user gets: the detector finds the faces of labelled photos (turned, if asked), each found face is matched to its labels, and the network's points on it are scored; how far each source of a crop frames a face off its own level frame; also fits the detector's box to dlib's."""
 import math
 from pathlib import Path
 
@@ -6,10 +6,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from detectors import Detection, YuNet, fit_five_relation
+from detectors import Detection, YuNet, angle_between, fit_five_relation
 from faces import Landmarker
 from images import read_photo
-from landmarks import Box, BoxRelation, Face, Markup, box_from_points, box_iou, nme
+from landmarks import Box, BoxRelation, Face, Markup, box_from_points, box_iou, level_frame, nme, turn
 
 # A found face is a labelled one's when its box overlaps the labelled face's dlib box this much (the box
 # dlib's relation puts around the labelled points, so that it holds for turned photos too).
@@ -62,6 +62,44 @@ def score_found(landmarker: Landmarker, faces: list[Face], markup: Markup, degre
                 continue
             errors.append(float(nme(found[j].points[None], truth[None], markup, [diagonal(truth, markup)])[0]))
     return np.array(errors)
+
+
+def frame_error(box: Box, roll: float, true_box: Box, true_roll: float) -> list[float]:
+    """How a crop (box, roll) misses the face's own level frame: roll (degrees), scale (side ratio - 1), and
+    shift sideways and up-down in the level face's frame (fractions of its side)."""
+    shift = turn(np.asarray(box.center) - true_box.center, -true_roll, np.zeros(2)) / true_box.side
+    return [angle_between(roll, true_roll), box.side / true_box.side - 1, *map(float, shift)]
+
+
+def source_errors(landmarker: Landmarker, faces: list[Face], markup: Markup, degrees: float = 0.0) -> dict[str, np.ndarray]:
+    """Each source of a crop against the level frame of the true points (landmarks.level_frame), per face it
+    framed, (N, 4) as frame_error gives: the XML's box (the 300-W protocol; upright, roll 0), the landmarker's
+    detector on the photo turned by `degrees`, and the first look's points from the XML box (the crop of a
+    second look, and of the next video frame for a face that holds still)."""
+    rows: dict[str, list] = {"box": [], "detector": [], "first look": []}
+    for image, labelled in tqdm(by_image(faces).items(), desc="framing", unit="image", leave=False):
+        photo = read_photo(image)
+        truths = [f.points for f in labelled]
+        if degrees:
+            photo, truths = turn_photo(photo, truths, degrees)
+        frames = [level_frame(t, markup) for t in truths]
+        if not degrees:
+            for face, (box, roll) in zip(labelled, frames):
+                rows["box"].append(frame_error(face.box, 0.0, box, roll))
+                [first] = landmarker(photo, [face.box])
+                rows["first look"].append(frame_error(*level_frame(first.points, markup), box, roll))
+        found = landmarker.detect(np.asarray(photo.convert("RGB")))
+        for (box, roll), j in zip(frames, match([d.box for d in found], truths, markup.box_relation)):
+            if j is not None:
+                rows["detector"].append(frame_error(found[j].box, found[j].roll, box, roll))
+    return {name: np.array(r).reshape(-1, 4) for name, r in rows.items() if r}
+
+
+def error_spread(errors: np.ndarray) -> dict:
+    """The 50th, 95th and 99th percentiles of each error's size, the figures training's jitter is set from."""
+    names = ("roll_deg", "scale", "shift_x", "shift_y")  # the shift in the level face's own frame
+    return {"faces": len(errors), **{name: [round(float(np.percentile(np.abs(errors[:, i]), q)), 3) for q in (50, 95, 99)]
+                                     for i, name in enumerate(names)}}
 
 
 def diagonal(points: np.ndarray, markup: Markup) -> float:

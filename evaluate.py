@@ -14,7 +14,7 @@ from tqdm import tqdm
 import dlib_baseline
 from checkpoints import load_for_inference
 from dataset import FaceLandmarksDataset, split_faces, trained_split
-from detection_eval import fit_yunet_box, score_found
+from detection_eval import error_spread, fit_yunet_box, score_found, source_errors
 from detectors import DETECTORS
 from faces import Landmarker
 from errors import DataError, UsageError
@@ -73,6 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pose-test", action="store_true",
                    help="also measure the head pose on the XML's boxes: the spread of yaw, pitch and roll, yaw "
                         "against the true points' yaw, and roll against the eye line's angle")
+    p.add_argument("--source-errors", action="store_true",
+                   help="how far each source of a crop (the XML's box, --detector (yunet unless given) on the "
+                        "photos turned by each --turn, the first look's points) frames each face off the level "
+                        "frame of its true points: the figures --align training's jitter is set from")
     p.add_argument("--fit-box", action="store_true",
                    help="only fit YuNet's box to dlib's on the training split of --xml, and print it")
     return p.parse_args(argv)
@@ -291,6 +295,8 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
         row = pose_test(Landmarker(weights, args.device, eager=args.eager), faces)
         report.results[f"{run_name(weights)} head pose"] = row
         print(f"head pose of {weights}: {json.dumps(row)}")
+    if args.source_errors:
+        report_source_errors(args, weights, faces, markup, report)
     if args.detector:
         landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
                                 passes=args.passes)
@@ -300,6 +306,16 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
             report.results[name] = found_row(score_found(landmarker, faces, markup, degrees), degrees)
             print_found(name, report.results[name])
     return faces, config, xml, markup
+
+
+def report_source_errors(args: argparse.Namespace, weights: str, faces: list[Face], markup: Markup,
+                         report: Report) -> None:
+    landmarker = Landmarker(weights, args.device, args.detector or "yunet", args.any_roll, eager=args.eager)
+    for degrees in args.turn:
+        for source, errors in source_errors(landmarker, faces, markup, degrees).items():
+            name = f"{source} framing, photos turned {degrees:g}deg"
+            report.results[name] = error_spread(errors)
+            print(f"{name}: {json.dumps(report.results[name])}")
 
 
 def found_row(errors: np.ndarray, degrees: float) -> dict:

@@ -11,7 +11,7 @@ from checkpoints import RELEASED_WEIGHTS, load_for_inference
 from detectors import HOG_UPSAMPLE, YUNET_SIZE, Detection, make_detector
 from errors import DataError, UsageError
 from images import open_photo, readable_mode, to_gray
-from landmarks import Box, Markup, box_from_points, rescale
+from landmarks import Box, Markup, level_frame, rescale
 from pose import head_pose
 from runtime import Network, pick_device, points_and_scores
 from transforms import Augment, Transforms
@@ -68,24 +68,10 @@ def predict_faces(model: Network, transform: Transforms, gray: Image.Image, dete
     return faces
 
 
-def turn(points: np.ndarray, degrees: float, about: np.ndarray) -> np.ndarray:
-    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
-    return (points - about) @ np.array([[c, s], [-s, c]]) + about
-
-
 def level_crop(points: np.ndarray, markup: Markup, score: float = 1.0) -> Detection:
-    """The crop that a face's points put it in: levelled by the line through the markup's two NME points
-    (iBUG: the outer eye corners), and framed by the markup's box relation in the face's own upright frame.
-    A markup without NME points, whose eye line is unknown, gets the upright box its points give."""
-    if markup.nme_points is None:
-        return Detection(box_from_points(points, markup.box_relation), score)
-    i, j = markup.nme_points
-    (x0, y0), (x1, y1) = points[i], points[j]
-    roll = float(np.degrees(np.arctan2(y1 - y0, x1 - x0)))
-    mean = points.mean(0)
-    box = box_from_points(turn(points, -roll, mean), markup.box_relation)
-    center = turn(box.center, roll, mean)
-    return Detection(Box(center[0] - box.width / 2, center[1] - box.height / 2, box.width, box.height), score, roll)
+    """The crop that a face's points put it in (landmarks.level_frame), as a detection."""
+    box, roll = level_frame(points, markup)
+    return Detection(box, score, roll)
 
 
 def as_picture(image) -> tuple[Image.Image, int]:

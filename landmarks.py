@@ -136,6 +136,31 @@ class Markup:
                    BoxRelation(*saved.get("box_relation", DLIB_RELATION)))
 
 
+def turn(points: np.ndarray, degrees: float, about: np.ndarray) -> np.ndarray:
+    """Points turned clockwise on screen (y down) by `degrees` about `about`."""
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    return (points - about) @ np.array([[c, s], [-s, c]]) + about
+
+
+def level_frame(points: np.ndarray, markup: Markup) -> tuple[Box, float]:
+    """The frame a face's points put it in: the roll of the line through the markup's two NME points (iBUG:
+    the outer eye corners; degrees, clockwise on screen), and the box the markup's relation gives the points
+    turned level by it, as if the face were upright, its centre turned back into the picture. A markup
+    without NME points, whose eye line is unknown, gets the upright box its points give and roll 0.
+    Cropping this box turned by -roll (transforms.Augment's angle) shows the face level."""
+    if markup.nme_points is None:
+        return box_from_points(points, markup.box_relation), 0.0
+    i, j = markup.nme_points
+    (x0, y0), (x1, y1) = points[i], points[j]
+    roll = float(np.degrees(np.arctan2(y1 - y0, x1 - x0)))
+    mean = points.mean(0)
+    box = box_from_points(turn(points, -roll, mean), markup.box_relation)
+    # Points are pixel indices, boxes pixel edges (pixel i spans [i, i+1]): the box turns back about the
+    # same place the points turned about, which in edge coordinates is half a pixel on.
+    center = turn(box.center, roll, mean + 0.5)
+    return Box(float(center[0] - box.width / 2), float(center[1] - box.height / 2), box.width, box.height), roll
+
+
 def check_point(i: int, num_points: int) -> None:
     """ValueError unless point number i is one of K points."""
     if not 0 <= i < num_points:

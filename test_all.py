@@ -28,6 +28,7 @@ import benchmark
 import checkpoints
 import dataset
 import demo as demodata  # the module; `demo` is the fixture of demo data
+import detection_eval
 import detectors
 import errors
 import evaluate
@@ -321,6 +322,29 @@ def test_pip_head_decodes_perfect_maps_to_the_points_and_its_loss_is_zero_there(
     assert torch.allclose(net.head.decode(*maps), targets, atol=1e-6)
     assert training.pip_loss(maps, targets, index).item() == pytest.approx(0, abs=1e-6)
     assert training.pip_loss(maps, targets + 0.05, index).item() > 0.1
+
+
+def test_align_crops_a_rolled_face_level_in_the_frame_its_points_give_it():
+    upright = template_shape() * 120 + [200.0, 150.0]
+    rolled = landmarks.turn(upright, 35.0, np.array([200.0, 150.0]))
+    box, roll = landmarks.level_frame(rolled, landmarks.IBUG)
+    assert roll == pytest.approx(35.0, abs=1e-6)
+    assert box.side == pytest.approx(landmarks.box_from_points(upright).side, rel=1e-6)
+    image = Image.new("L", (400, 300), 100)
+    aligned = Transforms(img_size=100, train=False, align=landmarks.IBUG)
+    _, target = aligned(image, Box(0, 0, 400, 300), rolled)  # the box given is ignored: the points frame it
+    _, expected = Transforms(img_size=100, train=False)(image, landmarks.box_from_points(upright), upright)
+    np.testing.assert_allclose(target, expected, atol=1e-5)  # the rolled face, cropped level, as the upright one
+
+
+def test_frame_error_reads_a_crops_roll_scale_and_shift_in_the_faces_own_level_frame():
+    true_box = Box(100, 100, 200, 200)
+    assert detection_eval.frame_error(true_box, 30.0, true_box, 30.0) == pytest.approx([0, 0, 0, 0])
+    # A crop 10% bigger, turned 5 degrees more, its centre 20 px along the face's own x axis (the face rolled 90).
+    moved = Box(100 - 10, 100 + 20 - 10, 220, 220)
+    assert detection_eval.frame_error(moved, 95.0, true_box, 90.0) == pytest.approx([5, 0.1, 0.1, 0], abs=1e-9)
+    spread = detection_eval.error_spread(np.array([[-2.0, 0.1, 0, 0], [4.0, -0.3, 0, 0]]))
+    assert spread["faces"] == 2 and spread["roll_deg"][0] == pytest.approx(3.0)
 
 
 def test_covered_scores_mark_the_points_under_the_occluder_and_teach_their_maps_flat():
@@ -1839,7 +1863,7 @@ def test_the_tracker_turns_each_crop_with_the_face_so_a_head_rolling_to_90_degre
         points, scores = [], []
         for crop in crops:
             sure = abs(detectors.angle_between(crop.roll, roll_now[0])) < 20 and landmarks.box_iou(crop.box, face_box) > 0.3
-            points.append(faces.turn(upright, roll_now[0], upright.mean(0)) if sure else FakeFaces.points_in(crop.box))
+            points.append(landmarks.turn(upright, roll_now[0], upright.mean(0)) if sure else FakeFaces.points_in(crop.box))
             scores.append(np.full(68, 0.9 if sure else 0.2))
         return np.array(points), None, np.array(scores)
 
@@ -1852,7 +1876,7 @@ def test_the_tracker_turns_each_crop_with_the_face_so_a_head_rolling_to_90_degre
         assert face.id == 0
         # Cropped level with the last frame's points: the roll of the frame before.
         assert face.roll == pytest.approx(rolls[max(i - 1, 0)], abs=1e-6)
-        np.testing.assert_allclose(face.points, faces.turn(upright, roll_now[0], upright.mean(0)), atol=1e-6)
+        np.testing.assert_allclose(face.points, landmarks.turn(upright, roll_now[0], upright.mean(0)), atol=1e-6)
 
 
 @pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")

@@ -72,6 +72,10 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--occlusion", type=number_in(float, 0, 1),
                    help="chance of a random noise rectangle over part of the face, its points still labelled "
                         "(default: 0)")
+    p.add_argument("--align", action=argparse.BooleanOptionalAction,
+                   help="crop each training face in the level frame its points give it (turned by its eye line, "
+                        "framed by the markup's box relation), as inference crops from a detector's roll or an "
+                        "earlier look, before --rotation, --scale and --shift jitter it (default: off)")
     p.add_argument("--covered-scores", action=argparse.BooleanOptionalAction,
                    help="with --occlusion and the pip head: the points under the noise rectangle are taught a flat "
                         "score map, so each point's score says whether it is seen (default: off)")

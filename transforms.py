@@ -1,13 +1,13 @@
 """Geometry and photometry of one face sample: crop, rotation, scale, shift and flip are one affine matrix, and the landmarks ride the same matrix."""
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
 
-from landmarks import Box
+from landmarks import Box, Markup, level_frame
 
 # dlib's boxes are tight: jaw and brow points often lie outside. A square of 1.4 box sides keeps
 # about nine faces in ten wholly inside the crop (measured on the 300-W subset).
@@ -91,18 +91,22 @@ class Transforms:
     img_size, jitter brightness and contrast, grayscale, to tensor, normalise to [-1, 1].
 
     With train=False every random step is the identity, for validation and prediction. Flipping needs
-    the markup's mirror permutation, `flip_permutation`: mirrored, each point becomes its twin.
+    the markup's mirror permutation, `flip_permutation`: mirrored, each point becomes its twin. With
+    `align` (the markup), each face is cropped in the level frame its own points give it
+    (landmarks.level_frame: the crops inference makes from a detector or an earlier look), not around the
+    box it comes with, before the random rotation, zoom and shift.
     """
 
     def __init__(self, img_size: int = 224, train: bool = True, rotation: float = 10.0, scale: float = 0.0,
                  shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN,
-                 flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0, visibility: bool = False):
+                 flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0, visibility: bool = False,
+                 align: Markup | None = None):
         if flip and flip_permutation is None:
             raise ValueError("flipping needs the markup's mirror permutation")
         self.img_size, self.train, self.margin = img_size, train, margin
         self.flip_permutation = None if flip_permutation is None else list(flip_permutation)
         self.rotation, self.scale, self.shift, self.flip, self.jitter = rotation, scale, shift, flip, jitter
-        self.occlusion, self.visibility = occlusion, visibility
+        self.occlusion, self.visibility, self.align = occlusion, visibility, align
 
     def draw(self) -> Augment:
         if not self.train:
@@ -133,6 +137,9 @@ class Transforms:
     def __call__(self, image: Image.Image, box: Box, points: np.ndarray,
                  aug: Augment | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         aug = self.draw() if aug is None else aug
+        if self.align is not None:  # the face's own level frame, as its points give it, instead of the box
+            box, roll = level_frame(points, self.align)
+            aug = replace(aug, angle=aug.angle - roll)
         matrix = self.matrix(box, aug)
         inverse = np.linalg.inv(matrix)[:2].ravel()
         crop = image.transform((self.img_size, self.img_size), Image.AFFINE, tuple(inverse), Image.BILINEAR)
