@@ -71,7 +71,8 @@ def frame_error(box: Box, roll: float, true_box: Box, true_roll: float) -> list[
     return [angle_between(roll, true_roll), box.side / true_box.side - 1, *map(float, shift)]
 
 
-def source_errors(landmarker: Landmarker, faces: list[Face], markup: Markup, degrees: float = 0.0) -> dict[str, np.ndarray]:
+def source_errors(landmarker: Landmarker, faces: list[Face], markup: Markup,
+                  degrees: float = 0.0) -> dict[str, np.ndarray]:
     """Each source of a crop against the level frame of the true points (landmarks.level_frame), per face it
     framed, (N, 4) as frame_error gives: the XML's box (the 300-W protocol; upright, roll 0), the landmarker's
     detector on the photo turned by `degrees`, and the first look's points from the XML box (the crop of a
@@ -98,7 +99,8 @@ def source_errors(landmarker: Landmarker, faces: list[Face], markup: Markup, deg
 def error_spread(errors: np.ndarray) -> dict:
     """The 50th, 95th and 99th percentiles of each error's size, the figures training's jitter is set from."""
     names = ("roll_deg", "scale", "shift_x", "shift_y")  # the shift in the level face's own frame
-    return {"faces": len(errors), **{name: [round(float(np.percentile(np.abs(errors[:, i]), q)), 3) for q in (50, 95, 99)]
+    sizes = np.abs(errors)
+    return {"faces": len(errors), **{name: [round(float(np.percentile(sizes[:, i], q)), 3) for q in (50, 95, 99)]
                                      for i, name in enumerate(names)}}
 
 

@@ -24,7 +24,7 @@ from labels import TEST_XML, TRAIN_XML, label_problem, load_faces
 from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme
 from runtime import Network, inference_autocast, pick_device
 from pose_eval import pose_test
-from score_eval import score_test
+from score_eval import OCCLUDERS, score_test
 from transforms import CROP_MARGIN, Transforms, box_diagonal, face_matrix, mean_shape, points_to_target, unflip
 
 THRESHOLDS = (8, 10)  # % of what normalises NME (iBUG: the outer-eye-corner distance)
@@ -284,13 +284,13 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
     report.record(run_name(weights) + (" +flip" if args.flip_test else ""),
                   f"{weights}{' with flip test' if args.flip_test else ''} on {xml}",
                   score(pred, truths, faces, markup), faces, xml.parent, markup)
-    if args.score_test:
-        row = score_test(model, faces, config.get("img_size", 224), markup)
-        report.results[f"{run_name(weights)} point scores"] = row
-        print(f"point scores of {weights}: AUROC {row['auroc_visible_vs_covered']:.3f} for visible against covered "
-              f"points ({row['visible_points']} and {row['covered_points']}; mean {row['mean_score_visible']:.3f} "
-              f"against {row['mean_score_covered']:.3f}); rank correlation with the point's error "
-              f"{row['spearman_score_vs_error']:+.3f} (Pearson {row['pearson_score_vs_error']:+.3f})")
+    for occluder in OCCLUDERS if args.score_test else ():
+        row = score_test(model, faces, config.get("img_size", 224), markup, occluder=occluder)
+        report.results[f"{run_name(weights)} point scores, {occluder}"] = row
+        print(f"point scores of {weights}, covered by {occluder}: AUROC {row['auroc_visible_vs_covered']:.3f} for "
+              f"visible against covered points ({row['visible_points']} and {row['covered_points']}; mean "
+              f"{row['mean_score_visible']:.3f} against {row['mean_score_covered']:.3f}); rank correlation with the "
+              f"point's error {row['spearman_score_vs_error']:+.3f} (Pearson {row['pearson_score_vs_error']:+.3f})")
     if args.pose_test:
         row = pose_test(Landmarker(weights, args.device, eager=args.eager), faces)
         report.results[f"{run_name(weights)} head pose"] = row

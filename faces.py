@@ -166,8 +166,8 @@ class Landmarker:
         level and frame."""
         faces = predict_faces(self.model, self.transform, gray, detections, self.device)
         for _ in range(self.passes - 1 if self.markup.nme_points is not None else 0):
-            faces = predict_faces(self.model, self.transform, gray, [level_crop(f.points, self.markup, f.detector_score) for f in faces],
-                                  self.device)
+            crops = [level_crop(f.points, self.markup, f.detector_score) for f in faces]
+            faces = predict_faces(self.model, self.transform, gray, crops, self.device)
         return faces
 
 

@@ -33,7 +33,6 @@ import detectors
 import errors
 import evaluate
 import export
-import faces
 import flags
 import images
 import labels
@@ -2608,6 +2607,28 @@ def test_auroc_matches_a_count_of_the_pairs_that_are_in_order():
     pairs = [(p > n) + 0.5 * (p == n) for p in positive for n in negative]
     assert auroc(positive, negative) == pytest.approx(np.mean(pairs))
     assert auroc(np.array([2.0, 3]), np.array([0.0, 1])) == 1.0 and auroc(np.array([0.0]), np.array([1.0])) == 0.0
+
+
+def test_the_corner_occluder_copies_the_crops_own_corner_over_the_rectangle():
+    from score_eval import cover
+    pixels = torch.arange(100.0 * 100).view(100, 100)
+    covered = cover(pixels, (0.5, 0.6, 0.2, 0.3), "corner")
+    assert torch.equal(covered[60:90, 50:70], pixels[:30, :20])
+    outside = torch.ones(100, 100, dtype=torch.bool)
+    outside[60:90, 50:70] = False
+    assert torch.equal(covered[outside], pixels[outside])
+
+
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+def test_score_test_covers_with_noise_and_with_the_corner_and_counts_the_covered_points(demo):
+    from score_eval import score_test
+    model, config = checkpoints.load_for_inference(checkpoints.RELEASED_WEIGHTS, torch.device("cpu"))
+    faces = load_faces(demo / labels.TRAIN_XML)[:12]
+    rows = [score_test(model, faces, config["img_size"], landmarks.IBUG, occluder=o) for o in ("noise", "corner")]
+    for row, occluder in zip(rows, ("noise", "corner")):
+        assert row["occluder"] == occluder and row["visible_points"] + row["covered_points"] == 12 * NUM_LANDMARKS
+        assert row["covered_points"] > 0 and 0 <= row["auroc_visible_vs_covered"] <= 1
+    assert rows[0]["covered_points"] == rows[1]["covered_points"]  # the same rectangles, by the same seed
 
 
 def test_demo_and_importers_have_command_lines_of_their_own(tmp_path):

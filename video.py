@@ -248,7 +248,8 @@ class FaceTracker:
         for s in kept:
             points = s.points
             if s.track.smoother is not None:
-                points = s.track.smoother.update(points, t, scale=box_from_points(points, self.markup.box_relation).side)
+                side = box_from_points(points, self.markup.box_relation).side
+                points = s.track.smoother.update(points, t, scale=side)
             faces.append(TrackedFace(s.track.id, s.crop.box, points, s.detected, s.drift, s.scores,
                                      head_pose(points, *size), s.crop.roll))
         return faces

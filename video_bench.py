@@ -274,7 +274,8 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
     moving, covered = np.load(folder / "moving.npy"), np.load(folder / "covered.npy")
     covered_from = len(covered) // 3 + 5
     drift_face, score_face = checks_on(args, folder / "moving.mp4", [box_from_points(p, relation) for p in moving])
-    drift_covered, score_covered = checks_on(args, folder / "covered.mp4", [box_from_points(p, relation) for p in covered])
+    drift_covered, score_covered = checks_on(args, folder / "covered.mp4",
+                                             [box_from_points(p, relation) for p in covered])
     return {"fps": timed.frames / timed.seconds, "detector_runs": timed.detector_runs,
             "frames": timed.frames, "box_relation": list(relation),
             "drift_face": drift_face.tolist(), "drift_covered": drift_covered[covered_from:].tolist(),
