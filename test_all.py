@@ -336,6 +336,15 @@ def test_align_crops_a_rolled_face_level_in_the_frame_its_points_give_it():
     np.testing.assert_allclose(target, expected, atol=1e-5)  # the rolled face, cropped level, as the upright one
 
 
+def test_a_normal_jitter_spread_keeps_most_crops_near_the_frame_and_none_beyond_twice_the_value():
+    random.seed(0)
+    uniform = np.array([Transforms(rotation=30).draw().angle for _ in range(2000)])
+    normal = np.array([Transforms(rotation=30, spread="normal").draw().angle for _ in range(2000)])
+    assert np.abs(uniform).max() <= 30 and 0.45 < np.mean(np.abs(uniform) < 15) < 0.55
+    assert np.abs(normal).max() <= 60 and 0.93 < np.mean(np.abs(normal) < 30) < 0.97
+    assert np.mean(np.abs(normal) < 15) > 0.6  # most near level: a sigma of 15 degrees
+
+
 def test_frame_error_reads_a_crops_roll_scale_and_shift_in_the_faces_own_level_frame():
     true_box = Box(100, 100, 200, 200)
     assert detection_eval.frame_error(true_box, 30.0, true_box, 30.0) == pytest.approx([0, 0, 0, 0])

@@ -76,6 +76,9 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="crop each training face in the level frame its points give it (turned by its eye line, "
                         "framed by the markup's box relation), as inference crops from a detector's roll or an "
                         "earlier look, before --rotation, --scale and --shift jitter it (default: off)")
+    p.add_argument("--jitter-spread", choices=["uniform", "normal"],
+                   help="how --rotation, --scale and --shift are drawn: uniform over +-value, or normal with sigma "
+                        "value/2, so most crops lie near the frame and a few far off (default: uniform)")
     p.add_argument("--covered-scores", action=argparse.BooleanOptionalAction,
                    help="with --occlusion and the pip head: the points under the noise rectangle are taught a flat "
                         "score map, so each point's score says whether it is seen (default: off)")

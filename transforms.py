@@ -94,29 +94,38 @@ class Transforms:
     the markup's mirror permutation, `flip_permutation`: mirrored, each point becomes its twin. With
     `align` (the markup), each face is cropped in the level frame its own points give it
     (landmarks.level_frame: the crops inference makes from a detector or an earlier look), not around the
-    box it comes with, before the random rotation, zoom and shift.
+    box it comes with, before the random rotation, zoom and shift. `spread` is how those are drawn
+    ("uniform" or "normal", Transforms.offset).
     """
 
     def __init__(self, img_size: int = 224, train: bool = True, rotation: float = 10.0, scale: float = 0.0,
                  shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN,
                  flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0, visibility: bool = False,
-                 align: Markup | None = None):
+                 align: Markup | None = None, spread: str = "uniform"):
         if flip and flip_permutation is None:
             raise ValueError("flipping needs the markup's mirror permutation")
         self.img_size, self.train, self.margin = img_size, train, margin
         self.flip_permutation = None if flip_permutation is None else list(flip_permutation)
         self.rotation, self.scale, self.shift, self.flip, self.jitter = rotation, scale, shift, flip, jitter
         self.occlusion, self.visibility, self.align = occlusion, visibility, align
+        self.spread = spread
 
     def draw(self) -> Augment:
         if not self.train:
             return Augment()
-        u = random.uniform
-        return Augment(angle=u(-self.rotation, self.rotation), zoom=u(1 - self.scale, 1 + self.scale),
-                       shift=(u(-self.shift, self.shift), u(-self.shift, self.shift)),
+        u, off = random.uniform, self.offset
+        return Augment(angle=off(self.rotation), zoom=1 + off(self.scale), shift=(off(self.shift), off(self.shift)),
                        flip=self.flip and random.random() < 0.5,
                        brightness=u(1 - self.jitter, 1 + self.jitter), contrast=u(1 - self.jitter, 1 + self.jitter),
                        occlusion=self.draw_occlusion())
+
+    def offset(self, size: float) -> float:
+        """A random offset of `size`: uniform over +-size, or normal with sigma size/2 (95% within +-size,
+        none beyond +-2 size), which puts most crops near the source's frame and a few far off, as
+        detectors err (evaluate.py --source-errors)."""
+        if self.spread == "uniform":
+            return random.uniform(-size, size)
+        return max(-2 * size, min(2 * size, random.gauss(0, size / 2)))
 
     def draw_occlusion(self) -> tuple[float, float, float, float] | None:
         """With probability `occlusion`, a rectangle of noise over part of the face (as in PIPNet's training):
