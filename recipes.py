@@ -8,7 +8,8 @@ DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_ba
                 workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
                 flip_pairs=None, nme_points=None,
                 recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, occlusion=0.0,
-                covered_scores=False, align=False, jitter_spread="uniform", loss="mse", optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False,
+                covered_scores=False, align=False, jitter_spread="uniform",
+                occlusion_fill="noise", loss="mse", optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False,
                 select=None, amp="auto", head="regression")
 
 
@@ -22,9 +23,9 @@ RECIPES = {
 
 
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
-RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "covered_scores", "align",
-               "jitter_spread", "loss", "optimizer", "weight_decay", "sched", "warmup_epochs", "pretrained", "recipe",
-               "head"]
+RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "occlusion_fill", "covered_scores",
+               "align", "jitter_spread", "loss", "optimizer", "weight_decay", "sched", "warmup_epochs", "pretrained",
+               "recipe", "head"]
 
 
 # With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),

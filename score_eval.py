@@ -11,9 +11,10 @@ from runtime import Network, points_and_scores
 from transforms import Transforms, occlude, visible
 
 BATCH = 32
-# What covers the patch: the uniform noise --occlusion trains on, or a piece of the crop's own top-left
-# corner (background, hair, a shoulder: something real the network was not taught to call covered).
-OCCLUDERS = ("noise", "corner")
+# What covers the patch: the uniform noise --occlusion trains on; a piece of the crop's own top-left
+# corner (background, hair, a shoulder: something real); or one flat grey, the crop's mean (a blurred or
+# shadowed hand), which no training fill draws.
+OCCLUDERS = ("noise", "corner", "flat")
 
 
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
@@ -63,14 +64,14 @@ def score_test(network: Network, faces: list[Face], img_size: int, markup: Marku
 
 
 def cover(pixels: torch.Tensor, rect: tuple[float, float, float, float], occluder: str) -> torch.Tensor:
-    """Grey levels (H, W) with `rect` (fractions of the side) covered by noise or by the crop's top-left corner."""
+    """Grey levels (H, W) with `rect` (fractions of the side) covered as OCCLUDERS says."""
     if occluder == "noise":
         return occlude(pixels, rect)
     side = pixels.shape[-1]
     left, top, width, height = (round(v * side) for v in rect)
-    pixels = pixels.clone()
-    pixels[top:top + height, left:left + width] = pixels[:height, :width].clone()
-    return pixels
+    covered = pixels.clone()
+    covered[top:top + height, left:left + width] = pixels[:height, :width] if occluder == "corner" else pixels.mean()
+    return covered
 
 
 def score_batch(network: Network, data: FaceLandmarksDataset, start: int, draw: Transforms,

@@ -52,7 +52,7 @@ from labels import load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, nme
 from model import build_model
 from runtime import optimize_for_inference
-from transforms import CROP_MARGIN, Augment, Transforms, unflip
+from transforms import CROP_MARGIN, Augment, Transforms, occlude, unflip
 
 FLIP_PERMUTATION = list(landmarks.IBUG.flip)
 
@@ -2618,14 +2618,31 @@ def test_auroc_matches_a_count_of_the_pairs_that_are_in_order():
     assert auroc(np.array([2.0, 3]), np.array([0.0, 1])) == 1.0 and auroc(np.array([0.0]), np.array([1.0])) == 0.0
 
 
-def test_the_corner_occluder_copies_the_crops_own_corner_over_the_rectangle():
+def test_the_score_tests_occluders_cover_the_rectangle_with_the_corner_or_one_grey_and_nothing_else():
     from score_eval import cover
     pixels = torch.arange(100.0 * 100).view(100, 100)
-    covered = cover(pixels, (0.5, 0.6, 0.2, 0.3), "corner")
-    assert torch.equal(covered[60:90, 50:70], pixels[:30, :20])
+    outside = torch.ones(100, 100, dtype=torch.bool)
+    outside[60:90, 50:70] = False
+    corner, flat = (cover(pixels, (0.5, 0.6, 0.2, 0.3), kind) for kind in ("corner", "flat"))
+    assert torch.equal(corner[60:90, 50:70], pixels[:30, :20])
+    assert (flat[60:90, 50:70] == pixels.mean()).all()
+    assert torch.equal(corner[outside], pixels[outside]) and torch.equal(flat[outside], pixels[outside])
+
+
+def test_a_crop_fill_covers_the_rectangle_with_a_piece_of_the_crop_and_mixed_draws_both_fills():
+    pixels = torch.arange(100.0 * 100).view(100, 100)  # every window of it is unique
+    torch.manual_seed(0)
+    covered = occlude(pixels, (0.5, 0.6, 0.2, 0.3), "crop")
+    piece = covered[60:90, 50:70]
+    y, x = divmod(int(piece[0, 0]), 100)
+    assert torch.equal(piece, pixels[y:y + 30, x:x + 20])
     outside = torch.ones(100, 100, dtype=torch.bool)
     outside[60:90, 50:70] = False
     assert torch.equal(covered[outside], pixels[outside])
+    random.seed(0)
+    fills = [Transforms(occlusion=1.0, occlusion_fill="mixed").draw().occlusion_fill for _ in range(200)]
+    assert 70 < fills.count("crop") < 130 and set(fills) == {"noise", "crop"}
+    assert {Transforms(occlusion=1.0).draw().occlusion_fill for _ in range(20)} == {"noise"}
 
 
 @pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")

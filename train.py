@@ -79,6 +79,9 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jitter-spread", choices=["uniform", "normal"],
                    help="how --rotation, --scale and --shift are drawn: uniform over +-value, or normal with sigma "
                         "value/2, so most crops lie near the frame and a few far off (default: uniform)")
+    p.add_argument("--occlusion-fill", choices=["noise", "mixed"],
+                   help="what covers --occlusion's rectangle: noise, or mixed: half the time a piece of the crop "
+                        "itself from elsewhere (hair, background, another part of the face) (default: noise)")
     p.add_argument("--covered-scores", action=argparse.BooleanOptionalAction,
                    help="with --occlusion and the pip head: the points under the noise rectangle are taught a flat "
                         "score map, so each point's score says whether it is seen (default: off)")

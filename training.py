@@ -141,7 +141,7 @@ def make_loaders(args: argparse.Namespace, rank: int,
     train_tf = Transforms(args.img_size, True, args.rotation, args.scale, args.shift, args.flip,
                           flip_permutation=markup.flip, occlusion=args.occlusion,
                           visibility=args.covered_scores, align=markup if args.align else None,
-                          spread=args.jitter_spread)
+                          spread=args.jitter_spread, occlusion_fill=args.occlusion_fill)
     train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
     val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
     sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None

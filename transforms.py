@@ -14,6 +14,9 @@ from landmarks import Box, Markup, level_frame
 CROP_MARGIN = 1.4
 # Sides of the random occluder, as fractions of the crop's side: from a finger's width to half the face.
 OCCLUSION_SIDES = (0.1, 0.5)
+# What covers it: uniform noise (PIPNet's), or a piece of the crop itself from elsewhere; --occlusion-fill
+# mixed draws each half the time.
+OCCLUSION_FILLS = ("noise", "crop")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class Augment:
     brightness: float = 1.0
     contrast: float = 1.0
     occlusion: tuple[float, float, float, float] | None = None  # left, top, width, height: fractions of the crop
+    occlusion_fill: str = "noise"  # what covers it: "noise", or "crop", a piece of the crop from elsewhere
 
 
 def translate(x: float, y: float) -> np.ndarray:
@@ -43,12 +47,18 @@ def face_matrix(box: Box, img_size: int, margin: float, aug: Augment = Augment()
     return translate(img_size / 2, img_size / 2) @ mirror @ rotate_scale @ translate(-center[0], -center[1])
 
 
-def occlude(pixels: torch.Tensor, rect: tuple[float, float, float, float]) -> torch.Tensor:
-    """Grey levels (H, W) with the rectangle `rect` (fractions of the side) replaced by uniform noise."""
+def occlude(pixels: torch.Tensor, rect: tuple[float, float, float, float], fill: str = "noise") -> torch.Tensor:
+    """Grey levels (H, W) with the rectangle `rect` (fractions of the side) replaced by uniform noise, or
+    (fill="crop") by a piece of the same size from a random place of the crop: something real, hair,
+    background or another part of the face. Its place comes from torch's generator, as the noise does."""
     side = pixels.shape[-1]
     left, top, width, height = (round(v * side) for v in rect)
     pixels = pixels.clone()
-    pixels[top:top + height, left:left + width] = torch.rand(height, width) * 255
+    if fill == "noise":
+        pixels[top:top + height, left:left + width] = torch.rand(height, width) * 255
+    else:
+        x, y = (int(torch.randint(0, side - extent + 1, ())) for extent in (width, height))
+        pixels[top:top + height, left:left + width] = pixels[y:y + height, x:x + width].clone()
     return pixels
 
 
@@ -101,23 +111,26 @@ class Transforms:
     def __init__(self, img_size: int = 224, train: bool = True, rotation: float = 10.0, scale: float = 0.0,
                  shift: float = 0.0, flip: bool = False, jitter: float = 0.3, margin: float = CROP_MARGIN,
                  flip_permutation: tuple[int, ...] | None = None, occlusion: float = 0.0, visibility: bool = False,
-                 align: Markup | None = None, spread: str = "uniform"):
+                 align: Markup | None = None, spread: str = "uniform", occlusion_fill: str = "noise"):
         if flip and flip_permutation is None:
             raise ValueError("flipping needs the markup's mirror permutation")
         self.img_size, self.train, self.margin = img_size, train, margin
         self.flip_permutation = None if flip_permutation is None else list(flip_permutation)
         self.rotation, self.scale, self.shift, self.flip, self.jitter = rotation, scale, shift, flip, jitter
         self.occlusion, self.visibility, self.align = occlusion, visibility, align
-        self.spread = spread
+        self.spread, self.occlusion_fill = spread, occlusion_fill
 
     def draw(self) -> Augment:
         if not self.train:
             return Augment()
         u, off = random.uniform, self.offset
-        return Augment(angle=off(self.rotation), zoom=1 + off(self.scale), shift=(off(self.shift), off(self.shift)),
-                       flip=self.flip and random.random() < 0.5,
-                       brightness=u(1 - self.jitter, 1 + self.jitter), contrast=u(1 - self.jitter, 1 + self.jitter),
-                       occlusion=self.draw_occlusion())
+        aug = Augment(angle=off(self.rotation), zoom=1 + off(self.scale), shift=(off(self.shift), off(self.shift)),
+                      flip=self.flip and random.random() < 0.5,
+                      brightness=u(1 - self.jitter, 1 + self.jitter), contrast=u(1 - self.jitter, 1 + self.jitter),
+                      occlusion=self.draw_occlusion())
+        if aug.occlusion is not None and self.occlusion_fill == "mixed":  # Python's generator moves only here
+            aug = replace(aug, occlusion_fill=random.choice(OCCLUSION_FILLS))
+        return aug
 
     def offset(self, size: float) -> float:
         """A random offset of `size`: uniform over +-size, or normal with sigma size/2 (95% within +-size,
@@ -157,7 +170,7 @@ class Transforms:
             pixels = pixels * aug.brightness
             pixels = ((pixels - pixels.mean()) * aug.contrast + pixels.mean()).clamp(0, 255)
         if aug.occlusion is not None:
-            pixels = occlude(pixels, aug.occlusion)
+            pixels = occlude(pixels, aug.occlusion, aug.occlusion_fill)
         target = points_to_target(points, matrix, self.img_size)
         if aug.flip:
             target = target[self.flip_permutation]
