@@ -345,6 +345,13 @@ def test_a_normal_jitter_spread_keeps_most_crops_near_the_frame_and_none_beyond_
     assert np.mean(np.abs(normal) < 15) > 0.6  # most near level: a sigma of 15 degrees
 
 
+def test_a_normal_spread_with_a_scale_that_could_draw_no_zoom_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--jitter-spread", "normal", "--scale", "0.5"])
+    assert "argument --scale: 0.5 with --jitter-spread normal" in capsys.readouterr().err
+    assert train.parse_args(["--jitter-spread", "normal", "--scale", "0.25"]).scale == 0.25
+
+
 def test_frame_error_reads_a_crops_roll_scale_and_shift_in_the_faces_own_level_frame():
     true_box = Box(100, 100, 200, 200)
     assert detection_eval.frame_error(true_box, 30.0, true_box, 30.0) == pytest.approx([0, 0, 0, 0])

@@ -123,6 +123,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             saved = resumable_checkpoint(given["resume"])
         check_resume_flags(p, given, saved)
     args = resolve(given, saved and saved["config"])
+    if args.jitter_spread == "normal" and args.scale >= 0.5:
+        p.error(f"argument --scale: {args.scale:g} with --jitter-spread normal can draw a zoom of "
+                f"{1 - 2 * args.scale:g} or less (draws reach twice the value); pass below 0.5")
     if args.covered_scores and (args.head != "pip" or not args.occlusion):
         p.error("argument --covered-scores: needs --head pip (whose score maps it teaches) and --occlusion above 0 "
                 "(the covered points it teaches them on)")
