@@ -1,4 +1,5 @@
-"""Writing files so that a crash, Ctrl-C or a full disk leaves the old file or none, never half of one."""
+"""Files that survive a crash, Ctrl-C or a full disk: written whole (the old file or none, never half of one), or as JSON lines read back up to a line a crash tore."""
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,3 +37,17 @@ def save_with(path: Path, save: Callable[[Path], object]) -> Path:
     with atomic_path(path) as tmp:
         save(tmp)
     return Path(path)
+
+
+def read_json_lines(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSON Lines file written and flushed line by line, up to a line a crash tore (it, and
+    anything after it, left out), and how many bytes the whole lines before it take."""
+    records, good = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                break
+            good += len(line)
+    return records, good

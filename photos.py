@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from errors import DataError, Error, UsageError
 from faces import FaceLandmarks, Landmarker
-from files import save_with
+from files import read_json_lines, save_with
 from flags import ignore_ctrl_c
 from landmarks import Box
 
@@ -171,18 +171,9 @@ def landmark_photos(files: list[Path], names: dict[Path, str], settings: PhotoSe
 
 def done_images(path: Path) -> set[str]:
     """The photos a cut-short run already wrote, its torn last line (a crash mid-write) cut off."""
-    good, done = 0, set()
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            good += len(line)
-            if "image" in record:
-                done.add(record["image"])
+    records, good = read_json_lines(path)
     os.truncate(path, good)
-    return done
+    return {record["image"] for record in records if "image" in record}
 
 
 def summary(records: list[dict], seconds: float, spent: dict) -> dict:

@@ -1,4 +1,4 @@
-"""Whether the point scores mean something: on labelled faces, a patch (noise, or the crop's own corner) covers part of each crop, and the scores of covered points are compared with those of visible ones (AUROC), and with each point's error."""
+"""Whether the point scores mean something: on labelled faces, a patch (noise, a piece of the crop's own corner, or one flat grey) covers part of each crop, and the scores of covered points are compared with those of visible ones (AUROC), and with each point's error."""
 import random
 
 import numpy as np
@@ -8,7 +8,7 @@ from dataset import FaceLandmarksDataset
 from errors import UsageError
 from landmarks import Face, Markup
 from runtime import Network, points_and_scores
-from transforms import Transforms, occlude, visible
+from transforms import Transforms, occlude, pixel_rect, visible
 
 BATCH = 32
 # What covers the patch: the uniform noise --occlusion trains on; a piece of the crop's own top-left
@@ -44,21 +44,21 @@ def score_test(network: Network, faces: list[Face], img_size: int, markup: Marku
     transform = Transforms(img_size, train=False)
     rng_state = random.getstate()
     random.seed(seed)
-    visible, covered, clean_scores, clean_errors = [], [], [], []
+    seen, covered, clean_scores, clean_errors = [], [], [], []
     data = FaceLandmarksDataset(faces, transform)
     with torch.random.fork_rng():
         torch.manual_seed(seed)  # the patches' noise
         for start in range(0, len(data), BATCH):
             scored = score_batch(network, data, start, draw, occluder)
-            visible += scored[0]
+            seen += scored[0]
             covered += scored[1]
             clean_scores.append(scored[2])
             clean_errors.append(scored[3])
     random.setstate(rng_state)
     clean_scores, clean_errors = np.concatenate(clean_scores), np.concatenate(clean_errors)
-    return {"faces": len(faces), "occluder": occluder, "covered_points": len(covered), "visible_points": len(visible),
-            "auroc_visible_vs_covered": auroc(np.array(visible), np.array(covered)),
-            "mean_score_visible": float(np.mean(visible)), "mean_score_covered": float(np.mean(covered)),
+    return {"faces": len(faces), "occluder": occluder, "covered_points": len(covered), "visible_points": len(seen),
+            "auroc_visible_vs_covered": auroc(np.array(seen), np.array(covered)),
+            "mean_score_visible": float(np.mean(seen)), "mean_score_covered": float(np.mean(covered)),
             "spearman_score_vs_error": spearman(clean_scores, clean_errors),
             "pearson_score_vs_error": float(np.corrcoef(clean_scores, clean_errors)[0, 1])}
 
@@ -67,8 +67,7 @@ def cover(pixels: torch.Tensor, rect: tuple[float, float, float, float], occlude
     """Grey levels (H, W) with `rect` (fractions of the side) covered as OCCLUDERS says."""
     if occluder == "noise":
         return occlude(pixels, rect)
-    side = pixels.shape[-1]
-    left, top, width, height = (round(v * side) for v in rect)
+    left, top, width, height = pixel_rect(rect, pixels.shape[-1])
     covered = pixels.clone()
     covered[top:top + height, left:left + width] = pixels[:height, :width] if occluder == "corner" else pixels.mean()
     return covered

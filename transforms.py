@@ -47,12 +47,17 @@ def face_matrix(box: Box, img_size: int, margin: float, aug: Augment = Augment()
     return translate(img_size / 2, img_size / 2) @ mirror @ rotate_scale @ translate(-center[0], -center[1])
 
 
+def pixel_rect(rect: tuple[float, float, float, float], side: int) -> tuple[int, int, int, int]:
+    """An occluder's rectangle (fractions of the crop) in whole pixels of a crop `side` pixels wide."""
+    return tuple(round(v * side) for v in rect)
+
+
 def occlude(pixels: torch.Tensor, rect: tuple[float, float, float, float], fill: str = "noise") -> torch.Tensor:
     """Grey levels (H, W) with the rectangle `rect` (fractions of the side) replaced by uniform noise, or
     (fill="crop") by a piece of the same size from a random place of the crop: something real, hair,
     background or another part of the face. Its place comes from torch's generator, as the noise does."""
     side = pixels.shape[-1]
-    left, top, width, height = (round(v * side) for v in rect)
+    left, top, width, height = pixel_rect(rect, side)
     pixels = pixels.clone()
     if fill == "noise":
         pixels[top:top + height, left:left + width] = torch.rand(height, width) * 255

@@ -14,6 +14,7 @@ from PIL import Image
 
 from detectors import Detection
 from errors import DataError
+from files import read_json_lines
 from faces import face_fields, level_crop, predict_faces
 from landmarks import IBUG, Box, Markup, box_from_points, box_iou
 from pose import head_pose
@@ -361,20 +362,10 @@ class VideoRun:
 def read_video_results(path: Path) -> dict:
     """A video's JSON Lines file as one dict: its header's keys, and "frames", the list of frame records
     (a line torn by a crash, the last, is left out)."""
-    header, frames = None, []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                break
-            if header is None:
-                header = record
-            else:
-                frames.append(record)
-    if header is None:
+    records, _ = read_json_lines(path)
+    if not records:
         raise DataError(f"{path}: not a video's results (no header line)")
-    return {**header, "frames": frames}
+    return {**records[0], "frames": records[1:]}
 
 
 def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, show: bool = False) -> VideoRun:

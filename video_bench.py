@@ -89,6 +89,11 @@ def face_matrix(face: Face, shift=(0.0, 0.0), angle: float = 0.0, zoom: float = 
                      [s, c, target[1] - s * center[0] - c * center[1]]])
 
 
+def warp(photo: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The photo in a FRAME-sized frame by `matrix` (face_matrix), its edges repeated beyond the photo."""
+    return cv2.warpAffine(photo, matrix, FRAME, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
 def moving_path(n: int) -> list[dict]:
     """Shift, roll and zoom along smooth loops, as a head moves in front of a webcam: up to 1.2 box sides
     a second sideways, 30 degrees a second of roll, and 20% nearer and farther."""
@@ -108,7 +113,7 @@ def write_clip(path: Path, photo: np.ndarray, face: Face, poses: list[dict], rng
     truth = []
     for i, pose in enumerate(poses):
         matrix = face_matrix(face, **pose)
-        frame = cv2.warpAffine(photo, matrix, FRAME, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        frame = warp(photo, matrix)
         points = face.points @ matrix[:, :2].T + matrix[:, 2]
         if cover_from is not None and i >= cover_from:
             frame = cover(frame, box_from_points(points), min(1.0, (i - cover_from + 1) / 5))
@@ -238,7 +243,7 @@ def write_pair_clip(path: Path, faces: list[Face], seconds: float, rng: np.rando
         for side, photo, face in zip((-1, 1), photos, faces):
             matrix = face_matrix(face, shift=(side * 150 + 30 * math.sin(u + side), 20 * math.sin(1.3 * u)),
                                  angle=10 * math.sin(0.7 * u + side))
-            warped = cv2.warpAffine(photo, matrix, FRAME, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+            warped = warp(photo, matrix)
             if frame is None:
                 frame = warped
             else:  # the right half from the second face
@@ -252,8 +257,7 @@ def make_long_clip(path: Path, face: Face, minutes: float, rng: np.random.Genera
     photo = cv2.imread(str(face.image))
     poses = moving_path(round(3 * FPS))  # the path's period: 3 s
     noise = [rng.normal(0, NOISE, (*FRAME[::-1], 3)) for _ in range(30)]
-    warped = [cv2.warpAffine(photo, face_matrix(face, **pose), FRAME, flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REPLICATE) for pose in poses]
+    warped = [warp(photo, face_matrix(face, **pose)) for pose in poses]
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, FRAME)
     for i in range(round(minutes * 60 * FPS)):
         writer.write(np.clip(warped[i % len(warped)] + noise[i % len(noise)], 0, 255).astype(np.uint8))
