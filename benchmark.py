@@ -26,7 +26,7 @@ from flags import number_in, one_line_errors, out_file
 from images import open_gray, read_photo, to_gray
 from labels import TRAIN_XML
 from landmarks import NUM_LANDMARKS
-from model import HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
+from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
 from onnx_io import export_onnx, onnx_runner
 from photos import PhotoSettings, landmark_photos, photo_files, png_names
 from recipes import resolve
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="batch-1 inferences timed; the median is shown (default: 30)")
     p.add_argument("--head", choices=list(HEADS), default="regression",
                    help="the network's head, as train.py --head (default: regression)")
+    p.add_argument("--features", choices=list(FEATURES), default="stride32",
+                   help="what the pip head reads, as train.py --features (default: stride32)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
     p.add_argument("--json", metavar="FILE", type=out_file, help="also write the figures to FILE as JSON")
     p.add_argument("--photos", nargs="+", metavar="PATH",
@@ -68,7 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --photos: how many photos, the first by name (default: 60)")
     p.add_argument("--weights", default=str(RELEASED_WEIGHTS),
                    help="with --photos: the landmark weights (default: the released ones)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.features != "stride32" and args.head != "pip":
+        p.error(f"argument --features: {args.features} feeds the pip head's score maps; pass --head pip")
+    return args
 
 
 # ---------------------------------------------------------------- timing
@@ -114,7 +119,8 @@ def with_workers(loader: DataLoader, workers: int, dataset: FaceLandmarksDataset
 def training_rate(targs: argparse.Namespace, batches: Iterator, warmup: int, n: int, device: torch.device,
                   amp: str) -> float:
     """Images per second of train.py's own step (forward, backward, optimiser) on a fresh model."""
-    model = build_model(targs.head, targs.num_points).to(device).to(memory_format=torch.channels_last)
+    model = build_model(targs.head, targs.num_points, features=targs.features)
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = make_optimizer(targs, model)
     scheduler = make_scheduler(targs, optimizer, warmup + n)
     scaler = make_scaler(device, amp)
@@ -146,7 +152,8 @@ def inference_rate(net: Callable, images: torch.Tensor, warmup: int, n: int, dev
 def training_args(args: argparse.Namespace, img_size: int) -> argparse.Namespace:
     """train.py's write-up recipe (its augmentation, optimiser, loss) on the crop cache, at this size."""
     return resolve(dict(data_dir=args.data_dir, xml=args.xml, img_size=img_size, batch_size=args.batch_size,
-                        workers=max(args.workers), cache=True, device=args.device, head=args.head))
+                        workers=max(args.workers), cache=True, device=args.device, head=args.head,
+                        features=args.features))
 
 
 def loader_figures(args: argparse.Namespace, loader: DataLoader) -> dict:
@@ -232,7 +239,7 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
 
 def inference_figures(args: argparse.Namespace, img_size: int, num_points: int, device: torch.device) -> dict:
     """Batch-1 latency and batch-64 throughput of every way in inference_ways, under inference_mode."""
-    model = build_model(args.head, num_points).to(device).eval()
+    model = build_model(args.head, num_points, features=args.features).to(device).eval()
     one = torch.rand(1, 1, img_size, img_size, device=device) * 2 - 1
     batch = torch.rand(INFER_BATCH, 1, img_size, img_size, device=device) * 2 - 1
     row = {}
@@ -367,7 +374,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
     seed_everything(0)
     print(describe(device), flush=True)
     rows = [measure(args, size, device) for size in args.img_sizes]
-    print(f"\n{args.head} head; --amp auto chose {rows[0]['amp']}")
+    print(f"\n{args.head} head ({args.features}); --amp auto chose {rows[0]['amp']}")
     print(f"{'img':>4} {'loader img/s by workers':>24} {'train img/s':>12} {'fp32':>6} {'e2e img/s':>10} "
           f"{'bs1 ms':>7} {'fp32':>6} {'eager':>6} {'dlib':>6} {'/dlib':>6} {'bs64 img/s':>11}")
     for r in rows:

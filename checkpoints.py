@@ -109,7 +109,8 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     checkpoint = load_checkpoint(path, device)
     config = checkpoint.get("config", {})
     try:
-        model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points)
+        model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points,
+                            features=config.get("features", "stride32"))
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise WeightsError(f"{path}: its settings are not ones train.py writes ({type(e).__name__}: {e})") from None
     problem = misfit(model, checkpoint["model"])

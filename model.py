@@ -10,6 +10,10 @@ import torchvision
 # a batch of crops no longer fits in memory, and the labels are not that precise anyway.
 MIN_IMG_SIZE, MAX_IMG_SIZE = 32, 1024
 HEADS = ("regression", "pip")
+# What the pip head reads (docs/results.md, "Finer output"): layer4 at stride 32, as PIPNet at 256 px; layer4
+# without its downsampling (stride 16, about 1.7 times the multiply-adds at 160 px); or layer4 upsampled
+# onto a 1x1 projection of layer3 (stride 16 for a few percent more).
+FEATURES = ("stride32", "stride16", "stride16-up")
 # PIPNet's defaults (Jin et al. 2021): each landmark also predicts its 10 nearest neighbours in the mean shape.
 PIP_NEIGHBOURS = 10
 # The write-up's fc has 136 values: iBUG's 68 points (landmarks.NUM_LANDMARKS, which this file does not import).
@@ -17,7 +21,7 @@ WRITEUP_POINTS = 68
 
 
 class PIPHead(nn.Module):
-    """PIPNet's head on the backbone's stride-32 features: per landmark a score map, x/y offsets within the
+    """PIPNet's head on the backbone's features (stride 32 or 16): per landmark a score map, x/y offsets within the
     cell, and x/y offsets of its nearest neighbours from that cell.
 
     In training mode it returns the raw maps (train.py's pip_loss scores them); in eval mode it decodes them
@@ -93,28 +97,59 @@ def resnet_features(resnet: nn.Module) -> nn.Sequential:
                          resnet.layer3, resnet.layer4)
 
 
+def undownsampled(resnet: nn.Module) -> nn.Module:
+    """The same ResNet with layer4 at layer3's stride (16): its first block's strides set to 1. Its weights
+    are the same tensors, so a stride-32 state dict loads into it."""
+    block = resnet.layer4[0]
+    block.conv1.stride = (1, 1)
+    block.downsample[0].stride = (1, 1)
+    return resnet
+
+
+class UpsampledFeatures(nn.Module):
+    """Stride-16 features at little cost: layer4's (stride 32) upsampled twice and added to a 1x1 projection
+    of layer3's, as a feature pyramid's top-down step."""
+
+    def __init__(self, resnet: nn.Module):
+        super().__init__()
+        self.low = nn.Sequential(*resnet_features(resnet)[:-1])
+        self.layer4 = resnet.layer4
+        self.lateral = nn.Conv2d(resnet.layer3[-1].conv2.out_channels, resnet.fc.in_features, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fine = self.low(images)
+        return self.lateral(fine) + F.interpolate(self.layer4(fine), size=fine.shape[-2:], mode="nearest")
+
+
 class LandmarkNet(nn.Module):
     """ResNet18's convolutions (1-channel conv1) and a PIPNet head: the 'pip' head of build_model."""
 
-    def __init__(self, backbone: nn.Module, num_points: int):
+    def __init__(self, backbone: nn.Module, num_points: int, features: str = "stride32"):
         super().__init__()
-        self.backbone = resnet_features(backbone)
+        if features == "stride16-up":
+            self.backbone = UpsampledFeatures(backbone)
+        else:
+            self.backbone = resnet_features(undownsampled(backbone) if features == "stride16" else backbone)
         self.head = PIPHead(backbone.fc.in_features, num_points)
 
     def forward(self, images: torch.Tensor):
         return self.head(self.backbone(images))
 
 
-def build_model(head: str = "regression", num_points: int = WRITEUP_POINTS, imagenet: dict | None = None) -> nn.Module:
+def build_model(head: str = "regression", num_points: int = WRITEUP_POINTS, imagenet: dict | None = None,
+                features: str = "stride32") -> nn.Module:
     """ResNet18 with a 1-channel conv1 and, as in the write-up, a 2 x num_points-value fc (`regression`);
-    or its convolutions with PIPNet's head (`pip`). Either maps (N, 1, S, S) crops to (N, 2K) coordinates
-    in eval mode.
+    or its convolutions with PIPNet's head (`pip`) on the `features` of FEATURES. Either maps (N, 1, S, S)
+    crops to (N, 2K) coordinates in eval mode.
 
     `imagenet`: torchvision's ImageNet state dict (checkpoints.imagenet_weights) to start from, with conv1
     averaged over RGB.
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+    if features not in FEATURES or (head != "pip" and features != "stride32"):
+        raise ValueError(f"features {features!r} do not fit the {head} head; expected one of {FEATURES}, "
+                         f"and stride32 for the regression head")
     model = torchvision.models.resnet18(weights=None)
     if imagenet is not None:
         model.load_state_dict(imagenet)
@@ -123,6 +158,6 @@ def build_model(head: str = "regression", num_points: int = WRITEUP_POINTS, imag
     if imagenet is not None:
         model.conv1.weight.data = rgb.mean(dim=1, keepdim=True)
     if head == "pip":
-        return LandmarkNet(model, num_points)
+        return LandmarkNet(model, num_points, features)
     model.fc = nn.Linear(model.fc.in_features, 2 * num_points)
     return model

@@ -404,6 +404,37 @@ def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
     assert load_model(release)[1]["head"] == "pip"
 
 
+@pytest.mark.parametrize("features, cells", [("stride32", 5), ("stride16", 10), ("stride16-up", 10)])
+def test_each_pip_feature_map_has_its_stride_and_the_fast_network_decodes_as_the_model(features, cells):
+    torch.manual_seed(0)
+    net = build_model("pip", NUM_LANDMARKS, features=features)
+    images = torch.rand(2, 1, 160, 160) * 2 - 1
+    scores, offsets, neighbour_offsets = net.train()(images)
+    assert scores.shape == (2, NUM_LANDMARKS, cells, cells) and offsets.shape[-2:] == (cells, cells)
+    net.eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(optimize_for_inference(net, 160, bf16=False)(images), net(images), atol=1e-4, rtol=0)
+
+
+def test_stride16_is_the_same_weights_read_at_twice_the_resolution():
+    coarse, fine = build_model("pip", 68), build_model("pip", 68, features="stride16")
+    fine.load_state_dict(coarse.state_dict())  # the same tensors: only layer4's first strides differ
+    assert [(k, v.shape) for k, v in fine.state_dict().items()] == [(k, v.shape) for k, v in coarse.state_dict().items()]
+
+
+def test_finer_features_train_save_and_resume_as_what_they_are(demo, tmp_path, capsys):
+    common = ["--data-dir", str(demo), "--head", "pip", "--features", "stride16-up", *FAST, "--out", str(tmp_path)]
+    train.main(train.parse_args([*common, "--epochs", "1"]))
+    net, config = load_model(tmp_path / "best.pt")
+    assert config["features"] == "stride16-up" and net.train()(torch.zeros(1, 1, 64, 64))[0].shape[-1] == 4
+    with pytest.raises(SystemExit):
+        train.parse_args([*common, "--epochs", "2", "--resume", "--features", "stride16"])
+    assert "--features: stride16 differs from stride16-up" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(["--features", "stride16"])
+    assert "--features: stride16 feeds the pip head's score maps; pass --head pip" in capsys.readouterr().err
+
+
 def test_predict_draws_validation_faces(demo, trained, tmp_path):
     out = tmp_path / "grid.png"
     predict.main(predict.parse_args(["--weights", str(trained / "best.pt"), "--data-dir", str(demo),

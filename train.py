@@ -16,7 +16,7 @@ from checkpoints import imagenet_weights, load_checkpoint, save_checkpoint, save
 from dataset import labels_fingerprint
 from errors import DataError, Error, UsageError, WeightsError
 from flags import SEED_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
-from model import HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
+from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
 from recipes import DEFAULTS, RECIPES, RESUME_FIXED, RESUME_KEYS, resolve
 from runtime import AMP_CHOICES, resolve_amp
 from training import (make_loaders, make_loss, make_optimizer, make_scaler, make_scheduler, plot_curves,
@@ -102,6 +102,10 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="start from torchvision's ImageNet weights (needs internet once; default: off)")
     p.add_argument("--head", choices=list(HEADS),
                    help="regression: the write-up's 136-value fc (default); pip: PIPNet's score maps and offsets")
+    p.add_argument("--features", choices=list(FEATURES),
+                   help="what the pip head reads: stride32, layer4 as it is (5x5 cells at 160 px); stride16, layer4 "
+                        "without its downsampling (10x10, 1.8x the compute); stride16-up, layer4 upsampled onto "
+                        "layer3 (10x10, 1.08x) (default: stride32)")
     p.add_argument("--amp", choices=list(AMP_CHOICES),
                    help="bf16 autocast: auto uses it where the device does bf16 in hardware (default: auto)")
     p.add_argument("--select", choices=["loss", "nme"],
@@ -129,6 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.covered_scores and (args.head != "pip" or not args.occlusion):
         p.error("argument --covered-scores: needs --head pip (whose score maps it teaches) and --occlusion above 0 "
                 "(the covered points it teaches them on)")
+    if args.features != "stride32" and args.head != "pip":
+        p.error(f"argument --features: {args.features} feeds the pip head's score maps; pass --head pip")
     if args.sched == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"argument --warmup-epochs: {args.warmup_epochs} leaves no epoch of the cosine in {args.epochs} "
                 f"epochs; pass fewer than --epochs")
@@ -255,7 +261,7 @@ def hold_folder(out: Path) -> Iterator[None]:
 
 def new_model(args: argparse.Namespace, train_loader, num_points: int, device: torch.device) -> nn.Module:
     """The network to train: from scratch or ImageNet; the pip head's neighbours from the training faces."""
-    model = build_model(args.head, num_points, imagenet_weights() if args.pretrained else None)
+    model = build_model(args.head, num_points, imagenet_weights() if args.pretrained else None, args.features)
     if args.head == "pip":  # each landmark's neighbours, from the training faces' mean shape
         train_set = train_loader.dataset
         model.head.set_neighbours(torch.from_numpy(mean_shape([train_set.faces[i] for i in train_set.indices])))
