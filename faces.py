@@ -1,5 +1,5 @@
 """Landmarks on the faces of one picture, from Python: a detector finds them, each is cropped level with its roll, and the network puts the points; photos, video and evaluation all go through here."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from time import perf_counter
 
@@ -19,6 +19,12 @@ from transforms import Augment, Transforms
 # A photo given by its path decodes at 1/2, 1/4 or 1/8 scale while its long side stays at least this: twice
 # what the detector looks at, and enough for the crop of any face the detector can find in it.
 DECODE_AT_LEAST = 2 * YUNET_SIZE
+# With --any-roll, a first look whose points score below this on average is doubtful: the detector may have
+# taken the face sideways or the wrong way up, so the other three quarter turns are looked at too, and the
+# surest look kept. On the validation faces the faces whose look failed (NME above 10%) scored 0.32-0.59, and
+# 95% of the rest above 0.68 even in photos turned 60-135 degrees (docs/results.md, "Aligned crops").
+DOUBTFUL_SCORE = 0.7
+QUARTER_TURNS = (90.0, 180.0, 270.0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,27 @@ def predict_faces(model: Network, transform: Transforms, gray: Image.Image, dete
         pose = head_pose(points, *gray.size) if with_pose else None
         faces.append(FaceLandmarks(d.box, points, d.roll, d.score, s, pose))
     return faces
+
+
+def turned(detection: Detection, degrees: float) -> Detection:
+    """The same detection with its roll turned by `degrees`, kept in (-180, 180]."""
+    return replace(detection, roll=180.0 - (180.0 - detection.roll - degrees) % 360.0)
+
+
+def surest_turns(model: Network, transform: Transforms, gray: Image.Image, detections: list[Detection],
+                 faces: list[FaceLandmarks], device: torch.device) -> list[FaceLandmarks]:
+    """Each face whose points score below DOUBTFUL_SCORE looked at again a quarter, half and three quarters
+    turned; the look whose points score highest on average is kept. Faces without scores stay as they are."""
+    doubtful = [i for i, f in enumerate(faces) if f.scores is not None and f.scores.mean() < DOUBTFUL_SCORE]
+    if not doubtful:
+        return faces
+    turns = [turned(detections[i], q) for i in doubtful for q in QUARTER_TURNS]
+    looks = predict_faces(model, transform, gray, turns, device)
+    surest = list(faces)
+    for n, i in enumerate(doubtful):
+        candidates = [faces[i], *looks[n * len(QUARTER_TURNS):(n + 1) * len(QUARTER_TURNS)]]
+        surest[i] = max(candidates, key=lambda f: f.scores.mean())
+    return surest
 
 
 def level_crop(points: np.ndarray, markup: Markup, score: float = 1.0) -> Detection:
@@ -116,6 +143,8 @@ class Landmarker:
     Each face has .box, .points (K, 2) in the picture's pixels, .scores (K,) in [0, 1], .pose (yaw, pitch,
     roll in degrees), .roll (of its crop), .detector_score and .to_dict().
     passes=2 (or more) looks again at each face, on the crop levelled and framed by the last look's points.
+    any_roll=True also finds faces turned sideways or upside down, and looks at a doubtful face turned each
+    quarter way (surest_turns).
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", detector: str = "yunet",
@@ -130,6 +159,7 @@ class Landmarker:
         self.markup = Markup.from_config(self.config)
         self.transform = Transforms(self.config.get("img_size", 224), train=False)
         self.detect = make_detector(detector, any_roll, upsample)
+        self.any_roll = any_roll
         self.timings = Timings()
         self.passes = passes
 
@@ -162,9 +192,11 @@ class Landmarker:
         return [full_size(f, factor) for f in faces], gray
 
     def look(self, gray: Image.Image, detections: list[Detection]) -> list[FaceLandmarks]:
-        """The network on each detection's crop; each further pass again, on the crop the last one's points
-        level and frame."""
+        """The network on each detection's crop (with any_roll, a doubtful one also turned each quarter way);
+        each further pass again, on the crop the last one's points level and frame."""
         faces = predict_faces(self.model, self.transform, gray, detections, self.device)
+        if self.any_roll:
+            faces = surest_turns(self.model, self.transform, gray, detections, faces, self.device)
         for _ in range(self.passes - 1 if self.markup.nme_points is not None else 0):
             crops = [level_crop(f.points, self.markup, f.detector_score) for f in faces]
             faces = predict_faces(self.model, self.transform, gray, crops, self.device)

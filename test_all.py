@@ -2444,6 +2444,26 @@ def test_landmarks_of_a_face_turned_a_quarter_ride_back_to_the_turned_truth(tmp_
         assert np.linalg.norm(face.points - expected, axis=1).mean() < 0.08 * eye_distance, turns
 
 
+@pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
+def test_a_face_taken_the_wrong_way_up_is_looked_at_each_quarter_turn_and_the_surest_look_kept(tmp_path):
+    from faces import DOUBTFUL_SCORE, Landmarker, predict_faces, surest_turns, turned
+    landmarker = Landmarker(any_roll=True)
+    [upright] = landmarker(astronaut_turned(tmp_path, 0))
+    photo = Image.open(astronaut_turned(tmp_path, 2))
+    gray = images.to_gray(photo)
+    [found] = landmarker.detect(np.asarray(photo))
+    args = (landmarker.model, landmarker.transform, gray)
+    wrong = turned(found, 180)  # the detector's face, taken the wrong way up
+    [look] = predict_faces(*args, [wrong], landmarker.device)
+    assert look.scores.mean() < DOUBTFUL_SCORE
+    [surest] = surest_turns(*args, [wrong], [look], landmarker.device)
+    assert abs((surest.roll - found.roll + 180) % 360 - 180) < 1e-6
+    expected = detectors.quarter_turn_points(upright.points, -2, (512, 512))
+    assert np.linalg.norm(surest.points - expected, axis=1).mean() < 0.08 * np.linalg.norm(upright.points[36] - upright.points[45])
+    [sure] = predict_faces(*args, [found], landmarker.device)
+    assert sure.scores.mean() >= DOUBTFUL_SCORE and surest_turns(*args, [found], [sure], landmarker.device)[0] is sure
+
+
 def test_landmarker_takes_a_path_a_pil_image_and_a_numpy_array_alike(trained, tmp_path):
     from faces import Landmarker
     path = astronaut_jpg(tmp_path)
