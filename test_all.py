@@ -1897,6 +1897,7 @@ def test_a_face_whose_point_scores_fall_is_lost_with_one_crop_per_face():
     seen = run_tracker(scene, tracker, [{}, {}, {"a": None}, {}])
     assert [sorted(f.id for f in faces) for faces in seen] == [[0, 1], [0, 1], [1], [1]]
     assert scene.detector_frames == [0, 2] and crops_per_call[:2] == [2, 2]  # one crop per face
+    assert crops_per_call[2:] == [2, 1, 1]  # the second look on frame 2 runs only the lost face's crop again
     assert all(f.drift is None and f.scores.mean() == pytest.approx(0.9) for faces in seen for f in faces)
 
 

@@ -194,36 +194,44 @@ class FaceTracker:
         lost = {i for i, s in enumerate(sightings) if s.lost}
         if lost:  # the same frame again, with the detector's faces
             detections = detections if scheduled else self.run_detector(picture)
-            sightings = self.look(gray, detections, lost)
+            sightings = self.look(gray, detections, lost, sightings)
         return self.commit(sightings, t, gray.size)
 
     def run_detector(self, picture: np.ndarray) -> list[Detection]:
         self.detector_runs += 1
         return self.detect(picture)
 
-    def look(self, gray: Image.Image, detections: list[Detection], lost: set[int] = frozenset()) -> list["Sighting"]:
+    def look(self, gray: Image.Image, detections: list[Detection], lost: set[int] = frozenset(),
+             before: list["Sighting"] | None = None) -> list["Sighting"]:
         """Each tracked face, then each new one the detector found, on this frame; changes no track.
 
         A tracked face is cropped as its own points say, level with their roll: framed as the network learnt,
         and turned by a roll that YuNet's leans off by several degrees. Only a face whose own crop lost it
-        (`lost`, from a look before on this frame) takes the crop of a detection that overlaps it; without
-        one it is lost. The detector's word beats the network's."""
+        (`lost`, from the look `before` on this frame) takes the crop of a detection that overlaps it; without
+        one it is lost. The detector's word beats the network's. The faces that look did not lose keep what
+        it saw: their crops are the same."""
         crops = [level_crop(track.points, self.markup) for track in self.tracks]
         matched = match_boxes([crop.box for crop in crops], [d.box for d in detections])
         for i in lost & matched.keys():
             crops[i] = detections[matched[i]]
         crops += [d for j, d in enumerate(detections) if j not in matched.values()]
-        points, drift, scores = self.locate(gray, crops)
+        seen = set() if before is None else set(range(len(self.tracks))) - lost
+        todo = [i for i in range(len(crops)) if i not in seen]
+        points, drift, scores = self.locate(gray, [crops[i] for i in todo])
         sightings = []
         for i, crop in enumerate(crops):
             track = self.tracks[i] if i < len(self.tracks) else None
+            if i in seen:
+                sightings.append(replace(before[i], detected=i in matched))
+                continue
+            n = todo.index(i)
             if track is None or i in lost:
                 gone = track is not None and i not in matched
             else:  # a face that went is lost if the network no longer sees it or its points are mostly outside
-                gone = self.unseen(drift, scores, i) or visible_share(
-                    box_from_points(points[i], self.markup.box_relation), *gray.size) < MIN_VISIBLE
-            sightings.append(Sighting(track, crop, points[i], None if drift is None else float(drift[i]),
-                                      track is None or i in matched, gone, None if scores is None else scores[i]))
+                gone = self.unseen(drift, scores, n) or visible_share(
+                    box_from_points(points[n], self.markup.box_relation), *gray.size) < MIN_VISIBLE
+            sightings.append(Sighting(track, crop, points[n], None if drift is None else float(drift[n]),
+                                      track is None or i in matched, gone, None if scores is None else scores[n]))
         return sightings
 
     def unseen(self, drift: np.ndarray | None, scores: np.ndarray | None, i: int) -> bool:
