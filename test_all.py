@@ -863,6 +863,14 @@ def test_weights_users_meet_foreign_broken_or_hostile_each_give_one_line_and_run
     assert not (tmp_path / "pwned").exists()
 
 
+def answer_ctrl_c() -> None:
+    """Popen's preexec_fn for a run that a test stops with Ctrl-C: SIGINT at its default, as in a terminal's
+    foreground job, so Python in the child raises KeyboardInterrupt. A shell that starts pytest in the
+    background (`pytest … &`) has it ignored, and the child would inherit that and never stop."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def wait_for_rows(log: Path, rows: int, process: subprocess.Popen, timeout: float = 120) -> None:
     import time
     deadline = time.time() + timeout
@@ -878,7 +886,8 @@ def test_a_run_stopped_mid_epoch_resumes_and_keeps_its_best_weights(signal_name,
     import signal
     import time
     args = ["train.py", "--data-dir", str(demo), "--out", str(tmp_path), "--epochs", "5", *FAST]
-    process = subprocess.Popen([sys.executable, *args], cwd=HERE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen([sys.executable, *args], cwd=HERE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=answer_ctrl_c)
     wait_for_rows(tmp_path / "log.csv", 2, process)
     time.sleep(0.3)  # into epoch 3
     process.send_signal(getattr(signal, signal_name))
@@ -2602,7 +2611,7 @@ def test_ctrl_c_in_a_many_worker_photo_run_gives_one_line_keeps_the_lines_done_a
     command = [sys.executable, "predict.py", "--weights", str(trained / "best.pt"), "--out-dir", str(out),
                "--image", str(folder), "--box", ANY_BOX, "--no-draw", "--workers", "2"]
     process = subprocess.Popen(command, cwd=HERE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=answer_ctrl_c)
     results = out / photos.RESULTS
     stderr = ctrl_c_when(process, lambda: results.is_file() and results.stat().st_size > 0)
     assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
