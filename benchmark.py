@@ -26,7 +26,7 @@ from flags import number_in, one_line_errors, out_file
 from images import open_gray, read_photo, to_gray
 from labels import TRAIN_XML
 from landmarks import NUM_LANDMARKS
-from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
+from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, features_misfit
 from onnx_io import export_onnx, onnx_runner
 from photos import PhotoSettings, landmark_photos, photo_files, png_names
 from recipes import resolve
@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights", default=str(RELEASED_WEIGHTS),
                    help="with --photos: the landmark weights (default: the released ones)")
     args = p.parse_args(argv)
-    if args.features != "stride32" and args.head != "pip":
-        p.error(f"argument --features: {args.features} feeds the pip head's score maps; pass --head pip")
+    if problem := features_misfit(args.head, args.features):
+        p.error(f"argument --features: {problem}; pass --head pip")
     return args
 
 

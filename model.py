@@ -136,6 +136,15 @@ class LandmarkNet(nn.Module):
         return self.head(self.backbone(images))
 
 
+def features_misfit(head: str, features: str) -> str | None:
+    """Why `features` cannot feed `head`, or None where they fit: only the pip head reads finer features."""
+    if features not in FEATURES:
+        return f"{features!r} are not one of {FEATURES}"
+    if features != "stride32" and head != "pip":
+        return f"{features} feeds the pip head's score maps"
+    return None
+
+
 def build_model(head: str = "regression", num_points: int = WRITEUP_POINTS, imagenet: dict | None = None,
                 features: str = "stride32") -> nn.Module:
     """ResNet18 with a 1-channel conv1 and, as in the write-up, a 2 x num_points-value fc (`regression`);
@@ -147,9 +156,9 @@ def build_model(head: str = "regression", num_points: int = WRITEUP_POINTS, imag
     """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
-    if features not in FEATURES or (head != "pip" and features != "stride32"):
-        raise ValueError(f"features {features!r} do not fit the {head} head; expected one of {FEATURES}, "
-                         f"and stride32 for the regression head")
+    problem = features_misfit(head, features)
+    if problem:
+        raise ValueError(f"features {problem}")
     model = torchvision.models.resnet18(weights=None)
     if imagenet is not None:
         model.load_state_dict(imagenet)

@@ -16,7 +16,7 @@ from checkpoints import imagenet_weights, load_checkpoint, save_checkpoint, save
 from dataset import labels_fingerprint
 from errors import DataError, Error, UsageError, WeightsError
 from flags import SEED_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
-from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model
+from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, features_misfit
 from recipes import DEFAULTS, RECIPES, RESUME_FIXED, RESUME_KEYS, resolve
 from runtime import AMP_CHOICES, resolve_amp
 from training import (make_loaders, make_loss, make_optimizer, make_scaler, make_scheduler, plot_curves,
@@ -133,8 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.covered_scores and (args.head != "pip" or not args.occlusion):
         p.error("argument --covered-scores: needs --head pip (whose score maps it teaches) and --occlusion above 0 "
                 "(the covered points it teaches them on)")
-    if args.features != "stride32" and args.head != "pip":
-        p.error(f"argument --features: {args.features} feeds the pip head's score maps; pass --head pip")
+    if problem := features_misfit(args.head, args.features):
+        p.error(f"argument --features: {problem}; pass --head pip")
     if args.sched == "cosine" and args.warmup_epochs >= args.epochs:
         p.error(f"argument --warmup-epochs: {args.warmup_epochs} leaves no epoch of the cosine in {args.epochs} "
                 f"epochs; pass fewer than --epochs")
