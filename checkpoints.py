@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from errors import WeightsError
 from files import save_with
 from landmarks import Markup
-from model import build_model
-from runtime import Network, optimize_for_inference
+from model import PIPHead, build_model
+from network_cache import cache_path, read_frozen, write_frozen
+from runtime import Network, fast_network, frozen_body, has_native_bf16
 
 # The project's trained weights, committed once (docs/training.md, "Trained weights"): the default of predict.py
 # --image and --video.
@@ -23,6 +23,7 @@ BEST_KEYS = ("model", "config", "epoch", "val_loss", "val_nme", "labels_sha256")
 
 def imagenet_weights() -> dict:
     """torchvision's ResNet18 ImageNet weights, from torch's hub cache or the internet."""
+    import torchvision  # only here and in model.build_model: importing it takes ~2 s (model.py says why)
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     try:
         return weights.get_state_dict(progress=True)
@@ -107,6 +108,11 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     """The trained network in eval mode, and the settings it was trained with (img_size, split seed, the
     markup: landmarks.Markup.from_config reads it)."""
     checkpoint = load_checkpoint(path, device)
+    return model_from(checkpoint, path).to(device).eval(), checkpoint.get("config", {})
+
+
+def model_from(checkpoint: dict, path: Path) -> nn.Module:
+    """The network a loaded checkpoint describes, with its weights; WeightsError where they do not fit."""
     config = checkpoint.get("config", {})
     try:
         model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points,
@@ -119,11 +125,35 @@ def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Modul
     model.load_state_dict(checkpoint["model"])
     if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
         raise WeightsError(f"{path}: the weights hold NaN or infinite values (the run that wrote them diverged)")
-    return model.to(device).eval(), config
+    return model
 
 
 def load_for_inference(path: Path, device: str | torch.device = "cpu",
                        eager: bool = False) -> tuple[Network, dict]:
-    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`."""
-    model, config = load_model(path, device)
-    return (model if eager else optimize_for_inference(model, config.get("img_size", 224))), config
+    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`
+    (runtime.optimize_for_inference). The frozen form is kept on disk (network_cache), so only the first
+    start with these weights builds it."""
+    checkpoint = load_checkpoint(path, device)
+    config = checkpoint.get("config", {})
+    if eager or torch.device(device).type != "cpu":
+        return model_from(checkpoint, path).to(device).eval(), config
+    img_size, bf16 = config.get("img_size", 224), has_native_bf16(torch.device("cpu"))
+    entry = cache_path(path, img_size, bf16)
+    frozen = read_frozen(entry)
+    if frozen is not None:
+        return fast_network(frozen, pip_head_from(checkpoint), img_size), config
+    model = model_from(checkpoint, path).eval()
+    frozen = frozen_body(model, img_size, bf16)
+    write_frozen(entry, frozen)
+    return fast_network(frozen, getattr(model, "head", None), img_size), config
+
+
+def pip_head_from(checkpoint: dict) -> PIPHead | None:
+    """The pip head alone, for decoding the maps a kept frozen network gives; None for the regression head.
+    Only weights whose whole network once loaded (model_from) have a kept frozen form."""
+    if checkpoint.get("config", {}).get("head", "regression") != "pip":
+        return None
+    state = {k.removeprefix("head."): v for k, v in checkpoint["model"].items() if k.startswith("head.")}
+    head = PIPHead(state["score.weight"].shape[1], state["score.weight"].shape[0])
+    head.load_state_dict(state)
+    return head.eval()

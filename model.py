@@ -4,7 +4,6 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 # ResNet18 halves its input five times: below 32 px its last feature map is under a pixel. Above 1024 px
 # a batch of crops no longer fits in memory, and the labels are not that precise anyway.
@@ -159,6 +158,10 @@ def build_model(head: str = "regression", num_points: int = WRITEUP_POINTS, imag
     problem = features_misfit(head, features)
     if problem:
         raise ValueError(f"features {problem}")
+    # Imported here, not above: torchvision's own import brings torch._dynamo (about 2 s on 2 cores), and the
+    # frozen network that predict.py loads back from network_cache needs neither it nor this function.
+    import torchvision
+
     model = torchvision.models.resnet18(weights=None)
     if imagenet is not None:
         model.load_state_dict(imagenet)

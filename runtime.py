@@ -100,21 +100,36 @@ def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, b
     """
     if next(model.parameters()).device.type != "cpu":
         return model
+    return fast_network(frozen_body(model, img_size, bf16), model.head if isinstance(model, LandmarkNet) else None,
+                        img_size, fuse)
+
+
+def frozen_body(model: nn.Module, img_size: int, bf16: bool | None = None) -> torch.jit.ScriptModule:
+    """optimize_for_inference's first half, what network_cache keeps on disk: the InferenceBody traced on
+    one channels-last crop and frozen."""
     if bf16 is None:
         bf16 = has_native_bf16(torch.device("cpu"))
-    example = torch.zeros(1, 1, img_size, img_size).contiguous(memory_format=torch.channels_last)
     model = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
     body = InferenceBody(model, bf16).eval()
     with warnings.catch_warnings(), torch.no_grad():
         # TorchScript is deprecated for torch.compile, which runs no faster here but needs a C++
         # compiler at run time and ~40 s to compile on 2 cores; trace + freeze takes under a second.
         warnings.simplefilter("ignore", FutureWarning)
-        frozen = torch.jit.freeze(torch.jit.trace(body, example))
+        return torch.jit.freeze(torch.jit.trace(body, example_crop(img_size)))
 
+
+def example_crop(img_size: int) -> torch.Tensor:
+    return torch.zeros(1, 1, img_size, img_size).contiguous(memory_format=torch.channels_last)
+
+
+def fast_network(frozen: torch.jit.ScriptModule, pip_head: nn.Module | None, img_size: int,
+                 fuse: bool = True) -> "InferenceNetwork":
+    """optimize_for_inference's second half: the frozen body (from frozen_body, or loaded back) with the pip
+    head's decoding after it, warmed up."""
     # torch on macOS and Windows lacks oneDNN Graph: there the frozen graph runs as it is.
-    fast = InferenceNetwork(frozen, model.head if body.pip else None, fuse and hasattr(torch._C, "_jit_llga_enabled"))
+    fast = InferenceNetwork(frozen, pip_head, fuse and hasattr(torch._C, "_jit_llga_enabled"))
     for _ in range(3):  # TorchScript profiles the first calls and fuses after; pay that here, not on a face
-        fast(example)
+        fast(example_crop(img_size))
     return fast
 
 

@@ -37,6 +37,7 @@ import flags
 import images
 import labels
 import landmarks
+import network_cache
 import onnx_io
 import photos
 import pose
@@ -64,6 +65,19 @@ FAST = ["--img-size", "64", "--batch-size", "16", "--lr", "1e-3", "--workers", "
 def run_script(*args: str, cwd: Path = HERE, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_network_cache(tmp_path_factory):
+    """Frozen networks go to a folder of the tests' own, never the user's ~/.cache (scripts the tests start
+    inherit it)."""
+    previous = os.environ.get(network_cache.CACHE_ENV)
+    os.environ[network_cache.CACHE_ENV] = str(tmp_path_factory.mktemp("network_cache"))
+    yield
+    if previous is None:
+        del os.environ[network_cache.CACHE_ENV]
+    else:
+        os.environ[network_cache.CACHE_ENV] = previous
 
 
 @pytest.fixture(scope="session")
@@ -1367,6 +1381,53 @@ def test_the_optimized_network_gives_the_eager_points_at_any_batch_size(trained)
             # trained net (over 40 noise batches the worst point was 1.15% off; the README measures the
             # NME cost on faces). A wrong layout or scale is tens of percent off.
             assert bf16(images).dtype == torch.float32 and torch.allclose(bf16(images), eager, atol=2e-2)
+
+
+def refuse_to_build(checkpoint, path):
+    raise AssertionError(f"{path}: built again, though its frozen network was kept")
+
+
+@pytest.mark.parametrize("head", ["pip", "regression"])
+def test_a_second_load_takes_the_kept_frozen_network_and_gives_the_same_points(head, trained, tmp_path, monkeypatch):
+    monkeypatch.setenv(network_cache.CACHE_ENV, str(tmp_path / "cache"))
+    weights = checkpoints.RELEASED_WEIGHTS if head == "pip" else trained / "best.pt"
+    first, config = checkpoints.load_for_inference(weights)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    monkeypatch.setattr(checkpoints, "model_from", refuse_to_build)
+    second, second_config = checkpoints.load_for_inference(weights)
+    assert second_config == config
+    images = torch.rand(3, 1, config["img_size"], config["img_size"], generator=torch.Generator().manual_seed(0))
+    (points, scores), (kept_points, kept_scores) = first.with_scores(images), second.with_scores(images)
+    torch.testing.assert_close(kept_points, points, atol=1e-6, rtol=0)
+    assert (scores is None) == (kept_scores is None) == (head == "regression")
+    if scores is not None:
+        torch.testing.assert_close(kept_scores, scores, atol=1e-6, rtol=0)
+
+
+def test_the_kept_network_follows_the_weights_bytes_and_a_broken_entry_is_built_again(trained, tmp_path, monkeypatch):
+    monkeypatch.setenv(network_cache.CACHE_ENV, str(tmp_path / "cache"))
+    weights = Path(shutil.copy(trained / "best.pt", tmp_path / "w.pt"))
+    checkpoints.load_for_inference(weights)
+    [entry] = (tmp_path / "cache").glob("*.pt")
+    entry.write_bytes(b"torn")
+    checkpoints.load_for_inference(weights)
+    assert entry.stat().st_size > 1000  # written again, whole
+    checkpoints.save_atomic(checkpoints.load_checkpoint(trained / "best.pt") | {"epoch": -1}, weights)
+    monkeypatch.setattr(network_cache, "KEEP", 1)
+    checkpoints.load_for_inference(weights)  # other bytes, another entry; KEEP drops the older one
+    assert [p.name for p in (tmp_path / "cache").glob("*.pt")] != [entry.name]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    monkeypatch.setenv(network_cache.CACHE_ENV, "")  # empty: no cache at all
+    assert network_cache.cache_path(weights, 64, False) is None
+
+
+def test_a_start_with_a_kept_network_never_imports_torchvision(tmp_path):
+    code = ("import sys, checkpoints, predict; checkpoints.load_for_inference(checkpoints.RELEASED_WEIGHTS); "
+            "print('torchvision' in sys.modules)")
+    env = {network_cache.CACHE_ENV: str(tmp_path / "cache")}
+    first, second = run_script("-c", code, env=env), run_script("-c", code, env=env)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert (first.stdout.split(), second.stdout.split()) == (["True"], ["False"])
 
 
 def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_path):
