@@ -12,7 +12,7 @@ from files import save_with
 from landmarks import Markup
 from model import PIPHead, build_model
 from network_cache import cache_path, read_frozen, write_frozen
-from runtime import Network, fast_network, frozen_body, has_native_bf16
+from runtime import Network, fast_network, frozen_body, has_native_bf16, pip_head_of
 
 # The project's trained weights, committed once (docs/training.md, "Trained weights"): the default of predict.py
 # --image and --video.
@@ -145,7 +145,7 @@ def load_for_inference(path: Path, device: str | torch.device = "cpu",
     model = model_from(checkpoint, path).eval()
     frozen = frozen_body(model, img_size, bf16)
     write_frozen(entry, frozen)
-    return fast_network(frozen, getattr(model, "head", None), img_size), config
+    return fast_network(frozen, pip_head_of(model), img_size), config
 
 
 def pip_head_from(checkpoint: dict) -> PIPHead | None:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 import dlib_baseline
 from checkpoints import load_for_inference
 from dataset import FaceLandmarksDataset, split_faces, trained_split
-from detection_eval import error_spread, fit_yunet_box, score_found, source_errors
+from detection_eval import by_image, error_spread, fit_yunet_box, score_found, source_errors
 from detectors import DETECTORS
 from faces import Landmarker
 from errors import DataError, UsageError
@@ -65,8 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--any-roll", action="store_true", help="with --detector yunet: look at four quarter turns")
     p.add_argument("--turn", nargs="+", type=float, default=[0.0], metavar="DEG",
                    help="with --detector: turn each photo by these degrees (clockwise) first (default: 0)")
-    p.add_argument("--passes", type=number_in(int, 1, 4), default=1,
-                   help="with --detector: more than 1 looks again at each face, levelled by the last look's points")
+    p.add_argument("--passes", type=number_in(int, 1, 4),
+                   help="more than 1 looks again at each face, levelled by the last look's points: also scores the "
+                        "XML's boxes that way (through the Landmarker, as predict.py --box), and --detector's faces "
+                        "(default: as predict.py's for --detector; one look on the XML's boxes)")
     p.add_argument("--score-test", action="store_true",
                    help="also measure the point scores: covered against visible points (AUROC), and against "
                         "each point's error (rank correlation)")
@@ -187,6 +189,16 @@ def score(pred: np.ndarray, truths: np.ndarray, faces: list[Face], markup: Marku
     return nme(pred, truths, markup, [box_diagonal(f.box) for f in faces])
 
 
+def looks_in_boxes(landmarker: Landmarker, faces: list[Face]) -> np.ndarray:
+    """(N, K, 2): each face's points from its XML box, through the Landmarker as predict.py --box runs it (its
+    passes included), in the order of `faces`."""
+    points = {}
+    for image, labelled in tqdm(by_image(faces).items(), desc="looking", unit="image", leave=False):
+        for face, look in zip(labelled, landmarker(image, boxes=[f.box for f in labelled])):
+            points[id(face)] = look.points
+    return np.stack([points[id(f)] for f in faces])
+
+
 def write_faces_csv(path: Path, faces: list[Face], errors: np.ndarray) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -284,6 +296,11 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
     report.record(run_name(weights) + (" +flip" if args.flip_test else ""),
                   f"{weights}{' with flip test' if args.flip_test else ''} on {xml}",
                   score(pred, truths, faces, markup), faces, xml.parent, markup)
+    if (args.passes or 1) > 1:
+        landmarker = Landmarker(weights, args.device, eager=args.eager, passes=args.passes)
+        report.record(f"{run_name(weights)} +{args.passes}passes", f"{weights} on {xml}, {args.passes} looks per box",
+                      nme(looks_in_boxes(landmarker, faces), np.stack([f.points for f in faces]), markup,
+                          [math.hypot(f.box.width, f.box.height) for f in faces]), faces, xml.parent, markup)
     for occluder in OCCLUDERS if args.score_test else ():
         row = score_test(model, faces, config.get("img_size", 224), markup, occluder=occluder)
         report.results[f"{run_name(weights)} point scores, {occluder}"] = row
@@ -300,9 +317,10 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
     if args.detector:
         landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
                                 passes=args.passes)
+        passes = landmarker.passes_for(boxes_given=False)
         for degrees in args.turn:
-            name = (f"{run_name(weights)} {args.detector}{' any-roll' if args.any_roll else ''} {args.passes} "
-                    f"pass{'es' * (args.passes > 1)} {degrees:g}deg")
+            name = (f"{run_name(weights)} {args.detector}{' any-roll' if args.any_roll else ''} {passes} "
+                    f"pass{'es' * (passes > 1)} {degrees:g}deg")
             report.results[name] = found_row(score_found(landmarker, faces, markup, degrees), degrees)
             print_found(name, report.results[name])
     return faces, config, xml, markup

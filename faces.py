@@ -20,11 +20,23 @@ from transforms import Augment, Transforms
 # what the detector looks at, and enough for the crop of any face the detector can find in it.
 DECODE_AT_LEAST = 2 * YUNET_SIZE
 # With --any-roll, a first look whose points score below this on average is doubtful: the detector may have
-# taken the face sideways or the wrong way up, so the other three quarter turns are looked at too, and the
-# surest look kept. On the validation faces the faces whose look failed (NME above 10%) scored 0.32-0.59, and
-# 95% of the rest above 0.68 even in photos turned 60-135 degrees (docs/results.md, "Aligned crops").
+# taken the face sideways or the wrong way up, so it is looked at turned the other ways too, and the surest
+# look kept. On the validation faces the faces whose look failed (NME above 10%) scored 0.32-0.59, and 95% of
+# the rest above 0.68 even in photos turned 60-135 degrees (docs/results.md, "Detection: YuNet and any roll").
 DOUBTFUL_SCORE = 0.7
+# Each eighth of the way round, where a second look levels each turn's points (docs/results.md has eighths
+# against quarters); each quarter, for a markup without eye corners to level by.
+EIGHTH_TURNS = (45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0)
 QUARTER_TURNS = (90.0, 180.0, 270.0)
+
+
+def default_passes(detector: str, any_roll: bool, boxes_given: bool) -> int:
+    """Looks per face when none is asked for: a second one, levelled and framed by the first look's points,
+    wherever the first crop is framed by anything but YuNet's five points on an upright photo. It pays there (on
+    the validation faces: the 300-W protocol's HOG boxes 3.71% -> 3.60%; at any roll the worst angle 1.31x ->
+    1.12x the upright NME) and not on YuNet's upright crops (3.61% either way; docs/results.md, "Detection:
+    YuNet and any roll")."""
+    return 1 if detector == "yunet" and not any_roll and not boxes_given else 2
 
 
 @dataclass(frozen=True)
@@ -80,18 +92,28 @@ def turned(detection: Detection, degrees: float) -> Detection:
 
 
 def surest_turns(model: Network, transform: Transforms, gray: Image.Image, detections: list[Detection],
-                 faces: list[FaceLandmarks], device: torch.device) -> list[FaceLandmarks]:
-    """Each face whose points score below DOUBTFUL_SCORE looked at again a quarter, half and three quarters
-    turned; the look whose points score highest on average is kept. Faces without scores stay as they are."""
+                 faces: list[FaceLandmarks], device: torch.device, markup: Markup) -> list[FaceLandmarks]:
+    """Each face whose points score below DOUBTFUL_SCORE looked at again turned each eighth of the way round,
+    each turn's look followed by a second one on the crop its points level and frame; of those second looks,
+    the one whose points score highest on average is kept. Judged after levelling, a turn that was off by
+    45 degrees competes as a level face, not as a tilted one that may happen to score high.
+
+    A markup without eye corners to level by gets no second looks: its doubtful faces are looked at each
+    quarter turn, and the first look that scores highest is kept. Faces without scores stay as they are."""
     doubtful = [i for i, f in enumerate(faces) if f.scores is not None and f.scores.mean() < DOUBTFUL_SCORE]
     if not doubtful:
         return faces
-    turns = [turned(detections[i], q) for i in doubtful for q in QUARTER_TURNS]
-    looks = predict_faces(model, transform, gray, turns, device)
+    levels = markup.nme_points is not None
+    steps = EIGHTH_TURNS if levels else QUARTER_TURNS
+    k = len(steps)
+    looks = predict_faces(model, transform, gray, [turned(detections[i], q) for i in doubtful for q in steps], device)
+    candidates = [look for j, i in enumerate(doubtful) for look in (faces[i], *looks[j * k:(j + 1) * k])]
+    if levels:
+        candidates = predict_faces(model, transform, gray,
+                                   [level_crop(f.points, markup, f.detector_score) for f in candidates], device)
     surest = list(faces)
-    for n, i in enumerate(doubtful):
-        candidates = [faces[i], *looks[n * len(QUARTER_TURNS):(n + 1) * len(QUARTER_TURNS)]]
-        surest[i] = max(candidates, key=lambda f: f.scores.mean())
+    for j, i in enumerate(doubtful):
+        surest[i] = max(candidates[j * (k + 1):(j + 1) * (k + 1)], key=lambda f: f.scores.mean())
     return surest
 
 
@@ -142,13 +164,14 @@ class Landmarker:
 
     Each face has .box, .points (K, 2) in the picture's pixels, .scores (K,) in [0, 1], .pose (yaw, pitch,
     roll in degrees), .roll (of its crop), .detector_score and .to_dict().
-    passes=2 (or more) looks again at each face, on the crop levelled and framed by the last look's points.
+    passes=2 (or more) looks again at each face, on the crop levelled and framed by the last look's points;
+    None: as default_passes says, where a second look pays.
     any_roll=True also finds faces turned sideways or upside down, and looks at a doubtful face turned each
-    quarter way (surest_turns).
+    eighth of the way round (surest_turns).
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", detector: str = "yunet",
-                 any_roll: bool = False, upsample: int = HOG_UPSAMPLE, eager: bool = False, passes: int = 1):
+                 any_roll: bool = False, upsample: int = HOG_UPSAMPLE, eager: bool = False, passes: int | None = None):
         weights = Path(weights) if weights else RELEASED_WEIGHTS
         if not weights.is_file() and weights == RELEASED_WEIGHTS:
             raise UsageError(f"{RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train with "
@@ -161,7 +184,7 @@ class Landmarker:
         self.detect = make_detector(detector, any_roll, upsample)
         self.any_roll = any_roll
         self.timings = Timings()
-        self.passes = passes
+        self.detector, self.passes = detector, passes
 
     def __call__(self, image, boxes: list[Box] | None = None) -> list[FaceLandmarks]:
         """The faces of `image`, or with `boxes` (dlib's convention, upright) the faces in those boxes."""
@@ -185,19 +208,23 @@ class Landmarker:
             detections = [Detection(rescale(inside(b, photo, factor), np.zeros((1, 2)), 1 / factor, np.zeros(2))[0], 1.0)
                           for b in boxes]
         middle = perf_counter()
-        faces = self.look(gray, detections)
+        faces = self.look(gray, detections, self.passes_for(boxes is not None))
         self.timings.detect += middle - start
         self.timings.landmarks += perf_counter() - middle
         self.timings.calls += 1
         return [full_size(f, factor) for f in faces], gray
 
-    def look(self, gray: Image.Image, detections: list[Detection]) -> list[FaceLandmarks]:
-        """The network on each detection's crop (with any_roll, a doubtful one also turned each quarter way);
+    def passes_for(self, boxes_given: bool) -> int:
+        """The looks each face gets: those asked for, else default_passes'."""
+        return default_passes(self.detector, self.any_roll, boxes_given) if self.passes is None else self.passes
+
+    def look(self, gray: Image.Image, detections: list[Detection], passes: int = 1) -> list[FaceLandmarks]:
+        """The network on each detection's crop (with any_roll, a doubtful one also turned each eighth of the way);
         each further pass again, on the crop the last one's points level and frame."""
         faces = predict_faces(self.model, self.transform, gray, detections, self.device)
         if self.any_roll:
-            faces = surest_turns(self.model, self.transform, gray, detections, faces, self.device)
-        for _ in range(self.passes - 1 if self.markup.nme_points is not None else 0):
+            faces = surest_turns(self.model, self.transform, gray, detections, faces, self.device, self.markup)
+        for _ in range(passes - 1 if self.markup.nme_points is not None else 0):
             crops = [level_crop(f.points, self.markup, f.detector_score) for f in faces]
             faces = predict_faces(self.model, self.transform, gray, crops, self.device)
         return faces

@@ -29,7 +29,7 @@ class PhotoSettings:
     any_roll: bool = False
     upsample: int = 1
     eager: bool = False
-    passes: int = 1
+    passes: int | None = None  # None: faces.default_passes
     box: Box | None = None
     draw: bool = True
     out_dir: str = "predictions"

@@ -65,9 +65,10 @@ def add_photo_flags(photos) -> None:
     photos.add_argument("--any-roll", action="store_true",
                         help="with yunet: also look at the photo turned by 90, 180 and 270 degrees, to find faces "
                              "at any roll (about 3.5x the detector's time)")
-    photos.add_argument("--passes", type=int, choices=[1, 2], default=1,
+    photos.add_argument("--passes", type=int, choices=[1, 2],
                         help="2: look again at each face, on the crop levelled and framed by the first look's "
-                             "points (default: 1)")
+                             "points (default: 2 where it pays: with --any-roll, --detector hog or --box; 1 on YuNet's "
+                             "upright faces)")
     photos.add_argument("--box", type=box_arg, metavar="L,T,W,H",
                         help="use this face box in every image instead of detecting faces")
     # dlib refuses negative upsampling with a traceback; each step quadruples the pixels it scans.

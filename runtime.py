@@ -100,8 +100,12 @@ def optimize_for_inference(model: nn.Module, img_size: int, fuse: bool = True, b
     """
     if next(model.parameters()).device.type != "cpu":
         return model
-    return fast_network(frozen_body(model, img_size, bf16), model.head if isinstance(model, LandmarkNet) else None,
-                        img_size, fuse)
+    return fast_network(frozen_body(model, img_size, bf16), pip_head_of(model), img_size, fuse)
+
+
+def pip_head_of(model: nn.Module) -> nn.Module | None:
+    """The pip head, whose decoding runs after the frozen graph; None for the regression head, which has none."""
+    return model.head if isinstance(model, LandmarkNet) else None
 
 
 def frozen_body(model: nn.Module, img_size: int, bf16: bool | None = None) -> torch.jit.ScriptModule:

@@ -538,6 +538,23 @@ def test_evaluate_scores_weights_and_the_baseline_and_writes_its_files(demo, tra
     assert saved["mean-shape"]["Full"]["normalisation"] == "outer eye corners"
 
 
+def test_evaluate_passes_scores_the_xml_boxes_through_the_landmarker_as_predict_box_does(demo, trained, tmp_path):
+    from faces import Landmarker
+    weights = str(trained / "best.pt")
+    results = evaluate.main(evaluate.parse_args(["--weights", weights, "--data-dir", str(demo), "--passes", "2",
+                                                 "--workers", "0", "--out-dir", str(tmp_path)]))
+    [one, two] = results
+    assert two == f"{one} +2passes" and results[two]["Full"]["faces"] == results[one]["Full"]["faces"]
+    assert (tmp_path / f"{one.replace('/', '_')}_2passes_faces.csv").is_file()
+    # One look through the Landmarker is the loader's look: the same crop and network, from a JPEG decoded at
+    # another scale (the loader's shrinks by the face's size, the Landmarker's by the photo's).
+    faces = load_faces(demo / labels.TEST_XML)
+    looks = evaluate.looks_in_boxes(Landmarker(weights, "cpu", passes=1), faces)
+    loader = results[one]["Full"]["nme"]
+    assert abs(nme(looks, np.stack([f.points for f in faces])).mean() - loader) < 0.01 * loader
+    assert results[two]["Full"]["nme"] != results[one]["Full"]["nme"]
+
+
 def test_dlib_baseline_without_its_model_says_how_to_install_it(demo, tmp_path, monkeypatch):
     monkeypatch.setattr(evaluate.dlib_baseline, "model_path", lambda: None)
     with pytest.raises(SystemExit) as stop:
@@ -2516,7 +2533,8 @@ def test_landmarks_of_a_face_turned_a_quarter_ride_back_to_the_turned_truth(tmp_
 
 
 @pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
-def test_a_face_taken_the_wrong_way_up_is_looked_at_each_quarter_turn_and_the_surest_look_kept(tmp_path):
+def test_a_face_taken_the_wrong_way_up_is_looked_at_each_turn_and_the_surest_look_kept(tmp_path):
+    from dataclasses import replace
     from faces import DOUBTFUL_SCORE, Landmarker, predict_faces, surest_turns, turned
     landmarker = Landmarker(any_roll=True)
     [upright] = landmarker(astronaut_turned(tmp_path, 0))
@@ -2527,12 +2545,32 @@ def test_a_face_taken_the_wrong_way_up_is_looked_at_each_quarter_turn_and_the_su
     wrong = turned(found, 180)  # the detector's face, taken the wrong way up
     [look] = predict_faces(*args, [wrong], landmarker.device)
     assert look.scores.mean() < DOUBTFUL_SCORE
-    [surest] = surest_turns(*args, [wrong], [look], landmarker.device)
-    assert abs((surest.roll - found.roll + 180) % 360 - 180) < 1e-6
     expected = detectors.quarter_turn_points(upright.points, -2, (512, 512))
-    assert np.linalg.norm(surest.points - expected, axis=1).mean() < 0.08 * np.linalg.norm(upright.points[36] - upright.points[45])
+    eyes = np.linalg.norm(upright.points[36] - upright.points[45])
+    # Eighth turns, each levelled by a second look: the crop of the kept look is level with the face's eyes.
+    [surest] = surest_turns(*args, [wrong], [look], landmarker.device, landmarker.markup)
+    assert abs((surest.roll - found.roll + 180) % 360 - 180) < 10
+    assert np.linalg.norm(surest.points - expected, axis=1).mean() < 0.08 * eyes
+    assert surest.scores.mean() > look.scores.mean() + 0.1
+    # A markup without eye corners to level by: quarter turns, and the surest first look, turned exactly.
+    [quarter] = surest_turns(*args, [wrong], [look], landmarker.device, replace(landmarker.markup, nme_points=None))
+    assert abs((quarter.roll - found.roll + 180) % 360 - 180) < 1e-6
+    assert np.linalg.norm(quarter.points - expected, axis=1).mean() < 0.08 * eyes
     [sure] = predict_faces(*args, [found], landmarker.device)
-    assert sure.scores.mean() >= DOUBTFUL_SCORE and surest_turns(*args, [found], [sure], landmarker.device)[0] is sure
+    assert sure.scores.mean() >= DOUBTFUL_SCORE
+    assert surest_turns(*args, [found], [sure], landmarker.device, landmarker.markup)[0] is sure
+
+
+def test_a_second_look_is_the_default_where_the_first_crop_is_not_yunets_on_an_upright_photo(trained, tmp_path):
+    from faces import Landmarker
+    path, box = astronaut_jpg(tmp_path), Box(160, 60, 150, 150)
+    default, one, two = (Landmarker(trained / "best.pt", "cpu", passes=p) for p in (None, 1, 2))
+    assert [default.passes_for(given) for given in (False, True)] == [1, 2]
+    assert Landmarker(trained / "best.pt", "cpu", detector="hog").passes_for(False) == 2
+    assert Landmarker(trained / "best.pt", "cpu", any_roll=True).passes_for(False) == 2
+    [looked] = default(path, boxes=[box])
+    np.testing.assert_allclose(looked.points, two(path, boxes=[box])[0].points, atol=1e-4)
+    assert np.abs(looked.points - one(path, boxes=[box])[0].points).max() > 0.5
 
 
 def test_landmarker_takes_a_path_a_pil_image_and_a_numpy_array_alike(trained, tmp_path):
