@@ -64,7 +64,8 @@ def add_photo_flags(photos) -> None:
                              "boxes the 300-W labels use, upright faces only")
     photos.add_argument("--any-roll", action="store_true",
                         help="with yunet: also look at the photo turned by 90, 180 and 270 degrees, to find faces "
-                             "at any roll (about 3.5x the detector's time)")
+                             "at any roll (about 3.5x the detector's time), and look at a face the network doubts each eighth "
+                             "turn")
     photos.add_argument("--passes", type=int, choices=[1, 2],
                         help="2: look again at each face, on the crop levelled and framed by the first look's "
                              "points (default: 2 where it pays: with --any-roll, --detector hog or --box; 1 on YuNet's "
