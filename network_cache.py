@@ -13,6 +13,9 @@ from files import save_with
 CACHE_ENV = "FACE_LANDMARKS_CACHE"
 # Each entry is the network once more (about 23 MB in bf16, 45 in fp32): the least recently used go first.
 KEEP = 8
+# Only files of this ending are entries: a folder named by $FACE_LANDMARKS_CACHE may hold the user's own .pt files,
+# and those are never dropped.
+SUFFIX = ".frozen.pt"
 
 
 def cache_dir() -> Path | None:
@@ -34,7 +37,7 @@ def cache_path(weights: Path, img_size: int, bf16: bool) -> Path | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     digest.update(f"|{img_size}|{'bf16' if bf16 else 'fp32'}|torch {torch.__version__}".encode())
-    return folder / f"{digest.hexdigest()[:40]}.pt"
+    return folder / f"{digest.hexdigest()[:40]}{SUFFIX}"
 
 
 def read_frozen(path: Path | None) -> torch.jit.ScriptModule | None:
@@ -61,7 +64,7 @@ def write_frozen(path: Path | None, frozen: torch.jit.ScriptModule) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             save_with(path, lambda tmp: torch.jit.save(frozen, str(tmp)))
-        entries = sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        entries = sorted(path.parent.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
         for old in entries[KEEP:]:
             old.unlink(missing_ok=True)
     except (RuntimeError, OSError):

@@ -1431,9 +1431,10 @@ def test_the_kept_network_follows_the_weights_bytes_and_a_broken_entry_is_built_
     assert entry.stat().st_size > 1000  # written again, whole
     checkpoints.save_atomic(checkpoints.load_checkpoint(trained / "best.pt") | {"epoch": -1}, weights)
     monkeypatch.setattr(network_cache, "KEEP", 1)
+    (tmp_path / "cache" / "mine.pt").write_bytes(b"the user's own file, in the folder they named")
     checkpoints.load_for_inference(weights)  # other bytes, another entry; KEEP drops the older one
-    assert [p.name for p in (tmp_path / "cache").glob("*.pt")] != [entry.name]
-    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    assert [p.name for p in (tmp_path / "cache").glob("*.frozen.pt")] != [entry.name]
+    assert len(list((tmp_path / "cache").glob("*.frozen.pt"))) == 1 and (tmp_path / "cache" / "mine.pt").is_file()
     monkeypatch.setenv(network_cache.CACHE_ENV, "")  # empty: no cache at all
     assert network_cache.cache_path(weights, 64, False) is None
 
