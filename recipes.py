@@ -20,13 +20,6 @@ RECIPES = {
                  weight_decay=1e-4, sched="cosine", warmup_epochs=1, loss="wing", flip=True, scale=0.1,
                  shift=0.05, rotation=15.0, cache=True),
 }
-# The release run's recipe: the best recipe, plus what makes each point's score say whether the point is seen
-# (--occlusion with --covered-scores, covered by noise or by pieces of the crop itself) and what teaches the
-# crops inference takes (--align: level with the eye line; wider jitter drawn mostly near the frame), for as
-# many epochs as one working session of this CPU held (docs/training.md, "Trained weights").
-RECIPES["release"] = RECIPES["best"] | dict(epochs=90, occlusion=0.5, occlusion_fill="mixed", covered_scores=True,
-                                            align=True, rotation=35.0, scale=0.25, shift=0.12,
-                                            jitter_spread="normal")
 
 
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.

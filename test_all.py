@@ -288,16 +288,6 @@ def test_beyond_write_up_flags_select_checkpoints_by_nme():
     assert train.parse_args(["--recipe", "best", "--epochs", "3"]).epochs == 3
 
 
-def test_the_release_recipe_is_the_best_recipe_with_the_release_runs_flags():
-    # docs/training.md gives the release run as this command; --recipe release must train the same way.
-    command = ("--recipe best --epochs 90 --occlusion 0.5 --occlusion-fill mixed --covered-scores --align "
-               "--rotation 35 --scale 0.25 --shift 0.12 --jitter-spread normal").split()
-    as_flags, as_recipe = vars(train.parse_args(command)), vars(train.parse_args(["--recipe", "release"]))
-    assert as_recipe.pop("recipe") == "release" and as_flags.pop("recipe") == "best"
-    assert as_recipe == as_flags
-    assert as_recipe["covered_scores"] and as_recipe["head"] == "pip"
-
-
 def test_amp_auto_uses_bf16_only_where_the_cpu_does_it_in_hardware(monkeypatch):
     cpu = torch.device("cpu")
     for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "off")]:
