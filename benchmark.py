@@ -29,8 +29,10 @@ from landmarks import NUM_LANDMARKS
 from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, features_misfit
 from onnx_io import export_onnx, onnx_runner
 from photos import PhotoSettings, landmark_photos, photo_files, png_names
+from quantized import int8_runner, int8_supported, quantize_body, to_calibration
 from recipes import resolve
-from runtime import inference_autocast, optimize_for_inference, pick_device, resolve_amp
+from runtime import (inference_autocast, optimize_for_inference, pick_device, pip_head_of,
+                     resolve_amp)
 from training import make_loaders, make_loss, make_optimizer, make_scaler, make_scheduler, seed_everything, train_one_epoch
 
 # The batch the throughput figure `infer_bs64_img_s` is named for, whatever --batch-size says.
@@ -224,7 +226,8 @@ def onnx_runtime(model: torch.nn.Module, img_size: int, folder: Path) -> Callabl
 
 
 def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[str, Callable]:
-    """Each way of running the network that was tried on the CPU; "optimized" is what evaluate and predict use."""
+    """Each way of running the network that was tried on the CPU: "optimized" is what evaluate and predict run,
+    "int8" what they run instead where the weights carry calibration crops and the CPU has VNNI."""
     ways = {"eager": model, "optimized": optimize_for_inference(model, img_size)}
     if next(model.parameters()).device.type != "cpu":
         return ways
@@ -234,6 +237,10 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
     runtime = onnx_runtime(model, img_size, folder)
     if runtime is not None:
         ways["onnxruntime"] = runtime
+    if int8_supported():
+        # Ranges from noise: this network is untrained, and only its speed is measured here.
+        crops = to_calibration(torch.rand(8, 1, img_size, img_size, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+        ways["int8"] = int8_runner(quantize_body(model, img_size, crops), pip_head_of(model), img_size)
     return ways
 
 
@@ -376,14 +383,16 @@ def bench(args: argparse.Namespace) -> list[dict]:
     rows = [measure(args, size, device) for size in args.img_sizes]
     print(f"\n{args.head} head ({args.features}); --amp auto chose {rows[0]['amp']}")
     print(f"{'img':>4} {'loader img/s by workers':>24} {'train img/s':>12} {'fp32':>6} {'e2e img/s':>10} "
-          f"{'bs1 ms':>7} {'fp32':>6} {'eager':>6} {'dlib':>6} {'/dlib':>6} {'bs64 img/s':>11}")
+          f"{'bs1 ms':>7} {'fp32':>6} {'int8':>6} {'eager':>6} {'dlib':>6} {'/dlib':>6} {'bs64 img/s':>11}")
     for r in rows:
         loaders = " ".join(f"{w}:{v:.0f}" for w, v in r["loader_img_s"].items())
         dlib = r["dlib_ms_per_face"]
         dlib_ms, ratio = ("-", "-") if dlib is None else (f"{dlib:.2f}", f"{r['infer_bs1_ms'] / dlib:.1f}x")
+        int8 = f"{r['infer_bs1_ms_int8']:.2f}" if "infer_bs1_ms_int8" in r else "-"
         print(f"{r['img_size']:>4} {loaders:>24} {r['model_train_img_s']:>12.1f} "
               f"{r['model_train_img_s_fp32']:>6.1f} {r['e2e_train_img_s']:>10.1f} "
-              f"{r['infer_bs1_ms']:>7.2f} {r.get('infer_bs1_ms_fp32', r['infer_bs1_ms']):>6.2f} {r['infer_bs1_ms_eager']:>6.2f} "
+              f"{r['infer_bs1_ms']:>7.2f} {r.get('infer_bs1_ms_fp32', r['infer_bs1_ms']):>6.2f} {int8:>6} "
+              f"{r['infer_bs1_ms_eager']:>6.2f} "
               f"{dlib_ms:>6} {ratio:>6} {r['infer_bs64_img_s']:>11.1f}")
     if args.json:
         write_atomic(Path(args.json), json.dumps(rows, indent=2) + "\n")

@@ -11,7 +11,8 @@ from errors import WeightsError
 from files import save_with
 from landmarks import Markup
 from model import PIPHead, build_model
-from network_cache import cache_path, read_frozen, write_frozen
+from network_cache import cache_path, read_frozen, read_int8, write_frozen, write_int8
+from quantized import CALIBRATION_KEY, int8_runner, int8_supported, quantize_body
 from runtime import Network, fast_network, frozen_body, has_native_bf16, pip_head_of
 
 # The project's trained weights, committed once (docs/training.md, "Trained weights"): the default of predict.py
@@ -93,11 +94,14 @@ def misfit(model: nn.Module, state: dict) -> str | None:
     return "; ".join(problems) or None
 
 
-def release_copy(checkpoint: dict) -> dict:
+def release_copy(checkpoint: dict, calibration: torch.Tensor | None = None) -> dict:
     """What weights/ ships: the network's floating tensors in fp16 (half the size; loading turns them back
-    into fp32), the settings it was trained with and its validation figures; no optimiser state."""
+    into fp32), the settings it was trained with and its validation figures; no optimiser state. With
+    `calibration` (quantized.CALIBRATION_KEY's crops), or the checkpoint's own, the file also runs in int8."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-    kept = {k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme") if k in checkpoint}
+    kept = {k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme", CALIBRATION_KEY) if k in checkpoint}
+    if calibration is not None:
+        kept[CALIBRATION_KEY] = calibration
     # Weights trained before markups were saved are iBUG's 68 points: the release says so in its own config.
     config = checkpoint.get("config", {})
     kept["config"] = config | {"markup": Markup.from_config(config).to_config()}
@@ -128,17 +132,21 @@ def model_from(checkpoint: dict, path: Path) -> nn.Module:
     return model
 
 
-def load_for_inference(path: Path, device: str | torch.device = "cpu",
-                       eager: bool = False) -> tuple[Network, dict]:
-    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`
-    (runtime.optimize_for_inference). The frozen form is kept on disk (network_cache), so only the first
-    start with these weights builds it."""
+def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bool = False,
+                       int8: bool = True) -> tuple[Network, dict]:
+    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`: in
+    int8 where `int8` allows, the weights carry calibration crops and the CPU has VNNI (quantized), else
+    traced and frozen in bf16 or fp32 (runtime.optimize_for_inference). The fast form is kept on disk
+    (network_cache), so only the first start with these weights builds it."""
     checkpoint = load_checkpoint(path, device)
     config = checkpoint.get("config", {})
     if eager or torch.device(device).type != "cpu":
         return model_from(checkpoint, path).to(device).eval(), config
-    img_size, bf16 = config.get("img_size", 224), has_native_bf16(torch.device("cpu"))
-    entry = cache_path(path, img_size, bf16)
+    img_size = config.get("img_size", 224)
+    if int8 and CALIBRATION_KEY in checkpoint and int8_supported():
+        return int8_network(checkpoint, path, img_size), config
+    bf16 = has_native_bf16(torch.device("cpu"))
+    entry = cache_path(path, img_size, "bf16" if bf16 else "fp32")
     frozen = read_frozen(entry)
     if frozen is not None:
         return fast_network(frozen, pip_head_from(checkpoint), img_size), config
@@ -146,6 +154,27 @@ def load_for_inference(path: Path, device: str | torch.device = "cpu",
     frozen = frozen_body(model, img_size, bf16)
     write_frozen(entry, frozen)
     return fast_network(frozen, pip_head_of(model), img_size), config
+
+
+def int8_network(checkpoint: dict, path: Path, img_size: int) -> Network:
+    """The int8 network of a checkpoint with calibration crops, from the cache or quantized now (a few
+    seconds) and kept."""
+    crops = checkpoint[CALIBRATION_KEY]
+    if not (isinstance(crops, torch.Tensor) and crops.dtype == torch.uint8 and crops.dim() == 4
+            and len(crops) > 0 and tuple(crops.shape[1:]) == (1, img_size, img_size)):
+        raise WeightsError(f"{path}: its '{CALIBRATION_KEY}' entry is not (N, 1, {img_size}, {img_size}) uint8 "
+                           f"crops; write it again with export.py --release, or pass --no-int8")
+    entry = cache_path(path, img_size, "int8")
+    kept = read_int8(entry)
+    if kept is not None:
+        try:
+            return int8_runner(kept, pip_head_from(checkpoint), img_size)
+        except Exception:  # onnxruntime's errors derive from Exception alone; a torn entry is built again
+            pass
+    model = model_from(checkpoint, path).eval()
+    model_bytes = quantize_body(model, img_size, crops)
+    write_int8(entry, model_bytes)
+    return int8_runner(model_bytes, pip_head_of(model), img_size)
 
 
 def pip_head_from(checkpoint: dict) -> PIPHead | None:

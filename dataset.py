@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import torch
 from torch.utils.data import Dataset
 
 import demo
@@ -17,6 +18,7 @@ from flags import SEED_MAX, ignore_ctrl_c, number_in, one_line_errors, out_file,
 from images import open_gray
 from labels import TRAIN_XML, load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, rescale
+from quantized import CALIBRATION_FACES, to_calibration
 from transforms import Transforms
 
 # Crops in the cache cover this much more than the training crop, so rotation, scale and shift
@@ -165,6 +167,16 @@ class FaceLandmarksDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.transform(*self.load(i))
+
+
+def calibration_crops(faces: list[Face], config: dict, n: int = CALIBRATION_FACES) -> torch.Tensor:
+    """n training faces of the split these weights were trained on, never validation ones, cropped to
+    their boxes as evaluation crops them: the crops an int8 network's ranges are set on (quantized.py).
+    The same faces for the same split."""
+    train, _ = trained_split(len(faces), config)
+    chosen = sorted(np.random.default_rng(0).choice(train, min(n, len(train)), replace=False).tolist())
+    data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False), chosen)
+    return to_calibration(torch.stack([data[i][0] for i in range(len(data))]))
 
 
 def plot_samples(dataset: FaceLandmarksDataset, augmented: FaceLandmarksDataset, n: int, out: Path) -> None:

@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
     p.add_argument("--eager", action="store_true",
                    help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
+    p.add_argument("--no-int8", action="store_true",
+                   help="run the network in bf16/fp32 even where it would run in int8 (weights with calibration "
+                        "crops, a CPU with VNNI; docs/scripts.md)")
     p.add_argument("--out-dir", type=out_folder, default="eval",
                    help="folder for the CED plot and per-face CSVs (default: eval)")
     p.add_argument("--json", metavar="FILE", type=out_file, help="also write the table as JSON")
@@ -284,7 +287,7 @@ def evaluate(args: argparse.Namespace) -> dict:
 def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
                   report: Report) -> tuple[list[Face], dict, Path, Markup]:
     """One weights file on the XML's boxes (the 300-W protocol) and, with --detector, on the faces it finds."""
-    model, config = load_for_inference(weights, device, args.eager)
+    model, config = load_for_inference(weights, device, args.eager, not args.no_int8)
     faces, xml, markup = select_faces(args, config)
     refuse_dlib_for_other_markup(args, xml, markup)
     if args.flip_test and markup.flip is None:
@@ -297,7 +300,7 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
                   f"{weights}{' with flip test' if args.flip_test else ''} on {xml}",
                   score(pred, truths, faces, markup), faces, xml.parent, markup)
     if (args.passes or 1) > 1:
-        landmarker = Landmarker(weights, args.device, eager=args.eager, passes=args.passes)
+        landmarker = Landmarker(weights, args.device, eager=args.eager, int8=not args.no_int8, passes=args.passes)
         report.record(f"{run_name(weights)} +{args.passes}passes", f"{weights} on {xml}, {args.passes} looks per box",
                       nme(looks_in_boxes(landmarker, faces), np.stack([f.points for f in faces]), markup,
                           [math.hypot(f.box.width, f.box.height) for f in faces]), faces, xml.parent, markup)
@@ -309,14 +312,14 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
               f"{row['mean_score_visible']:.3f} against {row['mean_score_covered']:.3f}); rank correlation with the "
               f"point's error {row['spearman_score_vs_error']:+.3f} (Pearson {row['pearson_score_vs_error']:+.3f})")
     if args.pose_test:
-        row = pose_test(Landmarker(weights, args.device, eager=args.eager), faces)
+        row = pose_test(Landmarker(weights, args.device, eager=args.eager, int8=not args.no_int8), faces)
         report.results[f"{run_name(weights)} head pose"] = row
         print(f"head pose of {weights}: {json.dumps(row)}")
     if args.source_errors:
         report_source_errors(args, weights, faces, markup, report)
     if args.detector:
         landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
-                                passes=args.passes)
+                                int8=not args.no_int8, passes=args.passes)
         passes = landmarker.passes_for(boxes_given=False)
         for degrees in args.turn:
             name = (f"{run_name(weights)} {args.detector}{' any-roll' if args.any_roll else ''} {passes} "
@@ -328,7 +331,8 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
 
 def report_source_errors(args: argparse.Namespace, weights: str, faces: list[Face], markup: Markup,
                          report: Report) -> None:
-    landmarker = Landmarker(weights, args.device, args.detector or "yunet", args.any_roll, eager=args.eager)
+    landmarker = Landmarker(weights, args.device, args.detector or "yunet", args.any_roll, eager=args.eager,
+                            int8=not args.no_int8)
     for degrees in args.turn:
         for source, errors in source_errors(landmarker, faces, markup, degrees).items():
             name = f"{source} framing, photos turned {degrees:g}deg"

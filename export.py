@@ -6,9 +6,13 @@ import numpy as np
 import torch
 
 from checkpoints import load_checkpoint, load_model, release_copy, save_atomic
+from dataset import calibration_crops
+from errors import UsageError
 from flags import one_line_errors, out_file
+from labels import TRAIN_XML, load_faces
 from landmarks import Markup
 from onnx_io import OPSET, export_onnx, export_torchscript, onnx_runner, require_onnx
+from quantized import CALIBRATION_FACES
 
 # The check runs a batch of a size the export never saw, which proves the batch axis is dynamic.
 EXPORT_BATCH, CHECK_BATCH = 2, 3
@@ -23,28 +27,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--release", metavar="FILE",
                         help="instead, write the weights in fp16 for release (as weights/ holds them) and check "
                              "that they predict as the original")
+    parser.add_argument("--data-dir", type=Path,
+                        help=f"with --release: also store {CALIBRATION_FACES} training faces of this dlib folder (the "
+                             "weights' own split) as crops, so that the file runs in int8 (docs/scripts.md)")
+    parser.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
     return parser.parse_args(argv)
 
 
 def write_release(args: argparse.Namespace) -> float:
     """The fp16 copy, and the largest difference between its predictions and the original's."""
     path = Path(args.release)
+    checkpoint = load_checkpoint(args.weights)
+    calibration = None
+    if args.data_dir is not None:
+        faces = load_faces(args.data_dir / args.xml)
+        calibration = calibration_crops(faces, checkpoint.get("config", {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomic(release_copy(load_checkpoint(args.weights)), path)
+    save_atomic(release_copy(checkpoint, calibration), path)
     original, config = load_model(args.weights)
     released, _ = load_model(path)
     size = config.get("img_size", 224)
     inputs = torch.rand(CHECK_BATCH, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.inference_mode():
         difference = float((released(inputs) - original(inputs)).abs().max())
-    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB); largest |fp16 copy - original| over "
-          f"{CHECK_BATCH} random inputs: {difference:.2e}")
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB"
+          f"{'' if calibration is None else f', with {len(calibration)} calibration crops for int8'}); largest "
+          f"|fp16 copy - original| over {CHECK_BATCH} random inputs: {difference:.2e}")
     return difference
 
 
 def main(args: argparse.Namespace) -> float:
     """Writes the files and returns the largest |onnxruntime - PyTorch| over a batch of random inputs."""
     with one_line_errors():
+        if args.data_dir is not None and not args.release:
+            raise UsageError("--data-dir: only with --release (the calibration crops go into the release file)")
         return write_release(args) if args.release else write_exports(args)
 
 

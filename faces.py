@@ -168,17 +168,19 @@ class Landmarker:
     None: as default_passes says, where a second look pays.
     any_roll=True also finds faces turned sideways or upside down, and looks at a doubtful face turned each
     eighth of the way round (surest_turns).
+    int8=False keeps the bf16/fp32 network where the int8 one would run (checkpoints.load_for_inference).
     """
 
     def __init__(self, weights: str | Path | None = None, device: str = "auto", detector: str = "yunet",
-                 any_roll: bool = False, upsample: int = HOG_UPSAMPLE, eager: bool = False, passes: int | None = None):
+                 any_roll: bool = False, upsample: int = HOG_UPSAMPLE, eager: bool = False, passes: int | None = None,
+                 int8: bool = True):
         weights = Path(weights) if weights else RELEASED_WEIGHTS
         if not weights.is_file() and weights == RELEASED_WEIGHTS:
             raise UsageError(f"{RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train with "
                              f"`python train.py --recipe best --out runs/best` and pass --weights runs/best/best.pt")
         self.device = pick_device(device)
         self.weights = weights
-        self.model, self.config = load_for_inference(weights, self.device, eager)
+        self.model, self.config = load_for_inference(weights, self.device, eager, int8)
         self.markup = Markup.from_config(self.config)
         self.transform = Transforms(self.config.get("img_size", 224), train=False)
         self.detect = make_detector(detector, any_roll, upsample)

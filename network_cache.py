@@ -1,7 +1,8 @@
-"""The frozen CPU network of a weights file, kept on disk between runs: a later start loads it in a tenth of a second instead of building, tracing and freezing it, and never imports torchvision."""
+"""The fast CPU network of a weights file, kept on disk between runs: a later start loads it in a tenth of a second instead of building it again (tracing and freezing, or quantizing to int8), and never imports torchvision."""
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,11 +12,11 @@ from files import save_with
 # The folder: $FACE_LANDMARKS_CACHE where it is set (empty: no cache), else $XDG_CACHE_HOME/face-landmarks,
 # else ~/.cache/face-landmarks.
 CACHE_ENV = "FACE_LANDMARKS_CACHE"
-# Each entry is the network once more (about 23 MB in bf16, 45 in fp32): the least recently used go first.
+# Each entry is the network once more (about 23 MB in bf16, 45 in fp32, 12 in int8): the least recently used go first.
 KEEP = 8
-# Only files of this ending are entries: a folder named by $FACE_LANDMARKS_CACHE may hold the user's own .pt files,
-# and those are never dropped.
-SUFFIX = ".frozen.pt"
+# Only files of these endings are entries: a folder named by $FACE_LANDMARKS_CACHE may hold the user's own .pt
+# or .onnx files, and those are never dropped. The frozen TorchScript network (bf16 or fp32), and the int8 ONNX one.
+SUFFIXES = {"bf16": ".frozen.pt", "fp32": ".frozen.pt", "int8": ".int8.onnx"}
 
 
 def cache_dir() -> Path | None:
@@ -26,9 +27,9 @@ def cache_dir() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "face-landmarks"
 
 
-def cache_path(weights: Path, img_size: int, bf16: bool) -> Path | None:
-    """The entry for these weights' bytes, frozen at this size and precision by this torch; None with no cache.
-    The bytes, not the name: retrained weights at the same path never meet an old entry."""
+def cache_path(weights: Path, img_size: int, precision: str) -> Path | None:
+    """The entry for these weights' bytes, built at this size and precision (a key of SUFFIXES) by this torch;
+    None with no cache. The bytes, not the name: retrained weights at the same path never meet an old entry."""
     folder = cache_dir()
     if folder is None:
         return None
@@ -36,8 +37,8 @@ def cache_path(weights: Path, img_size: int, bf16: bool) -> Path | None:
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    digest.update(f"|{img_size}|{'bf16' if bf16 else 'fp32'}|torch {torch.__version__}".encode())
-    return folder / f"{digest.hexdigest()[:40]}{SUFFIX}"
+    digest.update(f"|{img_size}|{precision}|torch {torch.__version__}".encode())
+    return folder / f"{digest.hexdigest()[:40]}{SUFFIXES[precision]}"
 
 
 def read_frozen(path: Path | None) -> torch.jit.ScriptModule | None:
@@ -56,16 +57,41 @@ def read_frozen(path: Path | None) -> torch.jit.ScriptModule | None:
 
 
 def write_frozen(path: Path | None, frozen: torch.jit.ScriptModule) -> None:
-    """Keep `frozen` at `path`, atomically, and drop the least recently used entries beyond KEEP. A cache
-    that cannot be written (read-only home, full disk) costs only the next start's time, so it is skipped."""
+    """Keep `frozen` at `path` (see keep)."""
+    def save(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(frozen, str(tmp))
+    keep(path, save)
+
+
+def read_int8(path: Path | None) -> bytes | None:
+    """The int8 ONNX model kept at `path`, or None where there is none. Whether its bytes make a model is
+    for onnxruntime to say: a torn entry is built again and written over."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = path.read_bytes()
+        os.utime(path)
+        return data
+    except OSError:
+        return None
+
+
+def write_int8(path: Path | None, model_bytes: bytes) -> None:
+    keep(path, lambda tmp: tmp.write_bytes(model_bytes))
+
+
+def keep(path: Path | None, save: Callable[[Path], object]) -> None:
+    """Write an entry at `path` atomically with `save(tmp)`, and drop the least recently used entries beyond
+    KEEP. A cache that cannot be written (read-only home, full disk) costs only the next start's time, so it
+    is skipped."""
     if path is None:
         return
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            save_with(path, lambda tmp: torch.jit.save(frozen, str(tmp)))
-        entries = sorted(path.parent.glob(f"*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in entries[KEEP:]:
+        save_with(path, save)
+        entries = [p for suffix in set(SUFFIXES.values()) for p in path.parent.glob(f"*{suffix}")]
+        for old in sorted(entries, key=lambda p: p.stat().st_mtime, reverse=True)[KEEP:]:
             old.unlink(missing_ok=True)
     except (RuntimeError, OSError):
         pass

@@ -33,6 +33,7 @@ class PhotoSettings:
     box: Box | None = None
     draw: bool = True
     out_dir: str = "predictions"
+    int8: bool = True
 
 
 def photo_files(paths: list[str], recursive: bool = False) -> list[Path]:
@@ -125,7 +126,7 @@ def start_worker(settings: PhotoSettings, threads: int) -> None:
     WORKER["settings"] = settings
     try:
         WORKER["landmarker"] = Landmarker(settings.weights, settings.device, settings.detector, settings.any_roll,
-                                          settings.upsample, settings.eager, settings.passes)
+                                          settings.upsample, settings.eager, settings.passes, settings.int8)
     except Error as e:  # raised again with the first photo, in the parent: a pool whose start fails would retry forever
         WORKER["error"] = e
 

@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
     parser.add_argument("--eager", action="store_true",
                         help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
+    parser.add_argument("--no-int8", action="store_true",
+                        help="run the network in bf16/fp32 even where it would run in int8 (weights with "
+                             "calibration crops, a CPU with VNNI; docs/scripts.md)")
     grid = parser.add_argument_group("validation grid (without --image)")
     grid.add_argument("--n", type=number_in(int, 1), default=8, help="validation faces to show (default: 8)")
     grid.add_argument("--data-dir", help="dataset folder (default: the one the weights were trained on)")
@@ -175,7 +178,7 @@ def predict_photos(args: argparse.Namespace) -> dict:
     done = continue_or_refuse(results, args.resume)
     todo = [f for f in files if str(f) not in done]
     settings = PhotoSettings(str(args.weights), args.device, args.detector, args.any_roll, args.upsample,
-                             args.eager, args.passes, args.box, not args.no_draw, str(out_dir))
+                             args.eager, args.passes, args.box, not args.no_draw, str(out_dir), not args.no_int8)
     records, spent, started = [], {}, time.perf_counter()
     workers = min(args.workers, max(len(todo), 1))
     with open(results, "a", encoding="utf-8") as out:
@@ -259,7 +262,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.image:
         return predict_photos(args)
     device = pick_device(args.device)
-    model, config = load_for_inference(args.weights, device, args.eager)
+    model, config = load_for_inference(args.weights, device, args.eager, not args.no_int8)
     if args.video is not None:
         return predict_video(model, config, args, device)
     plot_validation(model, config, args, device)

@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="instead of the rest: run a clip this long of one moving face and report the resident "
                         "memory after each minute (default: 0, skip)")
     p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
+    p.add_argument("--no-int8", action="store_true", help="as predict.py's --no-int8: no int8 network")
     p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
     p.add_argument("--rescore", action="store_true",
                    help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
@@ -381,7 +382,7 @@ def bench(args: argparse.Namespace) -> dict:
         pair = json.loads((out / "pair.json").read_text())
     else:
         args.device = pick_device("auto")
-        args.model, args.config = load_for_inference(args.weights, args.device, args.eager)
+        args.model, args.config = load_for_inference(args.weights, args.device, args.eager, not args.no_int8)
         args.find_faces = make_detector(args.detector)
         rng = np.random.default_rng(0)
         faces = pick_faces(args, max(args.faces, 2))

@@ -1,0 +1,120 @@
+"""The int8 CPU network: the body as ONNX, quantized by onnxruntime on calibration crops the weights file carries, its last layer kept in fp32."""
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from runtime import InferenceBody, InferenceNetwork, fast_network
+
+# onnx and onnxruntime are imported inside the functions that build or run the int8 model: a start that runs
+# the frozen network (no calibration crops, no VNNI, --no-int8) does not pay for them.
+
+# The checkpoint entry holding the calibration crops: (N, 1, S, S) uint8, network inputs as transforms.py
+# makes them ([-1, 1]) stored in 8 bits. 32 training faces set the ranges as well as 128 did (validation NME
+# 0.0001 apart, docs/results.md, "int8 inference"), for 0.8 MB in the release file at 160 px.
+CALIBRATION_KEY = "calibration"
+CALIBRATION_FACES = 32
+# The last layer gives the points (offsets, or the regression's coordinates) and stays fp32: in int8 too it
+# moved the astronaut's worst point by 0.42% of the box against 0.12%, and cost 0.02 validation NME.
+LAYER_OPS = {"Conv", "Gemm", "MatMul"}
+
+
+def int8_supported() -> bool:
+    """Does this CPU have VNNI (AVX512-VNNI or AVX-VNNI), the int8 products onnxruntime's kernels are fast
+    with? Without it int8 was not measured against the frozen network, which stays the default there."""
+    try:
+        import onnxruntime  # noqa: F401
+        from onnxruntime.quantization import quantize_static  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cpu._is_vnni_supported()
+
+
+def to_calibration(images: torch.Tensor) -> torch.Tensor:
+    """Network inputs in [-1, 1] -> uint8, as the checkpoint keeps them."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_calibration(crops: torch.Tensor) -> np.ndarray:
+    return crops.numpy().astype(np.float32) / np.float32(127.5) - np.float32(1)
+
+
+def quantize_body(model: nn.Module, img_size: int, crops: torch.Tensor) -> bytes:
+    """The model's InferenceBody (fp32) as an int8 ONNX model: activations uint8 with ranges from `crops`,
+    weights int8 per channel, the last layer fp32. As int8 operators rather than quantize/dequantize pairs
+    around float ones: with pairs, onnxruntime 1.32 ran the stride16 network at 20 ms a face, against 4.5."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    body = InferenceBody(model.eval().requires_grad_(False), bf16=False).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        plain, ready, int8 = (Path(folder) / name for name in ("plain.onnx", "ready.onnx", "int8.onnx"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation (onnx_io.export_onnx says why)
+            torch.onnx.export(body, (torch.zeros(1, 1, img_size, img_size),), str(plain), dynamo=False,
+                              opset_version=17, input_names=["image"], dynamic_axes={"image": {0: "batch"}})
+        quant_pre_process(str(plain), str(ready))
+        kept = last_layer(onnx.load(str(ready)).graph)
+        quantize_static(str(ready), str(int8), calibration_reader(from_calibration(crops)),
+                        quant_format=QuantFormat.QOperator, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
+        return int8.read_bytes()
+
+
+def last_layer(graph) -> list[str]:
+    """The names of the layers (LAYER_OPS) whose values reach the graph's outputs with no other layer between;
+    not through Shape, which passes on only the size of what it reads."""
+    producer = {out: node for node in graph.node for out in node.output}
+    found, todo, seen = [], [o.name for o in graph.output], set()
+    while todo:
+        node = producer.get(todo.pop())
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in LAYER_OPS:
+            found.append(node.name)
+        elif node.op_type != "Shape":
+            todo.extend(node.input)
+    return found
+
+
+def calibration_reader(crops: np.ndarray):
+    """onnxruntime's CalibrationDataReader over the crops, one at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Crops(CalibrationDataReader):
+        def __init__(self):
+            self.crops = iter(crops)
+
+        def get_next(self) -> dict | None:
+            crop = next(self.crops, None)
+            return None if crop is None else {"image": crop[None]}
+    return Crops()
+
+
+class OnnxBody:
+    """The int8 model as the frozen body is called: a (N, 1, S, S) tensor in, the raw outputs out as tensors
+    (the pip head's three maps, or the regression head's coordinates)."""
+
+    def __init__(self, model_bytes: bytes):
+        import onnxruntime
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        # Its threads would otherwise spin for work after each call, taking the cores from torch's own
+        # threads and OpenCV's between the calls.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor):
+        outputs = self.session.run(None, {"image": np.ascontiguousarray(images.float().numpy())})
+        tensors = tuple(torch.from_numpy(o) for o in outputs)
+        return tensors if len(tensors) > 1 else tensors[0]
+
+
+def int8_runner(model_bytes: bytes, pip_head: nn.Module | None, img_size: int) -> InferenceNetwork:
+    """The int8 model as evaluate.py and predict.py call a network: the frozen network's interface, the pip
+    head's decoding after it. oneDNN's fuser has nothing to do here."""
+    return fast_network(OnnxBody(model_bytes), pip_head, img_size, fuse=False)
