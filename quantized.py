@@ -23,7 +23,7 @@ LAYER_OPS = {"Conv", "Gemm", "MatMul"}
 
 
 def int8_supported() -> bool:
-    """Does this CPU have VNNI (AVX512-VNNI or AVX-VNNI), the int8 products onnxruntime's kernels are fast
+    """Does this CPU have AVX512-VNNI (as torch reports it), the int8 products onnxruntime's kernels are fast
     with? Without it int8 was not measured against the frozen network, which stays the default there."""
     try:
         import onnxruntime  # noqa: F401

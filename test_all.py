@@ -1410,10 +1410,10 @@ def refuse_to_build(checkpoint, path):
 def test_a_second_load_takes_the_kept_frozen_network_and_gives_the_same_points(head, trained, tmp_path, monkeypatch):
     monkeypatch.setenv(network_cache.CACHE_ENV, str(tmp_path / "cache"))
     weights = checkpoints.RELEASED_WEIGHTS if head == "pip" else trained / "best.pt"
-    first, config = checkpoints.load_for_inference(weights)
+    first, config = checkpoints.load_for_inference(weights, int8=False)  # the int8 network's own test is below
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     monkeypatch.setattr(checkpoints, "model_from", refuse_to_build)
-    second, second_config = checkpoints.load_for_inference(weights)
+    second, second_config = checkpoints.load_for_inference(weights, int8=False)
     assert second_config == config
     images = torch.rand(3, 1, config["img_size"], config["img_size"], generator=torch.Generator().manual_seed(0))
     (points, scores), (kept_points, kept_scores) = first.with_scores(images), second.with_scores(images)

@@ -291,6 +291,7 @@ def time_command(args: argparse.Namespace, clip: Path) -> dict:
     """`python predict.py --video clip` as a user runs it, start-up included."""
     command = [sys.executable, "predict.py", "--weights", args.weights, "--video", str(clip), "--out-dir",
                str(clip.parent / "command"), "--detector", args.detector, "--lost-by", args.lost_by]
+    command += ["--eager"] * args.eager + ["--no-int8"] * args.no_int8
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).resolve().parent)
     seconds = time.perf_counter() - start
