@@ -1,4 +1,5 @@
 """The int8 CPU network: the body as ONNX, quantized by onnxruntime on calibration crops the weights file carries, its last layer kept in fp32."""
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -58,9 +59,13 @@ def quantize_body(model: nn.Module, img_size: int, crops: torch.Tensor) -> bytes
                               opset_version=17, input_names=["image"], dynamic_axes={"image": {0: "batch"}})
         quant_pre_process(str(plain), str(ready))
         kept = last_layer(onnx.load(str(ready)).graph)
-        quantize_static(str(ready), str(int8), calibration_reader(from_calibration(crops)),
-                        quant_format=QuantFormat.QOperator, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
+        logging.disable(logging.WARNING)  # the quantizer logs each shape tensor it leaves alone, on the root logger
+        try:
+            quantize_static(str(ready), str(int8), calibration_reader(from_calibration(crops)),
+                            quant_format=QuantFormat.QOperator, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
+        finally:
+            logging.disable(logging.NOTSET)
         return int8.read_bytes()
 
 

@@ -20,6 +20,11 @@ RECIPES = {
                  weight_decay=1e-4, sched="cosine", warmup_epochs=1, loss="wing", flip=True, scale=0.1,
                  shift=0.05, rotation=15.0, cache=True),
 }
+# The released weights' run (docs/training.md, "Trained weights"): the best recipe on stride-16 features, with
+# noise and pieces of the face itself over half the crops, and the scores of covered points trained towards 0
+# so that each point's score says whether it is seen.
+RECIPES["release"] = RECIPES["best"] | dict(features="stride16", occlusion=0.5, occlusion_fill="mixed",
+                                            covered_scores=True)
 
 
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.

@@ -290,6 +290,16 @@ def test_beyond_write_up_flags_select_checkpoints_by_nme():
     assert train.parse_args(["--recipe", "best", "--epochs", "3"]).epochs == 3
 
 
+def test_the_release_recipe_is_the_best_recipe_with_the_release_runs_flags():
+    # docs/training.md gives the release run as this command; --recipe release must train the same way.
+    command = ("--recipe best --features stride16 --occlusion 0.5 --occlusion-fill mixed --covered-scores "
+               "--epochs 96").split()
+    as_flags, as_recipe = vars(train.parse_args(command)), vars(train.parse_args(["--recipe", "release"]))
+    assert as_recipe.pop("recipe") == "release" and as_flags.pop("recipe") == "best"
+    assert as_recipe == as_flags
+    assert as_recipe["covered_scores"] and as_recipe["head"] == "pip" and as_recipe["features"] == "stride16"
+
+
 def test_amp_auto_uses_bf16_only_where_the_cpu_does_it_in_hardware(monkeypatch):
     cpu = torch.device("cpu")
     for avx512_bf16, amx, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "off")]:
@@ -1161,6 +1171,10 @@ def test_released_weights_are_small_and_record_how_they_were_trained():
     assert checkpoints.RELEASED_WEIGHTS.stat().st_size <= 25 * 2**20
     assert checkpoint["config"]["recipe"] == "best" and "optimizer" not in checkpoint
     assert all(v.dtype != torch.float32 for v in checkpoint["model"].values())
+    # The release recipe's run, with the crops that let it run in int8 (docs/training.md, "Trained weights").
+    release = vars(train.parse_args(["--recipe", "release"]))
+    assert all(checkpoint["config"][k] == release[k] for k in ("features", "occlusion", "covered_scores", "epochs"))
+    assert checkpoint[quantized.CALIBRATION_KEY].shape == (quantized.CALIBRATION_FACES, 1, 160, 160)
 
 
 def test_predict_image_without_weights_or_a_release_says_what_to_pass(tmp_path, monkeypatch):

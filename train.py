@@ -60,7 +60,9 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
 
 def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    p.add_argument("--recipe", choices=sorted(RECIPES), help="preset: writeup (default) or best; flags override it")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="preset: writeup (default), best (an hour's run) or release (the released weights' run); "
+                        "flags override it")
     p.add_argument("--img-size", type=number_in(int, MIN_IMG_SIZE, MAX_IMG_SIZE),
                    help=f"side of the network input (default: {d['img_size']})")
     p.add_argument("--rotation", type=number_in(float, 0, 180),
