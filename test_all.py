@@ -1541,10 +1541,14 @@ def test_the_int8_network_is_kept_and_a_torn_entry_is_quantized_again(int8_relea
     torch.testing.assert_close(third(images), first(images))
 
 
-def test_int8_runs_only_with_calibration_crops_on_a_vnni_cpu_unless_switched_off(int8_release, monkeypatch):
+def test_int8_runs_only_with_calibration_crops_on_a_vnni_cpu_unless_switched_off(int8_release, tmp_path,
+                                                                              monkeypatch):
+    no_crops = tmp_path / "no_crops.pt"
+    checkpoint = checkpoints.load_checkpoint(int8_release)
+    del checkpoint[quantized.CALIBRATION_KEY]
+    checkpoints.save_atomic(checkpoint, no_crops)
     for path, supported, wanted, expected in [(int8_release, True, True, True), (int8_release, False, True, False),
-                                              (int8_release, True, False, False),
-                                              (checkpoints.RELEASED_WEIGHTS, True, True, False)]:
+                                              (int8_release, True, False, False), (no_crops, True, True, False)]:
         monkeypatch.setattr(checkpoints, "int8_supported", lambda: supported)
         network, _ = checkpoints.load_for_inference(path, int8=wanted)
         assert isinstance(network.frozen, quantized.OnnxBody) == expected, (path, supported, wanted)
