@@ -239,7 +239,8 @@ def inference_ways(model: torch.nn.Module, img_size: int, folder: Path) -> dict[
         ways["onnxruntime"] = runtime
     if int8_supported():
         # Ranges from noise: this network is untrained, and only its speed is measured here.
-        crops = to_calibration(torch.rand(8, 1, img_size, img_size, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+        noise = torch.rand(8, 1, img_size, img_size, generator=torch.Generator().manual_seed(0))
+        crops = to_calibration(noise * 2 - 1)
         ways["int8"] = int8_runner(quantize_body(model, img_size, crops), pip_head_of(model), img_size)
     return ways
 

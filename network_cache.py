@@ -12,7 +12,8 @@ from files import save_with
 # The folder: $FACE_LANDMARKS_CACHE where it is set (empty: no cache), else $XDG_CACHE_HOME/face-landmarks,
 # else ~/.cache/face-landmarks.
 CACHE_ENV = "FACE_LANDMARKS_CACHE"
-# Each entry is the network once more (about 23 MB in bf16, 45 in fp32, 12 in int8): the least recently used go first.
+# Each entry is the network once more (about 23 MB in bf16, 45 in fp32, 14 in int8): the least recently used go
+# first.
 KEEP = 8
 # Only files of these endings are entries: a folder named by $FACE_LANDMARKS_CACHE may hold the user's own .pt
 # or .onnx files, and those are never dropped. The frozen TorchScript network (bf16 or fp32), and the int8 ONNX one.
