@@ -123,5 +123,5 @@ class OnnxBody:
 
 def int8_runner(model_bytes: bytes, pip_head: nn.Module | None, img_size: int) -> InferenceNetwork:
     """The int8 model as evaluate.py and predict.py call a network: the frozen network's interface, the pip
-    head's decoding after it. oneDNN's fuser has nothing to do here."""
-    return fast_network(OnnxBody(model_bytes), pip_head, img_size, fuse=False)
+    head's decoding after it, on all of a call's crops at once. oneDNN's fuser has nothing to do here."""
+    return fast_network(OnnxBody(model_bytes), pip_head, img_size, fuse=False, batched=True)
