@@ -164,9 +164,11 @@ class InferenceNetwork:
         # varying face count re-specialised it on every new batch size (40-130 ms a call instead of one
         # face's time); on this CPU a batch of 32 costs per face about what 32 single crops cost.
         # onnxruntime has no such graph: there two faces in one call cost 11.5 ms against 13.8 ms for two calls.
-        parts = [self.outputs(images)] if self.batched else [self.outputs(image[None]) for image in images]
-        outputs = parts[0] if len(parts) == 1 else (
-            torch.cat(parts) if self.pip_head is None else tuple(torch.cat(p) for p in zip(*parts)))
+        if self.batched:
+            outputs = self.outputs(images)
+        else:
+            parts = [self.outputs(image[None]) for image in images]
+            outputs = torch.cat(parts) if self.pip_head is None else tuple(torch.cat(p) for p in zip(*parts))
         if self.pip_head is None:
             return outputs, None
         # PIPNet's decoding (argmax, gather) runs after the graph: oneDNN's fuser cannot compile it, and it is cheap.
