@@ -9,7 +9,7 @@ DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_ba
                 flip_pairs=None, nme_points=None,
                 recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, occlusion=0.0,
                 covered_scores=False, align=False, jitter_spread="uniform",
-                occlusion_fill="noise", loss="mse", optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False,
+                occlusion_fill="noise", loss="mse", optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, init=None,
                 select=None, amp="auto", head="regression", features="stride32")
 
 
@@ -31,17 +31,17 @@ RELEASE_EPOCHS = 176
 
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
 RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "occlusion_fill", "covered_scores",
-               "align", "jitter_spread", "loss", "optimizer", "weight_decay", "sched", "warmup_epochs", "pretrained",
+               "align", "jitter_spread", "loss", "optimizer", "weight_decay", "sched", "warmup_epochs", "pretrained", "init",
                "recipe", "head", "features"]
 
 
 # With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),
-# what the weights are (img_size, pretrained, head, features), the optimiser's state (optimizer) or what the validation
+# what the weights are (img_size, pretrained, init, head, features), the optimiser's state (optimizer) or what the validation
 # loss and NME mean (loss, recipe, flip_pairs, nme_points). Every other flag given now wins, including those whose values also live in the
 # optimiser's and schedule's state (lr, weight_decay, epochs, sched, warmup_epochs, batch_size), which
 # load_training_state writes in after loading, --amp, which takes effect from the next step, and --select,
 # whose best score is read again from the log. A new flag goes here unless it can take effect so.
-RESUME_FIXED = ["seed", "val_fraction", "img_size", "pretrained", "head", "features", "optimizer", "loss", "recipe",
+RESUME_FIXED = ["seed", "val_fraction", "img_size", "pretrained", "init", "head", "features", "optimizer", "loss", "recipe",
                 "flip_pairs", "nme_points"]
 
 

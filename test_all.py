@@ -1699,7 +1699,8 @@ def test_resume_from_best_pt_says_why_not_and_to_pass_last_pt(one_epoch, tmp_pat
     assert message.endswith(f"pass --resume {run / 'last.pt'}")
 
 
-@pytest.mark.parametrize("flag, value", [("--img-size", "96"), ("--seed", "1"), ("--optimizer", "adamw")])
+@pytest.mark.parametrize("flag, value", [("--img-size", "96"), ("--seed", "1"), ("--optimizer", "adamw"),
+                                         ("--init", "other.pt")])
 def test_resume_refuses_a_flag_that_fixes_the_run_with_one_line(flag, value, one_epoch, tmp_path, capsys):
     run = copy_run(one_epoch, tmp_path)
     with pytest.raises(SystemExit):
@@ -1753,6 +1754,39 @@ def test_resume_on_changed_labels_stops_with_one_line_unless_allowed(demo, one_e
     assert "the labels differ" in message and "--allow-changed-labels" in message and "\n" not in message
     history = train.main(train.parse_args([*args, "--allow-changed-labels"]))
     assert [row["epoch"] for row in history] == [1, 2]
+
+
+def test_init_starts_from_the_weights_given_with_a_fresh_optimiser_and_schedule(demo, one_epoch, tmp_path, capsys):
+    args = train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--out", str(tmp_path),
+                             "--epochs", "1", *FAST])
+    run = train.Run(args)
+    given = torch.load(one_epoch / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(run.model.state_dict()[key], value) for key, value in given.items())
+    assert run.start == 0 and not run.optimizer.state and run.history == []
+    assert args.select == "nme" and "warning" not in capsys.readouterr().err  # same split: no warning
+
+
+def test_init_from_weights_of_another_split_warns_that_validation_may_be_seen(demo, one_epoch, tmp_path, capsys):
+    args = train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--out", str(tmp_path),
+                             "--epochs", "1", "--seed", "1", *FAST])
+    train.Run(args)
+    assert "may be among its training faces" in capsys.readouterr().err
+
+
+def test_init_from_another_network_stops_with_one_line(demo, one_epoch, tmp_path):
+    args = train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--out", str(tmp_path),
+                             "--epochs", "1", "--head", "pip", *FAST])
+    with pytest.raises(SystemExit) as stop:
+        train.main(args)
+    message = str(stop.value.code)
+    assert message.startswith(f"{one_epoch / 'best.pt'}: not weights of the network this run trains (head "
+                              f"regression against pip)") and "\n" not in message
+
+
+def test_init_and_pretrained_together_are_refused(demo, one_epoch, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--pretrained"])
+    assert "argument --init:" in capsys.readouterr().err
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(demo, tmp_path):

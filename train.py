@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoints import imagenet_weights, load_checkpoint, save_checkpoint, save_or_warn
+from checkpoints import imagenet_weights, load_checkpoint, misfit, save_checkpoint, save_or_warn
 from dataset import labels_fingerprint
 from errors import DataError, Error, UsageError, WeightsError
 from flags import SEED_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
+from landmarks import Markup
 from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, features_misfit
 from recipes import DEFAULTS, RECIPES, RESUME_FIXED, RESUME_KEYS, resolve
 from runtime import AMP_CHOICES, resolve_amp
@@ -102,6 +103,10 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-epochs", type=number_in(int, 0), help="linear warm-up before the cosine (default: 0)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction,
                    help="start from torchvision's ImageNet weights (needs internet once; default: off)")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start from these weights (a best.pt, a last.pt or weights/resnet18_300w_68.pt) with a "
+                        "fresh optimiser and schedule: to fine-tune them, or to go on from a run whose last.pt is "
+                        "gone (default: from scratch)")
     p.add_argument("--head", choices=list(HEADS),
                    help="regression: the write-up's 136-value fc (default); pip: PIPNet's score maps and offsets")
     p.add_argument("--features", choices=list(FEATURES),
@@ -135,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.covered_scores and (args.head != "pip" or not args.occlusion):
         p.error("argument --covered-scores: needs --head pip (whose score maps it teaches) and --occlusion above 0 "
                 "(the covered points it teaches them on)")
+    if args.init is not None and args.pretrained:
+        p.error("argument --init: the weights to start from are either these or ImageNet's; drop --pretrained")
     if problem := features_misfit(args.head, args.features):
         p.error(f"argument --features: {problem}; pass --head pip")
     if args.sched == "cosine" and args.warmup_epochs >= args.epochs:
@@ -261,13 +268,35 @@ def hold_folder(out: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- main
 
-def new_model(args: argparse.Namespace, train_loader, num_points: int, device: torch.device) -> nn.Module:
-    """The network to train: from scratch or ImageNet; the pip head's neighbours from the training faces."""
-    model = build_model(args.head, num_points, imagenet_weights() if args.pretrained else None, args.features)
+def new_model(args: argparse.Namespace, train_loader, markup, labels: str, device: torch.device) -> nn.Module:
+    """The network to train: from scratch, ImageNet or --init; the pip head's neighbours from the training faces."""
+    model = build_model(args.head, markup.num_points, imagenet_weights() if args.pretrained else None, args.features)
     if args.head == "pip":  # each landmark's neighbours, from the training faces' mean shape
         train_set = train_loader.dataset
         model.head.set_neighbours(torch.from_numpy(mean_shape([train_set.faces[i] for i in train_set.indices])))
+    if args.init is not None:
+        start_from(model, args, markup, labels)
     return model.to(device).to(memory_format=torch.channels_last)
+
+
+def start_from(model: nn.Module, args: argparse.Namespace, markup, labels: str) -> None:
+    """--init: the weights of another run loaded into `model`, or WeightsError in one line when they are another
+    network; a warning when they may have trained on this run's validation faces."""
+    checkpoint = load_checkpoint(args.init)
+    config = checkpoint.get("config", {})
+    theirs = {"head": config.get("head", "regression"), "features": config.get("features", "stride32"),
+              "points": Markup.from_config(config).num_points}
+    ours = {"head": args.head, "features": args.features, "points": markup.num_points}
+    other = "; ".join(f"{key} {theirs[key]} against {ours[key]}" for key in ours if theirs[key] != ours[key])
+    if problem := other or misfit(model, checkpoint["model"]):
+        raise WeightsError(f"{args.init}: not weights of the network this run trains ({problem}); pass --head and "
+                           f"--features as they were trained, and labels of the same markup")
+    model.load_state_dict(checkpoint["model"])
+    split = {key: config.get(key) for key in ("seed", "val_fraction", "xml")}
+    same_labels = checkpoint.get("labels_sha256", labels) == labels
+    if not same_labels or split != {key: getattr(args, key) for key in split}:
+        print(f"warning: {args.init} was trained on another split or other labels, so this run's validation "
+              f"faces may be among its training faces and the validation NME too low", file=sys.stderr)
 
 
 def resume_into(args: argparse.Namespace, model, optimizer, scheduler, labels: str, steps_per_epoch: int,
@@ -303,7 +332,7 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
         self.train_loader, self.val_loader, self.sampler, self.markup = make_loaders(args, self.rank, self.world)
         self.labels = labels_fingerprint(self.train_loader.dataset.faces, (Path(args.data_dir) / args.xml).parent)
-        self.model = new_model(args, self.train_loader, self.markup.num_points, self.device)
+        self.model = new_model(args, self.train_loader, self.markup, self.labels, self.device)
         self.optimizer = make_optimizer(args, self.model)
         self.scheduler = make_scheduler(args, self.optimizer, len(self.train_loader))
         self.amp = resolve_amp(args.amp, self.device)
