@@ -96,10 +96,12 @@ def misfit(model: nn.Module, state: dict) -> str | None:
 
 def release_copy(checkpoint: dict, calibration: torch.Tensor | None = None) -> dict:
     """What weights/ ships: the network's floating tensors in fp16 (half the size; loading turns them back
-    into fp32), the settings it was trained with and its validation figures; no optimiser state. With
-    `calibration` (quantized.CALIBRATION_KEY's crops), or the checkpoint's own, the file also runs in int8."""
+    into fp32), the settings it was trained with, its validation figures and its labels' fingerprint (which
+    train.py --init checks); no optimiser state. With `calibration` (quantized.CALIBRATION_KEY's crops), or
+    the checkpoint's own, the file also runs in int8."""
     state = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model"].items()}
-    kept = {k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme", CALIBRATION_KEY) if k in checkpoint}
+    kept = {k: checkpoint[k] for k in ("config", "epoch", "val_loss", "val_nme", "labels_sha256", CALIBRATION_KEY)
+            if k in checkpoint}
     if calibration is not None:
         kept[CALIBRATION_KEY] = calibration
     # Weights trained before markups were saved are iBUG's 68 points: the release says so in its own config.

@@ -1773,6 +1773,17 @@ def test_init_from_weights_of_another_split_warns_that_validation_may_be_seen(de
     assert "may be among its training faces" in capsys.readouterr().err
 
 
+def test_init_from_a_release_checks_its_labels_and_says_when_it_cannot(demo, one_epoch, tmp_path, capsys):
+    best = torch.load(one_epoch / "best.pt", weights_only=True)
+    torch.save(checkpoints.release_copy(best), tmp_path / "release.pt")
+    torch.save({k: v for k, v in checkpoints.release_copy(best).items() if k != "labels_sha256"}, tmp_path / "old.pt")
+    flags = ["--data-dir", str(demo), "--out", str(tmp_path / "run"), "--epochs", "1", *FAST]
+    train.Run(train.parse_args([*flags, "--init", str(tmp_path / "release.pt")]))
+    assert capsys.readouterr().err == ""  # the release keeps the fingerprint, and it is these labels'
+    train.Run(train.parse_args([*flags, "--init", str(tmp_path / "old.pt")]))
+    assert "records no fingerprint of its labels" in capsys.readouterr().err
+
+
 def test_init_from_another_network_stops_with_one_line(demo, one_epoch, tmp_path):
     args = train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--out", str(tmp_path),
                              "--epochs", "1", "--head", "pip", *FAST])

@@ -268,7 +268,7 @@ def hold_folder(out: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------- main
 
-def new_model(args: argparse.Namespace, train_loader, markup, labels: str, device: torch.device) -> nn.Module:
+def new_model(args: argparse.Namespace, train_loader, markup: Markup, labels: str, device: torch.device) -> nn.Module:
     """The network to train: from scratch, ImageNet or --init; the pip head's neighbours from the training faces."""
     model = build_model(args.head, markup.num_points, imagenet_weights() if args.pretrained else None, args.features)
     if args.head == "pip":  # each landmark's neighbours, from the training faces' mean shape
@@ -279,9 +279,9 @@ def new_model(args: argparse.Namespace, train_loader, markup, labels: str, devic
     return model.to(device).to(memory_format=torch.channels_last)
 
 
-def start_from(model: nn.Module, args: argparse.Namespace, markup, labels: str) -> None:
+def start_from(model: nn.Module, args: argparse.Namespace, markup: Markup, labels: str) -> None:
     """--init: the weights of another run loaded into `model`, or WeightsError in one line when they are another
-    network; a warning when they may have trained on this run's validation faces."""
+    network; a warning when they may have trained on this run's validation faces, a note when that cannot be told."""
     checkpoint = load_checkpoint(args.init)
     config = checkpoint.get("config", {})
     theirs = {"head": config.get("head", "regression"), "features": config.get("features", "stride32"),
@@ -293,8 +293,11 @@ def start_from(model: nn.Module, args: argparse.Namespace, markup, labels: str) 
                            f"--features as they were trained, and labels of the same markup")
     model.load_state_dict(checkpoint["model"])
     split = {key: config.get(key) for key in ("seed", "val_fraction", "xml")}
-    same_labels = checkpoint.get("labels_sha256", labels) == labels
-    if not same_labels or split != {key: getattr(args, key) for key in split}:
+    saved = checkpoint.get("labels_sha256")
+    if saved is None:
+        print(f"note: {args.init} records no fingerprint of its labels, so whether it trained on this run's "
+              f"validation faces is not checked", file=sys.stderr)
+    elif saved != labels or split != {key: getattr(args, key) for key in split}:
         print(f"warning: {args.init} was trained on another split or other labels, so this run's validation "
               f"faces may be among its training faces and the validation NME too low", file=sys.stderr)
 
