@@ -1782,6 +1782,8 @@ def test_init_from_a_release_checks_its_labels_and_says_when_it_cannot(demo, one
     assert capsys.readouterr().err == ""  # the release keeps the fingerprint, and it is these labels'
     train.Run(train.parse_args([*flags, "--init", str(tmp_path / "old.pt")]))
     assert "records no fingerprint of its labels" in capsys.readouterr().err
+    train.Run(train.parse_args([*flags, "--init", str(tmp_path / "old.pt"), "--seed", "1"]))
+    assert "may be among its training faces" in capsys.readouterr().err  # another split warns, fingerprint or not
 
 
 def test_init_from_another_network_stops_with_one_line(demo, one_epoch, tmp_path):

@@ -292,14 +292,14 @@ def start_from(model: nn.Module, args: argparse.Namespace, markup: Markup, label
         raise WeightsError(f"{args.init}: not weights of the network this run trains ({problem}); pass --head and "
                            f"--features as they were trained, and labels of the same markup")
     model.load_state_dict(checkpoint["model"])
-    split = {key: config.get(key) for key in ("seed", "val_fraction", "xml")}
+    other_split = any(config.get(key) != getattr(args, key) for key in ("seed", "val_fraction", "xml"))
     saved = checkpoint.get("labels_sha256")
-    if saved is None:
-        print(f"note: {args.init} records no fingerprint of its labels, so whether it trained on this run's "
-              f"validation faces is not checked", file=sys.stderr)
-    elif saved != labels or split != {key: getattr(args, key) for key in split}:
+    if other_split or saved not in (None, labels):
         print(f"warning: {args.init} was trained on another split or other labels, so this run's validation "
               f"faces may be among its training faces and the validation NME too low", file=sys.stderr)
+    elif saved is None:
+        print(f"note: {args.init} records no fingerprint of its labels, so whether it trained on this run's "
+              f"validation faces is not checked", file=sys.stderr)
 
 
 def resume_into(args: argparse.Namespace, model, optimizer, scheduler, labels: str, steps_per_epoch: int,
