@@ -94,6 +94,13 @@ def misfit(model: nn.Module, state: dict) -> str | None:
     return "; ".join(problems) or None
 
 
+def network_of(config: dict) -> dict:
+    """What a checkpoint's settings fix about the network beyond its weights' shapes: the head, the features
+    and the number of points (weights of another kind may still load, and then mean something else)."""
+    return {"head": config.get("head", "regression"), "features": config.get("features", "stride32"),
+            "points": Markup.from_config(config).num_points}
+
+
 def release_copy(checkpoint: dict, calibration: torch.Tensor | None = None) -> dict:
     """What weights/ ships: the network's floating tensors in fp16 (half the size; loading turns them back
     into fp32), the settings it was trained with, its validation figures and its labels' fingerprint (which

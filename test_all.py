@@ -46,6 +46,7 @@ import predict
 import quantized
 import recipes
 import runtime
+import soup
 import train
 import training
 from checkpoints import load_model
@@ -1800,6 +1801,65 @@ def test_init_and_pretrained_together_are_refused(demo, one_epoch, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--pretrained"])
     assert "argument --init:" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="session")
+def fine_tuned(demo, one_epoch, tmp_path_factory) -> Path:
+    """A run of one epoch from one_epoch's weights at another learning rate: a second ingredient for a soup."""
+    out = tmp_path_factory.mktemp("fine_tuned")
+    train.main(train.parse_args(["--data-dir", str(demo), "--init", str(one_epoch / "best.pt"), "--out", str(out),
+                                 "--epochs", "1", *FAST, "--lr", "3e-4"]))
+    return out / "last.pt"
+
+
+def test_soup_averages_its_ingredients_and_scores_each_beside_it(demo, one_epoch, fine_tuned, tmp_path, capsys):
+    start = one_epoch / "best.pt"
+    result = soup.main(soup.parse_args([str(start), str(fine_tuned), "--data-dir", str(demo), "--workers", "0",
+                                        "--out", str(tmp_path / "soup.pt")]))
+    a, b = (torch.load(p, weights_only=True)["model"] for p in (start, fine_tuned))
+    assert not torch.equal(a["fc.weight"], b["fc.weight"])
+    assert torch.allclose(result["model"]["fc.weight"], (a["fc.weight"] + b["fc.weight"]) / 2)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:3]] == [str(start), str(fine_tuned), "soup"]
+    assert f"val_nme {result['val_nme']:.3f}%" in lines[2]
+    model, config = load_model(tmp_path / "soup.pt")  # a best.pt: train.py --init, evaluate and export read it
+    assert config["soup"] == [str(start), str(fine_tuned)] and config["head"] == "regression"
+    assert torch.equal(model.state_dict()["fc.weight"], result["model"]["fc.weight"])
+
+
+def test_a_soup_of_one_network_with_itself_scores_as_that_network(demo, one_epoch, tmp_path, capsys):
+    start = str(one_epoch / "best.pt")
+    result = soup.main(soup.parse_args([start, start, "--data-dir", str(demo), "--workers", "0",
+                                        "--out", str(tmp_path / "soup.pt")]))
+    assert result["val_nme"] == pytest.approx(torch.load(start, weights_only=True)["val_nme"], abs=1e-3)  # the log rounds
+
+
+def test_a_soup_worse_than_its_best_ingredient_says_so(demo, one_epoch, tmp_path, capsys):
+    best = torch.load(one_epoch / "best.pt", weights_only=True)
+    noise = torch.Generator().manual_seed(0)
+    unrelated = {k: torch.randn(v.shape, generator=noise) if k.endswith("weight") else v for k, v in best["model"].items()}
+    torch.save(best | {"model": unrelated}, tmp_path / "unrelated.pt")
+    soup.main(soup.parse_args([str(one_epoch / "best.pt"), str(tmp_path / "unrelated.pt"), "--data-dir", str(demo),
+                               "--workers", "0", "--out", str(tmp_path / "soup.pt")]))
+    assert "do not average well" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, problem", [("--seed", "1", "seed 1 against 0"),
+                                                  ("--head", "pip", "head pip against regression")])
+def test_a_soup_of_another_split_or_network_stops_with_one_line(flag, value, problem, demo, one_epoch, tmp_path):
+    other = tmp_path / "other"
+    train.main(train.parse_args(["--data-dir", str(demo), "--out", str(other), "--epochs", "1", *FAST, flag, value]))
+    with pytest.raises(SystemExit) as stop:
+        soup.main(soup.parse_args([str(one_epoch / "best.pt"), str(other / "best.pt"), "--out", str(tmp_path / "s.pt")]))
+    message = str(stop.value.code)
+    assert message.startswith(f"{other / 'best.pt'}: not the network or split of") and problem in message
+    assert "\n" not in message and not (tmp_path / "s.pt").exists()
+
+
+def test_a_soup_of_one_file_is_refused_with_one_line(one_epoch, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        soup.main(soup.parse_args([str(one_epoch / "best.pt"), "--out", str(tmp_path / "s.pt")]))
+    assert str(stop.value.code) == "weights: 1 file given; a soup averages two or more"
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(demo, tmp_path):

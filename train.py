@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoints import imagenet_weights, load_checkpoint, misfit, save_checkpoint, save_or_warn
+from checkpoints import imagenet_weights, load_checkpoint, misfit, network_of, save_checkpoint, save_or_warn
 from dataset import labels_fingerprint
 from errors import DataError, Error, UsageError, WeightsError
 from flags import SEED_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
@@ -284,8 +284,7 @@ def start_from(model: nn.Module, args: argparse.Namespace, markup: Markup, label
     network; a warning when they may have trained on this run's validation faces, a note when that cannot be told."""
     checkpoint = load_checkpoint(args.init)
     config = checkpoint.get("config", {})
-    theirs = {"head": config.get("head", "regression"), "features": config.get("features", "stride32"),
-              "points": Markup.from_config(config).num_points}
+    theirs = network_of(config)
     ours = {"head": args.head, "features": args.features, "points": markup.num_points}
     other = "; ".join(f"{key} {theirs[key]} against {ours[key]}" for key in ours if theirs[key] != ours[key])
     if problem := other or misfit(model, checkpoint["model"]):
