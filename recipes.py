@@ -23,10 +23,13 @@ RECIPES = {
 # The released weights' run (docs/training.md, "Trained weights"): the best recipe on stride-16 features, with
 # noise and pieces of the face itself over half the crops, and the scores of covered points trained towards 0
 # so that each point's score says whether it is seen. The release continued these 96 epochs to
-# RELEASE_EPOCHS with `--resume --epochs 176`, a warm restart that a preset cannot say: the docs give both commands.
+# RELEASE_EPOCHS with `--resume --epochs 176`, a warm restart that a preset cannot say; then two runs went on
+# from those weights with `--init` (RELEASE_RESTARTS: each a fresh AdamW and cosine schedule), and the release
+# is the three averaged by soup.py. The docs give every command.
 RECIPES["release"] = RECIPES["best"] | dict(features="stride16", occlusion=0.5, occlusion_fill="mixed",
                                             covered_scores=True)
 RELEASE_EPOCHS = 176
+RELEASE_RESTARTS = [dict(lr=3e-4, epochs=160), dict(lr=4e-4, epochs=100)]
 
 
 # Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.

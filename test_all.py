@@ -1177,6 +1177,7 @@ def test_released_weights_are_small_and_record_how_they_were_trained():
     release = vars(train.parse_args(["--recipe", "release"]))
     assert all(checkpoint["config"][k] == release[k] for k in ("features", "occlusion", "covered_scores"))
     assert checkpoint["config"]["epochs"] == recipes.RELEASE_EPOCHS  # the recipe's 96, continued by --resume
+    assert len(checkpoint["config"]["soup"]) == 1 + len(recipes.RELEASE_RESTARTS)  # and averaged with its restarts
     assert checkpoint[quantized.CALIBRATION_KEY].shape == (quantized.CALIBRATION_FACES, 1, 160, 160)
 
 
