@@ -94,11 +94,22 @@ def rescale(box: Box, points: np.ndarray, scale: float, offset: np.ndarray) -> t
     return box, (points + 0.5) * scale + offset - 0.5
 
 
-def box_iou(a: Box, b: Box) -> float:
+def box_overlap(a: Box, b: Box) -> float:
+    """The area the two boxes share."""
     width = min(a.left + a.width, b.left + b.width) - max(a.left, b.left)
     height = min(a.top + a.height, b.top + b.height) - max(a.top, b.top)
-    overlap = max(width, 0) * max(height, 0)
+    return max(width, 0) * max(height, 0)
+
+
+def box_iou(a: Box, b: Box) -> float:
+    overlap = box_overlap(a, b)
     return overlap / (a.width * a.height + b.width * b.height - overlap)
+
+
+def box_cover(a: Box, b: Box) -> float:
+    """The share of the smaller box that the other covers: 1 where one lies inside the other, whatever
+    their sizes, where their IoU is only the ratio of their areas."""
+    return box_overlap(a, b) / min(a.width * a.height, b.width * b.height)
 
 
 # ---------------------------------------------------------------- the markup: which points, their twins, the NME

@@ -2230,6 +2230,17 @@ def test_a_face_whose_point_scores_fall_is_lost_with_one_crop_per_face():
     assert all(f.drift is None and f.scores.mean() == pytest.approx(0.9) for faces in seen for f in faces)
 
 
+def test_a_detection_inside_a_tracked_face_is_that_face_not_a_second_one():
+    face = Box(200, 150, 160, 160)
+    scene = FakeFaces({"face": face})
+    tracker = video.FaceTracker(scene.locate, scene.detect, detect_every=3)
+    part = {"part": Box(240, 200, 70, 70)}  # a detector's box around part of the face: IoU 0.19 with it
+    assert landmarks.box_iou(face, part["part"]) < video.DUPLICATE_IOU
+    seen = run_tracker(scene, tracker, [{}, {}, {}, part, {}, {}, {"part": None}])
+    assert scene.detector_frames == [0, 3, 6]
+    assert [[f.id for f in faces] for faces in seen] == [[0]] * 7
+
+
 def test_the_tracker_turns_each_crop_with_the_face_so_a_head_rolling_to_90_degrees_is_followed():
     face_box = Box(260, 180, 120, 120)
     upright = FakeFaces.points_in(face_box)

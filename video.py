@@ -16,7 +16,7 @@ from detectors import Detection
 from errors import DataError
 from files import read_json_lines
 from faces import face_fields, level_crop, predict_faces
-from landmarks import IBUG, Box, Markup, box_from_points, box_iou
+from landmarks import IBUG, Box, Markup, box_cover, box_from_points, box_iou
 from pose import head_pose
 from runtime import Network
 from transforms import Transforms
@@ -46,6 +46,10 @@ MIN_VISIBLE = 0.5
 # with a median IoU of 0.83, landmarks.DLIB_RELATION); two tracks overlapping above DUPLICATE_IOU are one face.
 MATCH_IOU = 0.3
 DUPLICATE_IOU = 0.5
+# So are two whose smaller box lies mostly inside the other (landmarks.box_cover): YuNet once found a box of
+# half the side inside a tilting face, whose IoU with it was 0.25, and its new track (mean point score 0.2)
+# stood beside the face for 4 frames of video_bench.py's tilting clip. Two real faces never nest so.
+DUPLICATE_COVER = 0.8
 # The One Euro filter's defaults (predict.py's --smooth-* flags); speeds are in face box sides per second.
 # min_cutoff 0.3 and beta 30 rather than 0.5 and 20 since the 176-epoch release: its sharper raw points rose
 # 11.8% in moving NME with the old values and 6.4% with these, for jitter cut 6.4x and 6.5x; on two earlier
@@ -94,6 +98,11 @@ class OneEuroFilter:
 
 
 # ---------------------------------------------------------------- tracking
+
+def same_face(a: Box, b: Box) -> bool:
+    """Are two boxes one face: overlapping above DUPLICATE_IOU, or one mostly inside the other?"""
+    return box_iou(a, b) > DUPLICATE_IOU or box_cover(a, b) > DUPLICATE_COVER
+
 
 def match_boxes(tracked: list[Box], detected: list[Box], min_iou: float = MATCH_IOU) -> dict[int, int]:
     """Tracked index -> detected index, greedily by the largest overlap, each box used once."""
@@ -246,8 +255,8 @@ class FaceTracker:
     def commit(self, sightings: list["Sighting"], t: float, size: tuple[int, int]) -> list[TrackedFace]:
         kept: list[Sighting] = []
         for s in sightings:
-            # A face found twice (a detection beside a track that drifted) keeps its older id.
-            if s.lost or any(box_iou(s.crop.box, other.crop.box) > DUPLICATE_IOU for other in kept):
+            # A face found twice (a detection beside a track that drifted, or a part of it) keeps its older id.
+            if s.lost or any(same_face(s.crop.box, other.crop.box) for other in kept):
                 continue
             if s.track is None:
                 smoother = None if self.smoothing is None else OneEuroFilter(**self.smoothing)
