@@ -1485,6 +1485,13 @@ def test_a_release_with_a_data_dir_carries_crops_of_its_training_faces_only(int8
     assert all(any(torch.equal(crop, t) for t in train_crops) for crop in crops)
 
 
+def test_a_release_with_a_data_dir_is_checked_against_the_original_on_faces(trained, demo, tmp_path, capsys):
+    difference = export.main(export.parse_args(["--weights", str(trained / "best.pt"), "--release",
+                                                str(tmp_path / "r.pt"), "--data-dir", str(demo)]))
+    assert "largest |fp16 copy - original| over 3 of its calibration crops" in capsys.readouterr().out
+    assert 0 < difference < 1e-2  # fp16 rounding, and no more
+
+
 def test_export_takes_a_data_dir_only_for_a_release(demo, tmp_path):
     with pytest.raises(SystemExit) as stop:
         export.main(export.parse_args(["--weights", str(checkpoints.RELEASED_WEIGHTS), "--data-dir", str(demo),
