@@ -22,6 +22,7 @@ TEST_XML = "labels_ibug_300W_test.xml"
 # On the 300-W subset the outer eye corners lie 0.33 to 0.81 box sides apart and every point within 0.95
 # box sides of the box's centre: labels far beyond either are typos, and would turn NME into inf or noise.
 MIN_EYE_DISTANCE, MAX_POINT_DISTANCE = 0.1, 1.5  # in box sides
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def part_digits(num_points: int) -> int:
@@ -62,7 +63,8 @@ def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]
         try:
             points[int(name)] = finite(part.get("x")), finite(part.get("y"))
         except (TypeError, ValueError):
-            raise DataError(f"{where} part {name} lacks a numeric x or y", "bad part") from None
+            raise DataError(f"{where} part {name} lacks a finite numeric x or y (within float32's range)",
+                            "bad part") from None
     if len(parts) != k:
         raise DataError(f"{where} has {len(parts)} parts, expected {k} as most boxes of the file have",
                         "wrong part count")
@@ -70,9 +72,10 @@ def parse_box(element: ET.Element, path: Path, index: int, size: tuple[int, int]
 
 
 def finite(text: str | None) -> float:
-    """A coordinate: a number, and neither NaN nor infinite (float() takes 'nan' and '1e999')."""
+    """A coordinate: a number, and neither NaN nor infinite (float() takes 'nan' and '1e999'), nor beyond
+    float32's range ('1e39'), in which the points are kept: it would become infinite there."""
     value = float(text)
-    if not math.isfinite(value):
+    if not abs(value) <= FLOAT32_MAX:
         raise ValueError(f"{text!r} is not finite")
     return value
 

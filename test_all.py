@@ -1965,6 +1965,15 @@ def test_a_full_disk_while_caching_leaves_no_partial_cache_and_says_so_in_one_li
     assert list((tmp_path / ".cache").iterdir()) == []
 
 
+def test_a_coordinate_beyond_float32_stops_with_one_line_not_an_infinite_point(tmp_path):
+    faces_xml(tmp_path, 1)
+    xml = tmp_path / labels.TRAIN_XML
+    xml.write_text(re.sub(r"x='[^']*'", "x='1e39'", xml.read_text(), count=1))
+    with pytest.raises(errors.DataError) as error:
+        load_faces(xml)
+    assert "part 00 lacks a finite numeric x or y" in str(error.value) and "\n" not in str(error.value)
+
+
 # ---- the parser under fuzzing: it loads, or stops with one line naming a file, never with a traceback
 
 ATTRIBUTE = re.compile(r"(\w+)='([^']*)'")
