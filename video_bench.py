@@ -41,11 +41,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--xml", default=TRAIN_XML, help=f"labels file inside --data-dir (default: {TRAIN_XML})")
     p.add_argument("--faces", type=number_in(int, 1), default=5,
                    help="validation faces of the weights' split to make clips of (default: 5)")
-    p.add_argument("--seconds", type=float, default=3.0, help="length of each moving clip (default: 3)")
+    p.add_argument("--seconds", type=number_in(float, 0.5, 600), default=3.0,
+                   help="length of each moving clip, 0.5 to 600 (default: 3)")
     p.add_argument("--out-dir", default="clips", help="folder for the clips and predict.py's output (default: clips)")
-    p.add_argument("--smooth-min-cutoff", type=float, default=video.MIN_CUTOFF)
-    p.add_argument("--smooth-beta", type=float, default=video.BETA)
-    p.add_argument("--smooth-d-cutoff", type=float, default=video.D_CUTOFF)
+    p.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF,
+                   metavar="HZ", help=f"One Euro filter, as predict.py's (default: {video.MIN_CUTOFF:g})")
+    p.add_argument("--smooth-beta", type=number_in(float, 0), default=video.BETA,
+                   help=f"as predict.py's (default: {video.BETA:g})")
+    p.add_argument("--smooth-d-cutoff", type=number_in(float, 0, low_open=True), default=video.D_CUTOFF,
+                   metavar="HZ", help=f"as predict.py's (default: {video.D_CUTOFF:g})")
     p.add_argument("--detector", choices=DETECTORS, default="yunet", help="as predict.py's (default: yunet)")
     p.add_argument("--lost-by", choices=video.LOST_CHECKS, default=video.LOST_BY,
                    help=f"as predict.py's (default: {video.LOST_BY})")
