@@ -22,7 +22,7 @@ from detectors import HOG_UPSAMPLE, detect_faces, load_hog, make_detector
 from faces import Landmarker
 from errors import UsageError
 from files import write_atomic
-from flags import number_in, one_line_errors, out_file
+from flags import WORKERS_MAX, number_in, one_line_errors, out_file
 from images import open_gray, read_photo, to_gray
 from labels import TRAIN_XML
 from landmarks import NUM_LANDMARKS
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=[224, 128, 160], metavar="N",
                    help="network input sides to measure (default: 224 128 160)")
     p.add_argument("--batch-size", type=number_in(int, 1), default=64, help="loader and training batch (default: 64)")
-    p.add_argument("--workers", type=number_in(int, 0), nargs="+", default=[0, 1, 2], metavar="N",
+    p.add_argument("--workers", type=number_in(int, 0, WORKERS_MAX), nargs="+", default=[0, 1, 2], metavar="N",
                    help="loader processes to measure the loader with; end to end uses the largest (default: 0 1 2)")
     p.add_argument("--batches", type=number_in(int, 1), default=10, help="batches timed for each figure (default: 10)")
     p.add_argument("--warmup", type=number_in(int, 0), default=2,
@@ -269,7 +269,8 @@ def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> di
     needed = max(whole_bursts(args.warmup, w) + whole_bursts(args.batches, w) for w in args.workers)
     if len(loader) < needed:
         raise UsageError(f"{args.xml}: {len(loader.dataset)} training faces make {len(loader)} batches of "
-                         f"{args.batch_size}; --warmup {args.warmup} and --batches {args.batches} need {needed}")
+                         f"{args.batch_size}; --warmup {args.warmup} and --batches {args.batches} with --workers "
+                         f"{max(args.workers)} need {needed}")
     print(f"img {img_size} (crop cache {loader.dataset.cache.size} px), batch {args.batch_size}, "
           f"{len(loader.dataset)} training faces", flush=True)
     return {"img_size": img_size, **loader_figures(args, loader), **training_figures(args, targs, loader, device),

@@ -14,7 +14,8 @@ from torch.utils.data import Dataset
 import demo
 import importers
 from errors import DataError
-from flags import SEED_MAX, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
+from files import save_figure
+from flags import FIGURE_SUFFIXES, SEED_MAX, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
 from images import open_gray
 from labels import TRAIN_XML, load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, rescale
@@ -198,7 +199,7 @@ def plot_samples(dataset: FaceLandmarksDataset, augmented: FaceLandmarksDataset,
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     print(f"wrote {out}")
 
 
@@ -220,6 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"with --make-demo: the markup, {demo.DEMO_POINTS} points (default: {NUM_LANDMARKS})")
     args = parser.parse_args(argv)
     importers.check_arguments(parser, args)
+    drawing = not (args.make_demo or importers.converting(args))
+    if drawing and args.out and Path(args.out).suffix.lower() not in FIGURE_SUFFIXES:
+        parser.error(f"--out {args.out}: the faces are drawn as a picture; name it with {', '.join(FIGURE_SUFFIXES)}")
     return args
 
 
@@ -229,7 +233,6 @@ def draw_samples(args: argparse.Namespace) -> None:
     train, _ = split_faces(len(faces), seed=args.seed)
     n = min(args.n, len(train))
     out = Path(args.out or "samples.png")
-    out.parent.mkdir(parents=True, exist_ok=True)
     shown = FaceLandmarksDataset(faces, Transforms(train=False), train[:n])
     augmented = FaceLandmarksDataset(faces, Transforms(train=True), train[:n])
     plot_samples(shown, augmented, n, out)

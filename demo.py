@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from flags import one_line_errors, out_folder
+from flags import SEED_MAX, number_in, one_line_errors, out_folder
 from labels import TEST_XML, TRAIN_XML, write_xml
 from landmarks import IBUG, LEFT_EYE_OUTER, NUM_LANDMARKS, RIGHT_EYE_OUTER, Box
 
@@ -56,6 +56,8 @@ FIVE_FROM_68 = [36, 39, 42, 45, 33]
 
 
 DEMO_POINTS = (5, 68, 98)
+# A demo shows that the pipeline runs; more images than this only fill the disk (a few KB each).
+MAX_IMAGES = 10_000
 
 
 def demo_weights(num_points: int) -> np.ndarray:
@@ -139,8 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("out", type=out_folder, metavar="DIR", help="folder to write the demo dataset into")
     parser.add_argument("--points", type=int, choices=DEMO_POINTS, default=NUM_LANDMARKS,
                         help=f"the markup, {DEMO_POINTS} points (default: {NUM_LANDMARKS})")
-    parser.add_argument("--images", type=int, default=120, help="training images (default: 120)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--images", type=number_in(int, 1, MAX_IMAGES), default=120,
+                        help=f"training images, 1 to {MAX_IMAGES} (default: 120)")
+    parser.add_argument("--seed", type=number_in(int, 0, SEED_MAX), default=0, help="random seed (default: 0)")
     return parser.parse_args(argv)
 
 

@@ -18,8 +18,8 @@ from detection_eval import by_image, error_spread, fit_yunet_box, score_found, s
 from detectors import DETECTORS
 from faces import Landmarker
 from errors import DataError, UsageError
-from files import write_atomic
-from flags import number_in, one_line_errors, out_file, out_folder
+from files import save_figure, write_atomic
+from flags import WORKERS_MAX, number_in, one_line_errors, out_file, out_folder
 from labels import TEST_XML, TRAIN_XML, label_problem, load_faces
 from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme
 from runtime import Network, inference_autocast, pick_device
@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"XML inside --data-dir whose training split gives the mean shape (default: {TRAIN_XML})")
     p.add_argument("--flip-test", action="store_true", help="average with the prediction on the mirrored face")
     p.add_argument("--batch-size", type=number_in(int, 1), default=32, help="faces per batch (default: 32)")
-    p.add_argument("--workers", type=number_in(int, 0), default=2, help="data-loading processes (default: 2)")
+    p.add_argument("--workers", type=number_in(int, 0, WORKERS_MAX), default=2,
+                   help="data-loading processes (default: 2)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
     p.add_argument("--eager", action="store_true",
                    help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also let this detector find the faces in the photos, and report the share it missed and "
                         "the NME on those it found (a user's end-to-end accuracy)")
     p.add_argument("--any-roll", action="store_true", help="with --detector yunet: look at four quarter turns")
-    p.add_argument("--turn", nargs="+", type=float, default=[0.0], metavar="DEG",
+    p.add_argument("--turn", nargs="+", type=number_in(float, -360, 360), default=[0.0], metavar="DEG",
                    help="with --detector: turn each photo by these degrees (clockwise) first (default: 0)")
     p.add_argument("--passes", type=number_in(int, 1, 4),
                    help="more than 1 looks again at each face, levelled by the last look's points: also scores the "
@@ -224,7 +225,7 @@ def plot_ced(curves: dict[str, np.ndarray], path: Path, limit: float = 10.0) -> 
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 

@@ -8,7 +8,7 @@ import torch
 from checkpoints import load_checkpoint, load_model, release_copy, save_atomic
 from dataset import calibration_crops
 from errors import UsageError
-from flags import one_line_errors, out_file
+from flags import one_line_errors, out_file, refuse_input_as_output
 from labels import TRAIN_XML, load_faces
 from landmarks import Markup
 from onnx_io import OPSET, export_onnx, export_torchscript, onnx_runner, require_onnx
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=out_file, help="ONNX file to write (default: the weights path with .onnx)")
     parser.add_argument("--torchscript", action="store_true",
                         help="also write TorchScript, next to the ONNX file as .torchscript.pt")
-    parser.add_argument("--release", metavar="FILE",
+    parser.add_argument("--release", metavar="FILE", type=out_file,
                         help="instead, write the weights in fp16 for release (as weights/ holds them) and check "
                              "that they predict as the original")
     parser.add_argument("--data-dir", type=Path,
@@ -66,6 +66,8 @@ def main(args: argparse.Namespace) -> float:
     with one_line_errors():
         if args.data_dir is not None and not args.release:
             raise UsageError("--data-dir: only with --release (the calibration crops go into the release file)")
+        refuse_input_as_output("--release" if args.release else "--out",
+                               args.release or args.out or Path(args.weights).with_suffix(".onnx"), [args.weights])
         return write_release(args) if args.release else write_exports(args)
 
 

@@ -39,6 +39,11 @@ def save_with(path: Path, save: Callable[[Path], object]) -> Path:
     return Path(path)
 
 
+def save_figure(figure, path: Path, dpi: int = 100) -> Path:
+    """A matplotlib figure, written whole in the format its name's suffix says (the temporary name has none)."""
+    return save_with(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:].lower()))
+
+
 def read_json_lines(path: Path) -> tuple[list[dict], int]:
     """The records of a JSON Lines file written and flushed line by line, up to a line a crash tore (it, and
     anything after it, left out), and how many bytes the whole lines before it take."""

@@ -5,15 +5,19 @@ import math
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from errors import Error
+from errors import Error, UsageError
 from landmarks import Box
 
 # numpy's and Python's seeders take at most 32 bits; train.py adds the rank and the epoch.
 SEED_MAX = 2**31 - 1
+# Data-loading and photo processes: each holds a copy of the network or the loader, so far fewer than this fit
+# on any one machine; beyond it a typo (100000) would only hang the run.
+WORKERS_MAX = 64
 
 
 def number_in(kind: type, low: float | None = None, high: float | None = None, *,
@@ -80,18 +84,28 @@ def point_pair_arg(text: str) -> list[int]:
     return sorted(int(v) for v in values)  # a distance: "45,36" is the run "36,45" (for --resume)
 
 
+def can_write_in(folder: Path) -> bool:
+    """Whether a file can be made in `folder`, by making (and removing) an empty folder there: os.access says
+    yes to root for /proc and /sys, where nothing can be made."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
 def folder_problem(path: Path) -> str | None:
     """Why `path` can be neither used nor made as an output folder, or None."""
     if path.exists():
         if not path.is_dir():
             return f"{path} exists and is not a folder"
-        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+        return None if can_write_in(path) else f"{path} is not writable"
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
         return f"{path} cannot be made: {parent} is a file, not a folder"
-    return None if os.access(parent, os.W_OK | os.X_OK) else f"{path} cannot be made: {parent} is not writable"
+    return None if can_write_in(parent) else f"{path} cannot be made: {parent} is not writable"
 
 
 def out_folder(text: str) -> str:
@@ -102,6 +116,17 @@ def out_folder(text: str) -> str:
     return text
 
 
+# What matplotlib writes a figure as; a figure named otherwise is refused before the run that draws it.
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+
+
+def figure_file(text: str) -> str:
+    """An argparse `type=` for a figure to write: an out_file whose name ends in a FIGURE_SUFFIXES suffix."""
+    if Path(text).suffix.lower() not in FIGURE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: expected a picture's name ending in {', '.join(FIGURE_SUFFIXES)}")
+    return out_file(text)
+
+
 def out_file(text: str) -> str:
     """An argparse `type=` for a file to write: not a folder, and in a folder that exists or can be made."""
     path = Path(text)
@@ -109,6 +134,13 @@ def out_file(text: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return text
+
+
+def refuse_input_as_output(flag: str, out, inputs: list) -> None:
+    """UsageError when the file a flag writes is one the run reads: writing it would lose that input."""
+    for given in inputs:
+        if Path(out).resolve() == Path(given).resolve():
+            raise UsageError(f"{flag} {out}: that is the input {given}, which this would overwrite; write elsewhere")
 
 
 def box_arg(text: str) -> Box:

@@ -15,7 +15,7 @@ import numpy as np
 from detectors import detect_faces, load_hog
 from errors import DataError, UsageError
 from files import write_atomic
-from flags import one_line_errors, out_file
+from flags import one_line_errors, out_file, refuse_input_as_output
 from images import open_gray
 from labels import TRAIN_XML, load_faces, write_xml
 from landmarks import (DLIB_RELATION, IBUG, NUM_LANDMARKS, WFLW_EYE_OUTER, WFLW_FLIP_PAIRS, WFLW_POINTS, Box,
@@ -419,6 +419,7 @@ def convert(args: argparse.Namespace) -> None:
     elif args.from_wflw:
         from_wflw(args.from_wflw, args.images, Path(args.out))
     else:
+        refuse_input_as_output("--out", args.out, [Path(args.data_dir) / args.xml])
         pick_points(Path(args.data_dir) / args.xml, args.pick_points, Path(args.out))
 
 

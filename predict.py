@@ -14,7 +14,8 @@ from checkpoints import RELEASED_WEIGHTS, load_for_inference
 from dataset import FaceLandmarksDataset, trained_split
 from detectors import DETECTORS, HOG_UPSAMPLE, make_detector
 from errors import DataError, UsageError
-from flags import box_arg, number_in, one_line_errors, out_file, out_folder
+from files import save_figure
+from flags import WORKERS_MAX, box_arg, figure_file, number_in, one_line_errors, out_folder
 from labels import TRAIN_XML, load_faces
 from landmarks import Markup
 from photos import (RESULTS, PhotoSettings, done_images, landmark_photos, parse_shard, photo_files, plural,
@@ -39,8 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     grid = parser.add_argument_group("validation grid (without --image)")
     grid.add_argument("--n", type=number_in(int, 1), default=8, help="validation faces to show (default: 8)")
     grid.add_argument("--data-dir", help="dataset folder (default: the one the weights were trained on)")
-    grid.add_argument("--out", type=out_file, default="predictions.png",
-                      help="PNG to write (default: predictions.png)")
+    grid.add_argument("--out", type=figure_file, default="predictions.png",
+                      help="picture to write: .png, .jpg, .pdf or .svg (default: predictions.png)")
     add_photo_flags(parser.add_argument_group("your own photos"))
     add_video_flags(parser.add_argument_group("video (also takes --out-dir, --detector, --any-roll and --upsample)"))
     args = parser.parse_args(argv)
@@ -80,7 +81,7 @@ def add_photo_flags(photos) -> None:
                         help="with hog: times it doubles the image first; more finds smaller faces, slower "
                              "(default: 1)")
     photos.add_argument("--no-draw", action="store_true", help="write only the JSON lines, no annotated PNGs")
-    photos.add_argument("--workers", type=number_in(int, 1), default=os.cpu_count() or 1,
+    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=os.cpu_count() or 1,
                         help=f"processes that share the photos, one thread each (default: all {os.cpu_count()} "
                              f"cores)")
     photos.add_argument("--recursive", action="store_true", help="also take the photos in folders below")
@@ -142,8 +143,7 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
             crop = (points + 0.5) * size - 0.5
             ax.scatter(crop[:, 0], crop[:, 1], s=4, c=colour)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     print(f"wrote {path}")
     show_or_close(fig)
 
@@ -181,25 +181,30 @@ def predict_photos(args: argparse.Namespace) -> dict:
                              args.eager, args.passes, args.box, not args.no_draw, str(out_dir), not args.no_int8)
     records, spent, started = [], {}, time.perf_counter()
     workers = min(args.workers, max(len(todo), 1))
-    with open(results, "a", encoding="utf-8") as out:
-        try:
-            for record, seconds in landmark_photos(todo, names, settings, workers):
-                out.write(json.dumps(record) + "\n")
-                out.flush()  # line by line: a crash or Ctrl-C keeps every photo done so far
-                records.append({"faces": record["faces"], **({"error": 1} if "error" in record else {})})
-                spent = {k: spent.get(k, 0) + v for k, v in seconds.items()}
-                report_photo(record, args)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: {results} holds the {len(done) + len(records)} photos done; finish them with "
-                  f"the same command and --resume", file=sys.stderr)
-            raise SystemExit(130) from None
-        total = summary(records, time.perf_counter() - started, spent) | {"weights": str(args.weights),
-                                                                          "workers": workers}
-        out.write(json.dumps({"summary": total}) + "\n")
+    try:
+        for record, seconds in landmark_photos(todo, names, settings, workers):
+            append_line(results, record)  # line by line: a crash or Ctrl-C keeps every photo done so far
+            records.append({"faces": record["faces"], **({"error": 1} if "error" in record else {})})
+            spent = {k: spent.get(k, 0) + v for k, v in seconds.items()}
+            report_photo(record, args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {results} holds the {len(done) + len(records)} photos done; finish them with "
+              f"the same command and --resume", file=sys.stderr)
+        raise SystemExit(130) from None
+    total = summary(records, time.perf_counter() - started, spent) | {"weights": str(args.weights),
+                                                                      "workers": workers}
+    append_line(results, {"summary": total})
     print_summary(results, total, len(done))
     if total["unreadable"]:
         raise SystemExit(1)  # each file was already named on its own line
     return total
+
+
+def append_line(results: Path, record: dict) -> None:
+    """One JSON line added to the results. The file is opened for each line, so a run that stops before its
+    first photo (weights that do not load, say) leaves no empty file for its rerun to refuse."""
+    with open(results, "a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\n")
 
 
 def continue_or_refuse(results: Path, resume: bool) -> set[str]:

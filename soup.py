@@ -8,7 +8,7 @@ import torch
 from checkpoints import load_checkpoint, model_from, network_of, save_atomic
 from dataset import labels_fingerprint
 from errors import UsageError, WeightsError
-from flags import number_in, one_line_errors, out_file
+from flags import WORKERS_MAX, number_in, one_line_errors, out_file, refuse_input_as_output
 from recipes import resolve
 from runtime import resolve_amp
 from training import make_loaders, make_loss, validate
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the averaged weights, as a best.pt (default: runs/soup.pt)")
     parser.add_argument("--data-dir", type=Path,
                         help="dlib folder of the validation faces (default: the first ingredient's --data-dir)")
-    parser.add_argument("--workers", type=number_in(int, 0, 64), default=2,
+    parser.add_argument("--workers", type=number_in(int, 0, WORKERS_MAX), default=2,
                         help="data-loading processes for scoring (default: 2)")
     return parser.parse_args(argv)
 
@@ -82,6 +82,9 @@ def score(paths: list[Path], checkpoints: list[dict], soup: dict, args: argparse
         given["data_dir"] = str(args.data_dir)
     run = resolve(given, config)
     _, val_loader, _, markup = make_loaders(run, 0, 1)
+    if markup.num_points != network_of(config)["points"]:
+        raise WeightsError(f"{Path(run.data_dir) / run.xml}: its faces have {markup.num_points} points, but the "
+                           f"weights are for {network_of(config)['points']}")
     labels = labels_fingerprint(val_loader.dataset.faces, (Path(run.data_dir) / run.xml).parent)
     cpu = torch.device("cpu")
     amp = resolve_amp("auto", cpu)
@@ -97,6 +100,7 @@ def main(args: argparse.Namespace) -> dict:
     with one_line_errors():
         if len(args.weights) < 2:
             raise UsageError(f"weights: {len(args.weights)} file given; a soup averages two or more")
+        refuse_input_as_output("--out", args.out, args.weights)
         checkpoints = [load_checkpoint(path) for path in args.weights]
         check_ingredients(args.weights, checkpoints)
         soup = average([c["model"] for c in checkpoints])

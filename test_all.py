@@ -49,6 +49,7 @@ import runtime
 import soup
 import train
 import training
+import video_bench
 from checkpoints import load_model
 from dataset import FaceCache, FaceLandmarksDataset, split_faces
 from faces import Landmarker
@@ -1188,6 +1189,24 @@ def test_predict_image_without_weights_or_a_release_says_what_to_pass(tmp_path, 
     assert "--weights" in str(stop.value.code) and "\n" not in str(stop.value.code)
 
 
+def test_weights_that_do_not_load_leave_no_results_for_the_rerun_to_refuse(trained, tmp_path):
+    photo, out = astronaut_jpg(tmp_path), tmp_path / "out"
+    (tmp_path / "text.pt").write_text("not weights")
+    with pytest.raises(SystemExit) as stop:
+        predict.main(predict.parse_args(["--weights", str(tmp_path / "text.pt"), "--image", str(photo),
+                                         "--out-dir", str(out), "--no-draw", "--workers", "1"]))
+    assert "text.pt" in str(stop.value.code) and not (out / photos.RESULTS).exists()
+    saved = predict_images(trained, out, "--image", str(photo), "--no-draw", "--workers", "1")  # not refused
+    assert len(saved["images"]) == 1 and len(saved["summaries"]) == 1
+
+
+def test_video_bench_rescore_of_a_folder_without_a_run_stops_with_one_line(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        video_bench.main(video_bench.parse_args(["--rescore", "--out-dir", str(tmp_path)]))
+    assert str(stop.value.code) == (f"--rescore: {tmp_path} holds no earlier run (runs.json and pair.json); run "
+                                    f"without --rescore first")
+
+
 def image_in_mode(mode: str) -> Image.Image:
     gradient = np.tile(np.linspace(0, 1, 160), (140, 1))
     if mode == "I;16":
@@ -1615,7 +1634,7 @@ BAD_FLAGS = [  # (script, flag, value, the range its one line must name)
     (train, "--lr", "0", "a number above 0"),
     (train, "--lr", "nan", "a number above 0"),
     (train, "--seed", "-1", "a whole number at least 0 and at most 2147483647"),
-    (train, "--workers", "-1", "a whole number at least 0"),
+    (train, "--workers", "-1", "a whole number at least 0 and at most 64"),
     (train, "--val-fraction", "1", "a number above 0 and below 1"),
     (train, "--img-size", "8", "a whole number at least 32 and at most 1024"),
     (train, "--rotation", "200", "a number at least 0 and at most 180"),
@@ -1624,17 +1643,21 @@ BAD_FLAGS = [  # (script, flag, value, the range its one line must name)
     (train, "--weight-decay", "-0.1", "a number at least 0"),
     (train, "--warmup-epochs", "1.5", "a whole number at least 0"),
     (evaluate, "--batch-size", "0", "a whole number at least 1"),
-    (evaluate, "--workers", "-1", "a whole number at least 0"),
+    (evaluate, "--workers", "-1", "a whole number at least 0 and at most 64"),
     (predict, "--n", "0", "a whole number at least 1"),
     (predict, "--upsample", "5", "a whole number at least 0 and at most 4"),
     (benchmark, "--img-sizes", "16", "a whole number at least 32 and at most 1024"),
     (benchmark, "--batch-size", "0", "a whole number at least 1"),
-    (benchmark, "--workers", "-1", "a whole number at least 0"),
+    (benchmark, "--workers", "-1", "a whole number at least 0 and at most 64"),
     (benchmark, "--batches", "0", "a whole number at least 1"),
     (benchmark, "--warmup", "-1", "a whole number at least 0"),
     (benchmark, "--runs", "0", "a whole number at least 1"),
     (dataset, "--n", "0", "a whole number at least 1"),
     (dataset, "--seed", "-1", "a whole number at least 0 and at most 2147483647"),
+    (train, "--workers", "100000", "a whole number at least 0 and at most 64"),  # a typo would only hang the run
+    (evaluate, "--turn", "nan", "a number at least -360 and at most 360"),
+    (demodata, "--images", "0", "a whole number at least 1 and at most 10000"),
+    (video_bench, "--seconds", "0", "a number at least 0.5 and at most 600"),
 ]
 
 
@@ -1658,8 +1681,9 @@ def test_a_bad_flag_from_the_command_line_stops_before_any_work_without_a_traceb
 
 
 OUT_FLAGS = [(train, "--out"), (evaluate, "--out-dir"), (evaluate, "--json"), (predict, "--out"),
-             (predict, "--out-dir"), (export, "--out"), (benchmark, "--json"), (dataset, "--out"),
-             (dataset, "--make-demo")]
+             (predict, "--out-dir"), (export, "--out"), (export, "--release"), (benchmark, "--json"),
+             (dataset, "--out"), (dataset, "--make-demo"), (soup, "--out"), (video_bench, "--out-dir"),
+             (video_bench, "--json")]
 
 
 @pytest.mark.parametrize("script, flag", OUT_FLAGS, ids=[f"{s.__name__}{f}" for s, f in OUT_FLAGS])
@@ -1669,6 +1693,24 @@ def test_an_output_path_that_cannot_be_made_is_refused_with_one_line(script, fla
         script.parse_args([flag, str(tmp_path / "file" / "sub" / "x.png")])
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {flag}: " in error and f"{tmp_path / 'file'} is a file, not a folder" in error
+
+
+def test_an_output_folder_nothing_can_be_made_in_is_refused_though_root_may_write_anywhere(tmp_path):
+    if not Path("/proc/self").is_dir():
+        pytest.skip("no /proc here")
+    assert flags.folder_problem(Path("/proc/x")) == "/proc/x cannot be made: /proc is not writable"
+    assert flags.folder_problem(tmp_path / "new" / "sub") is None
+    assert list(tmp_path.iterdir()) == []  # the check leaves nothing behind
+
+
+def test_a_picture_named_as_no_picture_is_refused_before_the_run(capsys):
+    with pytest.raises(SystemExit):
+        predict.parse_args(["--out", "grid.txt"])
+    assert "argument --out: grid.txt: expected a picture's name ending in .png" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dataset.parse_args(["--out", "samples.txt"])
+    assert "--out samples.txt: the faces are drawn as a picture" in capsys.readouterr().err
+    assert dataset.parse_args(["--pick-points", "0,1", "--out", "two.xml"]).out == "two.xml"
 
 
 def faces_xml(root: Path, n_faces: int, extra: list[str] = ()) -> Path:
@@ -1697,6 +1739,27 @@ def one_epoch(demo, tmp_path_factory) -> Path:
 def copy_run(one_epoch: Path, tmp_path: Path) -> Path:
     import shutil
     return Path(shutil.copytree(one_epoch, tmp_path / "run"))
+
+
+def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_its_weights_kept(demo, one_epoch, tmp_path):
+    run = copy_run(one_epoch, tmp_path)
+    before = (run / "best.pt").read_bytes()
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(demo), "--out", str(run), "--epochs", "1", *FAST]))
+    assert str(stop.value.code) == (f"{run / 'last.pt'}: another run's weights are there; pass --resume to go on "
+                                    f"with that run, or another --out")
+    assert (run / "best.pt").read_bytes() == before
+
+
+def test_a_file_a_run_reads_is_never_the_file_it_writes(demo, one_epoch, tmp_path):
+    ingredient = copy_run(one_epoch, tmp_path) / "last.pt"
+    before = ingredient.read_bytes()
+    for script, args in [(export, ["--weights", str(ingredient), "--release", str(ingredient)]),
+                         (soup, [str(one_epoch / "best.pt"), str(ingredient), "--out", str(ingredient)])]:
+        with pytest.raises(SystemExit) as stop:
+            script.main(script.parse_args(args))
+        assert f"{ingredient}: that is the input {ingredient}, which this would overwrite" in str(stop.value.code)
+    assert ingredient.read_bytes() == before
 
 
 def test_resume_from_best_pt_says_why_not_and_to_pass_last_pt(one_epoch, tmp_path):
@@ -1850,6 +1913,15 @@ def test_a_soup_worse_than_its_best_ingredient_says_so(demo, one_epoch, tmp_path
     soup.main(soup.parse_args([str(one_epoch / "best.pt"), str(tmp_path / "unrelated.pt"), "--data-dir", str(demo),
                                "--workers", "0", "--out", str(tmp_path / "soup.pt")]))
     assert "do not average well" in capsys.readouterr().err
+
+
+def test_a_soup_scored_on_faces_of_another_markup_stops_with_one_line(one_epoch, tmp_path):
+    demodata.make_demo(tmp_path / "five", n_images=10, num_points=5)
+    with pytest.raises(SystemExit) as stop:
+        soup.main(soup.parse_args([str(one_epoch / "best.pt"), str(one_epoch / "last.pt"), "--data-dir",
+                                   str(tmp_path / "five"), "--workers", "0", "--out", str(tmp_path / "soup.pt")]))
+    assert str(stop.value.code).endswith("its faces have 5 points, but the weights are for 68")
+    assert not (tmp_path / "soup.pt").exists()
 
 
 @pytest.mark.parametrize("flag, value, problem", [("--seed", "1", "seed 1 against 0"),

@@ -15,7 +15,7 @@ import torch.nn as nn
 from checkpoints import imagenet_weights, load_checkpoint, misfit, network_of, save_checkpoint, save_or_warn
 from dataset import labels_fingerprint
 from errors import DataError, Error, UsageError, WeightsError
-from flags import SEED_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
+from flags import SEED_MAX, WORKERS_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
 from landmarks import Markup
 from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, features_misfit
 from recipes import DEFAULTS, RECIPES, RESUME_FIXED, RESUME_KEYS, resolve
@@ -44,7 +44,8 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=number_in(float, 0, low_open=True), help=f"learning rate (default: {d['lr']})")
     p.add_argument("--seed", type=number_in(int, 0, SEED_MAX),
                    help=f"seed for the split, the augmentation and the init (default: {d['seed']})")
-    p.add_argument("--workers", type=number_in(int, 0), help=f"data-loading processes (default: {d['workers']})")
+    p.add_argument("--workers", type=number_in(int, 0, WORKERS_MAX),
+                   help=f"data-loading processes (default: {d['workers']})")
     p.add_argument("--device", help="cpu, cuda, cuda:N, or auto: cuda when present (default: auto)")
     p.add_argument("--out", type=out_folder,
                    help=f"folder for weights, checkpoint, log and curves (default: {d['out']})")
@@ -322,6 +323,14 @@ def describe(args: argparse.Namespace, train_loader, val_loader, markup, device:
             f"(--amp {args.amp}); keeping the best validation {args.select}")
 
 
+def refuse_earlier_run(out: Path) -> None:
+    """UsageError when OUT holds another run's weights, which a new run there would replace."""
+    for name in ("last.pt", "best.pt"):
+        if (out / name).exists():
+            raise UsageError(f"{out / name}: another run's weights are there; pass --resume to go on with that run, "
+                             f"or another --out")
+
+
 class Run:
     """Everything one training run holds: the data, the network and its optimiser, and where it stands."""
 
@@ -331,6 +340,8 @@ class Run:
         seed_everything(args.seed + self.rank)
         self.show, self.out = self.rank == 0, Path(args.out)
         if self.show:
+            if not args.resume:
+                refuse_earlier_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
         self.train_loader, self.val_loader, self.sampler, self.markup = make_loaders(args, self.rank, self.world)
         self.labels = labels_fingerprint(self.train_loader.dataset.faces, (Path(args.data_dir) / args.xml).parent)

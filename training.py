@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from dataset import CACHE_EXTENT, FaceCache, FaceLandmarksDataset, split_faces
 from errors import UsageError
+from files import save_figure
 from labels import load_faces
 from landmarks import Markup, fit_box_relation, markup_for, nme
 from model import PIPHead
@@ -253,5 +254,5 @@ def plot_curves(history: list[dict], path: Path) -> None:
     ax_nme.plot(epochs, [row["val_nme"] for row in history], color="C1")
     ax_nme.set(xlabel="epoch", ylabel="NME (%)", title="validation NME")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

@@ -27,6 +27,8 @@ import cv2  # noqa: E402  (after detectors, which sets OpenCV's log levels befor
 # tracked face is lost: it finds faces that walk in within a third of a second at 30 frames/s, and costs
 # YuNet's 640x480 look (about 12 ms on this 2-core CPU) spread over 10 frames. Lost faces do not wait for it.
 DETECT_EVERY = 10
+# OpenCV takes a camera's number as a C int; no machine has anywhere near this many.
+MAX_CAMERA = 9999
 # How a tracked face that went (covered, turned away, or a crop left on the background) is noticed on each
 # frame (predict.py's --lost-by; docs/video.md has what video_bench.py measured of both):
 # - "score": one crop per face; lost when the mean of its point scores falls below LOST_SCORE;
@@ -293,6 +295,8 @@ class Sighting:
 def open_video(source: str) -> cv2.VideoCapture:
     """A file, or camera N for a number; one line if it cannot be opened."""
     if source.isdigit():
+        if int(source) > MAX_CAMERA:
+            raise DataError(f"--video {source}: camera numbers go from 0 to {MAX_CAMERA}")
         capture = cv2.VideoCapture(int(source))
         if not capture.isOpened():
             raise DataError(f"--video {source}: cannot open camera {source}")
@@ -300,7 +304,7 @@ def open_video(source: str) -> cv2.VideoCapture:
     if Path(source).is_dir():
         raise DataError(f"{source}: a folder, not a video (--image takes folders of photos)")
     if not Path(source).is_file():
-        raise DataError(f"{source}: video not found")
+        raise DataError(f"--video {source}: video not found")
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         raise DataError(f"{source}: cannot read video (not a video file, or truncated)")

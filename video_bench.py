@@ -17,8 +17,9 @@ import video
 from checkpoints import load_for_inference
 from dataset import trained_split
 from detectors import DETECTORS, Detection, make_detector
+from errors import UsageError
 from files import write_atomic
-from flags import number_in, one_line_errors
+from flags import number_in, one_line_errors, out_file, out_folder
 from labels import TRAIN_XML, load_faces, parse_box, read_xml
 from landmarks import (DLIB_RELATION, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, BoxRelation, Face, Markup, box_from_points,
                        box_iou, fit_box_relation, nme)
@@ -43,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validation faces of the weights' split to make clips of (default: 5)")
     p.add_argument("--seconds", type=number_in(float, 0.5, 600), default=3.0,
                    help="length of each moving clip, 0.5 to 600 (default: 3)")
-    p.add_argument("--out-dir", default="clips", help="folder for the clips and predict.py's output (default: clips)")
+    p.add_argument("--out-dir", type=out_folder, default="clips",
+                   help="folder for the clips and predict.py's output (default: clips)")
     p.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF,
                    metavar="HZ", help=f"One Euro filter, as predict.py's (default: {video.MIN_CUTOFF:g})")
     p.add_argument("--smooth-beta", type=number_in(float, 0), default=video.BETA,
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "memory after each minute (default: 0, skip)")
     p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
     p.add_argument("--no-int8", action="store_true", help="as predict.py's --no-int8: no int8 network")
-    p.add_argument("--json", metavar="FILE", help="also write the figures to FILE as JSON")
+    p.add_argument("--json", metavar="FILE", type=out_file, help="also write the figures to FILE as JSON")
     p.add_argument("--rescore", action="store_true",
                    help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
                         "(to try other --smooth-* values)")
@@ -346,7 +348,11 @@ def pick_faces(args: argparse.Namespace, n: int) -> list[Face]:
     faces = read_faces(Path(args.data_dir) / args.xml)
     _, val = trained_split(len(faces), args.config)
     order = np.random.default_rng(0).permutation(val)
-    return [faces[i] for i in order if faces[i].box.side >= FACE_SIDE][:n]
+    picked = [faces[i] for i in order if faces[i].box.side >= FACE_SIDE][:n]
+    if len(picked) < n:
+        raise UsageError(f"{Path(args.data_dir) / args.xml}: {len(picked)} validation faces of the weights' split are "
+                         f"at least {FACE_SIDE} px wide, and {n} are needed (--faces, and 2 for the pair)")
+    return picked
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -383,6 +389,9 @@ def bench(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if args.rescore:
         folders = sorted(out.glob("face*"))
+        if not (out / "runs.json").is_file() or not (out / "pair.json").is_file():
+            raise UsageError(f"--rescore: {out} holds no earlier run (runs.json and pair.json); run without "
+                             f"--rescore first")
         runs = json.loads((out / "runs.json").read_text())
         pair = json.loads((out / "pair.json").read_text())
     else:
