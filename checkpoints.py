@@ -20,6 +20,8 @@ from runtime import Network, fast_network, frozen_body, has_native_bf16, pip_hea
 RELEASED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "resnet18_300w_68.pt"
 # What best.pt keeps of a training state: enough to predict, evaluate and release, not to resume.
 BEST_KEYS = ("model", "config", "epoch", "val_loss", "val_nme", "labels_sha256")
+# How a torch.save file starts: a zip (since PyTorch 1.6), or the pickle protocol byte of the legacy format.
+ZIP_MAGIC, PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
 
 
 def imagenet_weights() -> dict:
@@ -65,6 +67,10 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
         raise WeightsError(f"{path}: a folder, not a weights file; pass the .pt file inside it")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file; train first with `python train.py`")
+    with open(path, "rb") as f:
+        start = f.read(len(ZIP_MAGIC))
+    if not (start.startswith(ZIP_MAGIC) or start.startswith(PICKLE_MAGIC)):
+        raise WeightsError(f"{path}: not a readable weights file (not one torch.save wrote)")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -74,6 +80,8 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
         raise WeightsError(f"{path}: refused: it asks to run {wanted[1]}, and weights hold only tensors and "
                            f"plain values (load only files you trust)") from None
     except Exception as e:  # torch raises RuntimeError, EOFError, KeyError... for broken or foreign files
+        if "central directory" in str(e):  # the zip's index is at its end: what a cut-short copy loses first
+            raise WeightsError(f"{path}: not a readable weights file (cut short: its zip index is missing)") from None
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {first})") from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):

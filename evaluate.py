@@ -85,7 +85,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "frame of its true points: the figures --align training's jitter is set from")
     p.add_argument("--fit-box", action="store_true",
                    help="only fit YuNet's box to dlib's on the training split of --xml, and print it")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.any_roll or args.turn != [0.0]) and not (args.detector or args.source_errors):
+        p.error("--any-roll and --turn go with --detector or --source-errors, which turn the photos")
+    if args.any_roll and args.detector == "hog":
+        p.error("--any-roll goes with --detector yunet; dlib's HOG finds upright faces only")
+    return args
 
 
 # ---------------------------------------------------------------- metrics

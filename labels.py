@@ -136,6 +136,9 @@ def load_faces(xml_path: Path, skip_bad: bool = False, keep_degenerate: bool = F
         path = xml_path.parent / name
         boxes = [b for b in image_element.findall("box") if b.get("ignore", "0") != "1"]
         try:
+            if not name.strip() and boxes:
+                raise DataError(f"{xml_path}: <image> {number} has no file name (its 'file' attribute)",
+                                "no file name")
             if not name.isprintable():  # a character reference such as &#10; would break the one-line messages
                 raise DataError(f"{xml_path}: <image> {number} has the file name {name!r}, with control "
                                 f"characters", "bad file name")

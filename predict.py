@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.video is not None and (args.image or args.box):
         parser.error("--video takes neither --image nor --box")
+    if args.any_roll and args.detector == "hog":
+        parser.error("--any-roll goes with --detector yunet; dlib's HOG finds upright faces only")
     if args.shard is not None:
         try:
             parse_shard(args.shard)

@@ -807,6 +807,8 @@ def bad_case(root: Path, case: str) -> Path:
         images.append(("good.jpg", [good_face_xml(box=(500, 40, 100, 100))]))
     elif case == "no boxes":
         images = [("good.jpg", [])]
+    elif case == "no file name":
+        images.append(("", [good_face_xml()]))
     xml = write_xml(root / labels.TRAIN_XML, images)
     if case == "malformed xml":
         xml.write_text(xml.read_text()[:-20])
@@ -818,7 +820,8 @@ BAD_CASES = {"missing image": "gone.jpg: image not found", "zero-byte jpeg": "em
              "malformed xml": "malformed XML", "67 parts": "has 67 parts, expected 68",
              "duplicate part": "has part 05 twice", "part out of range": "part named '68'",
              "zero-size box": "has size 0x100", "negative box": "has size -10x100",
-             "box outside image": "lies entirely outside", "no boxes": "no usable <box>"}
+             "box outside image": "lies entirely outside", "no boxes": "no usable <box>",
+             "no file name": "<image> 1 has no file name"}
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -868,7 +871,8 @@ def test_weights_from_another_model_or_truncated_give_one_line(trained, tmp_path
     cut = tmp_path / "cut.pt"
     data = (trained / "best.pt").read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    for path, problem in ((other, "weights do not fit this model"), (cut, "not a readable weights file")):
+    for path, problem in ((other, "weights do not fit this model"),
+                          (cut, "not a readable weights file (cut short: its zip index is missing)")):
         with pytest.raises(errors.Error) as stop:
             load_model(path)
         assert str(stop.value).startswith(f"{path}: {problem}") and "\n" not in str(stop.value)
@@ -887,7 +891,7 @@ def test_weights_users_meet_foreign_broken_or_hostile_each_give_one_line_and_run
     cases = {
         "hostile.pt": ({"model": RunsCode()}, "refused: it asks to run"),
         "empty.pt": (b"", "not a readable weights file"),
-        "text.pt": (b"hello", "not a readable weights file"),
+        "text.pt": (b"hello", "not a readable weights file (not one torch.save wrote)"),
         "model.onnx": (detectors.YUNET_FILE.read_bytes(), "not a readable weights file"),
         "tensor.pt": (torch.zeros(3), "no 'model' entry"),
         "config.pt": ({**good, "config": "fast"}, "its 'config' is not settings"),
@@ -1317,6 +1321,20 @@ def test_a_folder_of_the_photos_users_really_have_gives_a_record_for_each_and_on
 def test_image_flags_refuse_malformed_values_before_any_work(flag, value, problem, capsys):
     with pytest.raises(SystemExit):
         predict.parse_args(["--image", "x.jpg", flag, value])
+    assert problem in capsys.readouterr().err
+
+
+FLAGS_THAT_DO_NOTHING = [(predict, ["--image", "x.jpg", "--detector", "hog", "--any-roll"], "--any-roll goes with"),
+                         (evaluate, ["--detector", "hog", "--any-roll"], "--any-roll goes with"),
+                         (evaluate, ["--turn", "60"], "--any-roll and --turn go with"),
+                         (evaluate, ["--any-roll"], "--any-roll and --turn go with")]
+
+
+@pytest.mark.parametrize("script, args, problem", FLAGS_THAT_DO_NOTHING,
+                         ids=[" ".join(a) for _, a, _ in FLAGS_THAT_DO_NOTHING])
+def test_a_flag_that_would_do_nothing_is_refused_rather_than_ignored(script, args, problem, capsys):
+    with pytest.raises(SystemExit):
+        script.parse_args(args)
     assert problem in capsys.readouterr().err
 
 
