@@ -67,8 +67,11 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
         raise WeightsError(f"{path}: a folder, not a weights file; pass the .pt file inside it")
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file; train first with `python train.py`")
-    with open(path, "rb") as f:
-        start = f.read(len(ZIP_MAGIC))
+    try:
+        with open(path, "rb") as f:
+            start = f.read(len(ZIP_MAGIC))
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
     if not (start.startswith(ZIP_MAGIC) or start.startswith(PICKLE_MAGIC)):
         raise WeightsError(f"{path}: not a readable weights file (not one torch.save wrote)")
     try:

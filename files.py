@@ -4,6 +4,10 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the type hint alone: this file imports nothing heavy
+    import matplotlib.figure
 
 
 @contextmanager
@@ -39,9 +43,10 @@ def save_with(path: Path, save: Callable[[Path], object]) -> Path:
     return Path(path)
 
 
-def save_figure(figure, path: Path, dpi: int = 100) -> Path:
-    """A matplotlib figure, written whole in the format its name's suffix says (the temporary name has none)."""
-    return save_with(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=Path(path).suffix[1:].lower()))
+def save_figure(figure: "matplotlib.figure.Figure", path: Path, dpi: int = 100) -> Path:
+    """A matplotlib figure, written whole in the format its name's suffix says (PNG without one): the
+    temporary name ends in .tmp<pid>, which matplotlib would not know, so the format is given."""
+    return save_with(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=(Path(path).suffix or ".png")[1:].lower()))
 
 
 def read_json_lines(path: Path) -> tuple[list[dict], int]:

@@ -136,10 +136,12 @@ def out_file(text: str) -> str:
     return text
 
 
-def refuse_input_as_output(flag: str, out, inputs: list) -> None:
-    """UsageError when the file a flag writes is one the run reads: writing it would lose that input."""
+def refuse_input_as_output(flag: str, out: str | Path, inputs: list[str | Path]) -> None:
+    """UsageError when the file a flag writes is one the run reads: writing it would lose that input. The
+    same file under another name (a link) counts too."""
     for given in inputs:
-        if Path(out).resolve() == Path(given).resolve():
+        same_name = Path(out).resolve() == Path(given).resolve()
+        if same_name or (Path(out).is_file() and Path(given).is_file() and os.path.samefile(out, given)):
             raise UsageError(f"{flag} {out}: that is the input {given}, which this would overwrite; write elsewhere")
 
 

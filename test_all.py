@@ -1204,6 +1204,20 @@ def test_weights_that_do_not_load_leave_no_results_for_the_rerun_to_refuse(train
     assert len(saved["images"]) == 1 and len(saved["summaries"]) == 1
 
 
+def test_weights_that_cannot_be_read_at_all_give_one_line():
+    if not Path("/proc/self/mem").exists():
+        pytest.skip("no /proc here")
+    with pytest.raises(errors.WeightsError, match=r"^/proc/self/mem: cannot read \("):
+        checkpoints.load_checkpoint("/proc/self/mem")
+
+
+def test_video_bench_checks_its_output_folder_only_when_it_writes_there(capsys):
+    with pytest.raises(SystemExit):
+        video_bench.parse_args(["--out-dir", "/proc/x"])
+    assert "argument --out-dir: /proc/x cannot be made" in capsys.readouterr().err
+    assert video_bench.parse_args(["--rescore", "--out-dir", "/proc/x"]).rescore  # reading an earlier run writes nothing
+
+
 def test_video_bench_rescore_of_a_folder_without_a_run_stops_with_one_line(tmp_path):
     with pytest.raises(SystemExit) as stop:
         video_bench.main(video_bench.parse_args(["--rescore", "--out-dir", str(tmp_path)]))
@@ -1767,6 +1781,15 @@ def test_a_new_run_into_a_folder_holding_another_run_is_refused_and_its_weights_
     assert str(stop.value.code) == (f"{run / 'last.pt'}: another run's weights are there; pass --resume to go on "
                                     f"with that run, or another --out")
     assert (run / "best.pt").read_bytes() == before
+
+
+def test_a_run_resumed_into_a_folder_holding_another_run_is_refused(demo, one_epoch, tmp_path):
+    other = Path(shutil.copytree(one_epoch, tmp_path / "other"))
+    run = copy_run(one_epoch, tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        train.main(train.parse_args(["--data-dir", str(demo), "--resume", str(run / "last.pt"), "--out", str(other),
+                                     "--epochs", "2"]))
+    assert str(stop.value.code).startswith(f"{other / 'last.pt'}: another run's weights are there")
 
 
 def test_a_file_a_run_reads_is_never_the_file_it_writes(demo, one_epoch, tmp_path):

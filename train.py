@@ -323,8 +323,11 @@ def describe(args: argparse.Namespace, train_loader, val_loader, markup, device:
             f"(--amp {args.amp}); keeping the best validation {args.select}")
 
 
-def refuse_earlier_run(out: Path) -> None:
-    """UsageError when OUT holds another run's weights, which a new run there would replace."""
+def refuse_earlier_run(out: Path, resume: str | None) -> None:
+    """UsageError when OUT holds another run's weights, which this run would replace: a new run, or one
+    resumed from a checkpoint in another folder."""
+    if resume and Path(resume).resolve().parent == out.resolve():
+        return
     for name in ("last.pt", "best.pt"):
         if (out / name).exists():
             raise UsageError(f"{out / name}: another run's weights are there; pass --resume to go on with that run, "
@@ -340,8 +343,6 @@ class Run:
         seed_everything(args.seed + self.rank)
         self.show, self.out = self.rank == 0, Path(args.out)
         if self.show:
-            if not args.resume:
-                refuse_earlier_run(self.out)
             self.out.mkdir(parents=True, exist_ok=True)
         self.train_loader, self.val_loader, self.sampler, self.markup = make_loaders(args, self.rank, self.world)
         self.labels = labels_fingerprint(self.train_loader.dataset.faces, (Path(args.data_dir) / args.xml).parent)
@@ -427,6 +428,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     """The run, holding --out against a second run there (rank 0 only: the other ranks write nothing)."""
     first = int(os.environ.get("RANK", 0)) == 0
     with one_line_errors(quiet=not first), hold_folder(Path(args.out)) if first else nullcontext():
+        if first:
+            refuse_earlier_run(Path(args.out), args.resume)
         return run(args)
 
 

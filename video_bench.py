@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="validation faces of the weights' split to make clips of (default: 5)")
     p.add_argument("--seconds", type=number_in(float, 0.5, 600), default=3.0,
                    help="length of each moving clip, 0.5 to 600 (default: 3)")
-    p.add_argument("--out-dir", type=out_folder, default="clips",
+    p.add_argument("--out-dir", default="clips",
                    help="folder for the clips and predict.py's output (default: clips)")
     p.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF,
                    metavar="HZ", help=f"One Euro filter, as predict.py's (default: {video.MIN_CUTOFF:g})")
@@ -69,7 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(to try other --smooth-* values)")
     p.add_argument("--fit-box", action="store_true",
                    help="only fit landmarks.DLIB_RELATION on --xml's faces and print it with its misfit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not (args.rescore or args.fit_box):  # those only read the folder, or never touch it
+        try:
+            out_folder(args.out_dir)
+        except argparse.ArgumentTypeError as e:
+            p.error(f"argument --out-dir: {e}")
+    return args
 
 
 # ---------------------------------------------------------------- dlib's box from landmarks
