@@ -15,7 +15,7 @@ import demo
 import importers
 from errors import DataError
 from files import save_figure
-from flags import FIGURE_SUFFIXES, SEED_MAX, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
+from flags import SEED_MAX, figure_file, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
 from images import open_gray
 from labels import TRAIN_XML, load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, rescale
@@ -221,9 +221,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"with --make-demo: the markup, {demo.DEMO_POINTS} points (default: {NUM_LANDMARKS})")
     args = parser.parse_args(argv)
     importers.check_arguments(parser, args)
-    drawing = not (args.make_demo or importers.converting(args))
-    if drawing and args.out and Path(args.out).suffix.lower() not in FIGURE_SUFFIXES:
-        parser.error(f"--out {args.out}: the faces are drawn as a picture; name it with {', '.join(FIGURE_SUFFIXES)}")
+    if args.out and not (args.make_demo or importers.converting(args)):  # then --out is the drawn faces
+        try:
+            figure_file(args.out)
+        except argparse.ArgumentTypeError as e:
+            parser.error(f"argument --out: {e}")
     return args
 
 

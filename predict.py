@@ -83,9 +83,10 @@ def add_photo_flags(photos) -> None:
                         help="with hog: times it doubles the image first; more finds smaller faces, slower "
                              "(default: 1)")
     photos.add_argument("--no-draw", action="store_true", help="write only the JSON lines, no annotated PNGs")
-    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=min(os.cpu_count() or 1, WORKERS_MAX),
-                        help=f"processes that share the photos, one thread each (default: all "
-                             f"{min(os.cpu_count() or 1, WORKERS_MAX)} cores, at most {WORKERS_MAX})")
+    cores = min(os.cpu_count() or 1, WORKERS_MAX)
+    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=cores,
+                        help=f"processes that share the photos, one thread each (default: all {cores} cores, at "
+                             f"most {WORKERS_MAX})")
     photos.add_argument("--recursive", action="store_true", help="also take the photos in folders below")
     photos.add_argument("--shard", metavar="K/N",
                         help="take every N-th photo from the K-th (0-based, as a cluster's array index), into "

@@ -1741,7 +1741,7 @@ def test_a_picture_named_as_no_picture_is_refused_before_the_run(capsys):
     assert "argument --out: grid.txt: expected a picture's name ending in .png" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         dataset.parse_args(["--out", "samples.txt"])
-    assert "--out samples.txt: the faces are drawn as a picture" in capsys.readouterr().err
+    assert "argument --out: samples.txt: expected a picture's name ending in .png" in capsys.readouterr().err
     assert dataset.parse_args(["--pick-points", "0,1", "--out", "two.xml"]).out == "two.xml"
 
 
