@@ -229,6 +229,13 @@ def angle_between(a: float, b: float) -> float:
     return (a - b + 180) % 360 - 180
 
 
+def any_roll_problem(name: str | None, any_roll: bool) -> str | None:
+    """Why --any-roll cannot go with this detector, or None: only YuNet looks at the photo's quarter turns."""
+    if any_roll and name == "hog":
+        return "--any-roll goes with --detector yunet; dlib's HOG finds upright faces only"
+    return None
+
+
 def make_detector(name: str, any_roll: bool = False, upsample: int = HOG_UPSAMPLE):
     """picture (H, W) gray or (H, W, 3) RGB uint8 -> [Detection]: `yunet` or `hog` (upright faces only)."""
     if name == "yunet":

@@ -15,7 +15,7 @@ import dlib_baseline
 from checkpoints import load_for_inference
 from dataset import FaceLandmarksDataset, split_faces, trained_split
 from detection_eval import by_image, error_spread, fit_yunet_box, score_found, source_errors
-from detectors import DETECTORS
+from detectors import DETECTORS, any_roll_problem
 from faces import Landmarker
 from errors import DataError, UsageError
 from files import save_figure, write_atomic
@@ -88,8 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.any_roll or args.turn != [0.0]) and not (args.detector or args.source_errors):
         p.error("--any-roll and --turn go with --detector or --source-errors, which turn the photos")
-    if args.any_roll and args.detector == "hog":
-        p.error("--any-roll goes with --detector yunet; dlib's HOG finds upright faces only")
+    if problem := any_roll_problem(args.detector, args.any_roll):
+        p.error(problem)
     return args
 
 

@@ -12,7 +12,7 @@ import torch
 import video
 from checkpoints import RELEASED_WEIGHTS, load_for_inference
 from dataset import FaceLandmarksDataset, trained_split
-from detectors import DETECTORS, HOG_UPSAMPLE, make_detector
+from detectors import DETECTORS, HOG_UPSAMPLE, any_roll_problem, make_detector
 from errors import DataError, UsageError
 from files import save_figure
 from flags import WORKERS_MAX, box_arg, figure_file, number_in, one_line_errors, out_folder
@@ -47,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.video is not None and (args.image or args.box):
         parser.error("--video takes neither --image nor --box")
-    if args.any_roll and args.detector == "hog":
-        parser.error("--any-roll goes with --detector yunet; dlib's HOG finds upright faces only")
+    if problem := any_roll_problem(args.detector, args.any_roll):
+        parser.error(problem)
     if args.shard is not None:
         try:
             parse_shard(args.shard)
