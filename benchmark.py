@@ -19,7 +19,7 @@ import dlib_baseline
 from checkpoints import RELEASED_WEIGHTS
 from dataset import FaceLandmarksDataset
 from detectors import HOG_UPSAMPLE, detect_faces, load_hog, make_detector
-from faces import Landmarker
+from faces import Landmarker, LandmarkerOptions
 from errors import UsageError
 from files import write_atomic
 from flags import WORKERS_MAX, number_in, one_line_errors, out_file
@@ -28,7 +28,7 @@ from labels import TRAIN_XML
 from landmarks import NUM_LANDMARKS
 from model import FEATURES, HEADS, MAX_IMG_SIZE, MIN_IMG_SIZE, build_model, features_misfit
 from onnx_io import export_onnx, onnx_runner
-from photos import PhotoSettings, landmark_photos, photo_files, png_names
+from photos import PhotoSettings, drawn_names, landmark_photos, photo_files
 from quantized import int8_runner, int8_supported, quantize_body, to_calibration
 from recipes import resolve
 from runtime import (inference_autocast, optimize_for_inference, pick_device, pip_head_of,
@@ -324,9 +324,9 @@ def detector_times(files: list[Path]) -> dict:
 def ours(files: list[Path], weights: str, workers: int) -> tuple[float, float, int]:
     """predict.py --image --no-draw's photo loop: seconds in all (workers starting included), seconds from
     the first photo done to the last, and faces found."""
-    settings = PhotoSettings(weights=weights, draw=False)
+    settings = PhotoSettings(LandmarkerOptions(weights=weights), draw=False)
     start, first, faces = time.perf_counter(), None, 0
-    for record, _ in landmark_photos(files, png_names(files), settings, workers):
+    for record, _ in landmark_photos(files, drawn_names(files), settings, workers):
         first = first or time.perf_counter()
         faces += len(record["faces"])
     end = time.perf_counter()
@@ -337,7 +337,7 @@ def twelve_megapixels(photo: Path, weights: str, folder: Path) -> dict:
     """What a 12-megapixel JPEG of the same photo costs the Landmarker over the photo itself."""
     big = folder / "12mp.jpg"
     Image.open(photo).convert("RGB").resize((4000, 3000), Image.BICUBIC).save(big, quality=92)
-    landmarker = Landmarker(weights)
+    landmarker = Landmarker(weights=weights)
     row = {}
     for name, path in (("small", photo), ("12mp", big)):
         landmarker(path)
@@ -346,7 +346,7 @@ def twelve_megapixels(photo: Path, weights: str, folder: Path) -> dict:
 
 
 def photo_figures(args: argparse.Namespace) -> dict:
-    files = photo_files(args.photos, recursive=True)[:args.photo_count]
+    files = photo_files(args.photos, recursive=True).files[:args.photo_count]
     if not files:
         raise UsageError(f"--photos {' '.join(args.photos)}: no photos found")
     print(f"{len(files)} photos, {describe(torch.device('cpu'))}", flush=True)
@@ -379,6 +379,11 @@ def main(args: argparse.Namespace) -> list[dict] | dict:
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
+    labels = Path(args.data_dir) / args.xml
+    if not labels.is_file():
+        raise UsageError(f"--data-dir {args.data_dir}: no {args.xml} there; benchmark.py times training on faces in "
+                         f"dlib's layout: pass --data-dir data after `bash download.sh` (which fills data/), or "
+                         f"--data-dir demo after `python demo.py demo`")
     device = pick_device(args.device)
     seed_everything(0)
     print(describe(device), flush=True)

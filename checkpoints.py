@@ -2,6 +2,7 @@
 import pickle
 import re
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -9,7 +10,8 @@ import torch.nn as nn
 
 from errors import WeightsError
 from files import save_with
-from landmarks import Markup
+from labels import TRAIN_XML
+from landmarks import IBUG, Markup
 from model import PIPHead, build_model
 from network_cache import cache_path, read_frozen, read_int8, write_frozen, write_int8
 from quantized import CALIBRATION_KEY, int8_runner, int8_supported, quantize_body
@@ -94,6 +96,34 @@ def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> dict:
     return checkpoint
 
 
+@dataclass(frozen=True)
+class NetworkConfig:
+    """What a checkpoint's settings say to everything after training, typed, with the write-up's defaults for
+    what older files leave out: the network (head, features, input size, markup) and the split it was trained
+    on. Made from the checkpoint in this one place (of), as nanoGPT rebuilds GPTConfig(**model_args); no other
+    file reads the raw settings but train.py, which resumes them whole."""
+    head: str = "regression"
+    features: str = "stride32"
+    img_size: int = 224
+    markup: Markup = IBUG
+    data_dir: str = "data"
+    xml: str = TRAIN_XML
+    seed: int = 0
+    val_fraction: float = 0.1
+    skip_bad: bool = False
+
+    @classmethod
+    def of(cls, checkpoint: dict) -> "NetworkConfig":
+        config = checkpoint.get("config", {})
+        given = {f.name: config[f.name] for f in fields(cls) if f.name != "markup" and config.get(f.name) is not None}
+        return cls(**given, markup=Markup.from_saved(config.get("markup")))
+
+    def network(self) -> dict:
+        """What fixes the network beyond its weights' shapes: the head, the features and the number of points
+        (weights of another kind may still load, and then mean something else)."""
+        return {"head": self.head, "features": self.features, "points": self.markup.num_points}
+
+
 def misfit(model: nn.Module, state: dict) -> str | None:
     """How a state dict fails to fit the model, in a few words, or None if it fits."""
     own = model.state_dict()
@@ -103,13 +133,6 @@ def misfit(model: nn.Module, state: dict) -> str | None:
     problems = [f"{len(keys)} {what} (first: {keys[0]})" for what, keys in
                 (("missing", missing), ("unexpected", unexpected), ("of another shape", other)) if keys]
     return "; ".join(problems) or None
-
-
-def network_of(config: dict) -> dict:
-    """What a checkpoint's settings fix about the network beyond its weights' shapes: the head, the features
-    and the number of points (weights of another kind may still load, and then mean something else)."""
-    return {"head": config.get("head", "regression"), "features": config.get("features", "stride32"),
-            "points": Markup.from_config(config).num_points}
 
 
 def release_copy(checkpoint: dict, calibration: torch.Tensor | None = None) -> dict:
@@ -123,24 +146,21 @@ def release_copy(checkpoint: dict, calibration: torch.Tensor | None = None) -> d
     if calibration is not None:
         kept[CALIBRATION_KEY] = calibration
     # Weights trained before markups were saved are iBUG's 68 points: the release says so in its own config.
-    config = checkpoint.get("config", {})
-    kept["config"] = config | {"markup": Markup.from_config(config).to_config()}
+    kept["config"] = checkpoint.get("config", {}) | {"markup": NetworkConfig.of(checkpoint).markup.to_config()}
     return {"model": state, **kept}
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """The trained network in eval mode, and the settings it was trained with (img_size, split seed, the
-    markup: landmarks.Markup.from_config reads it)."""
+def load_model(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, NetworkConfig]:
+    """The trained network in eval mode, and the settings it was trained with."""
     checkpoint = load_checkpoint(path, device)
-    return model_from(checkpoint, path).to(device).eval(), checkpoint.get("config", {})
+    return model_from(checkpoint, path).to(device).eval(), NetworkConfig.of(checkpoint)
 
 
 def model_from(checkpoint: dict, path: Path) -> nn.Module:
     """The network a loaded checkpoint describes, with its weights; WeightsError where they do not fit."""
-    config = checkpoint.get("config", {})
     try:
-        model = build_model(config.get("head", "regression"), Markup.from_config(config).num_points,
-                            features=config.get("features", "stride32"))
+        config = NetworkConfig.of(checkpoint)
+        model = build_model(config.head, config.markup.num_points, features=config.features)
     except (ValueError, TypeError, KeyError, RuntimeError) as e:
         raise WeightsError(f"{path}: its settings are not ones train.py writes ({type(e).__name__}: {e})") from None
     problem = misfit(model, checkpoint["model"])
@@ -153,16 +173,16 @@ def model_from(checkpoint: dict, path: Path) -> nn.Module:
 
 
 def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bool = False,
-                       int8: bool = True) -> tuple[Network, dict]:
+                       int8: bool = True) -> tuple[Network, NetworkConfig]:
     """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`: in
     int8 where `int8` allows, the weights carry calibration crops and the CPU has VNNI (quantized), else
     traced and frozen in bf16 or fp32 (runtime.optimize_for_inference). The fast form is kept on disk
     (network_cache), so only the first start with these weights builds it."""
     checkpoint = load_checkpoint(path, device)
-    config = checkpoint.get("config", {})
+    config = NetworkConfig.of(checkpoint)
     if eager or torch.device(device).type != "cpu":
         return model_from(checkpoint, path).to(device).eval(), config
-    img_size = config.get("img_size", 224)
+    img_size = config.img_size
     if int8 and CALIBRATION_KEY in checkpoint and int8_supported():
         return int8_network(checkpoint, path, img_size), config
     bf16 = has_native_bf16(torch.device("cpu"))
@@ -200,7 +220,7 @@ def int8_network(checkpoint: dict, path: Path, img_size: int) -> Network:
 def pip_head_from(checkpoint: dict) -> PIPHead | None:
     """The pip head alone, for decoding the maps a kept frozen network gives; None for the regression head.
     Only weights whose whole network once loaded (model_from) have a kept frozen form."""
-    if checkpoint.get("config", {}).get("head", "regression") != "pip":
+    if NetworkConfig.of(checkpoint).head != "pip":
         return None
     state = {k.removeprefix("head."): v for k, v in checkpoint["model"].items() if k.startswith("head.")}
     head = PIPHead(state["score.weight"].shape[1], state["score.weight"].shape[0])

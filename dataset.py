@@ -8,18 +8,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-import torch
 from torch.utils.data import Dataset
 
-import demo
-import importers
+from checkpoints import NetworkConfig
 from errors import DataError
 from files import save_figure
 from flags import SEED_MAX, figure_file, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
 from images import open_gray
 from labels import TRAIN_XML, load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, rescale
-from quantized import CALIBRATION_FACES, to_calibration
 from transforms import Transforms
 
 # Crops in the cache cover this much more than the training crop, so rotation, scale and shift
@@ -47,15 +44,15 @@ def labels_fingerprint(faces: list[Face], root: Path) -> str:
     return digest.hexdigest()
 
 
-def trained_split(n: int, config: dict) -> tuple[list[int], list[int]]:
-    """The train/validation split that the weights saved with this config were trained on."""
-    return split_faces(n, config.get("val_fraction", 0.1), config.get("seed", 0))
+def trained_split(n: int, config: NetworkConfig) -> tuple[list[int], list[int]]:
+    """The train/validation split that the weights of this config were trained on."""
+    return split_faces(n, config.val_fraction, config.seed)
 
 
 # ---------------------------------------------------------------- crop cache
 
 
-def cache_crop(args: tuple[Face, int]) -> np.ndarray:
+def cache_crop(args: tuple[Face, int, float]) -> np.ndarray:
     """Crop one face, square around its box with CACHE_EXTENT room, to cache_size pixels."""
     face, cache_size, margin = args
     side = face.box.side * margin * CACHE_EXTENT
@@ -170,16 +167,6 @@ class FaceLandmarksDataset(Dataset):
         return self.transform(*self.load(i))
 
 
-def calibration_crops(faces: list[Face], config: dict, n: int = CALIBRATION_FACES) -> torch.Tensor:
-    """n training faces of the split these weights were trained on, never validation ones, cropped to
-    their boxes as evaluation crops them: the crops an int8 network's ranges are set on (quantized.py).
-    The same faces for the same split."""
-    train, _ = trained_split(len(faces), config)
-    chosen = sorted(np.random.default_rng(0).choice(train, min(n, len(train)), replace=False).tolist())
-    data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False), chosen)
-    return to_calibration(torch.stack([data[i][0] for i in range(len(data))]))
-
-
 def plot_samples(dataset: FaceLandmarksDataset, augmented: FaceLandmarksDataset, n: int, out: Path) -> None:
     """Top row: faces as loaded with their points; bottom row: the same faces after the training transforms."""
     import matplotlib
@@ -203,7 +190,13 @@ def plot_samples(dataset: FaceLandmarksDataset, augmented: FaceLandmarksDataset,
     print(f"wrote {out}")
 
 
+# The command line also drives the demo maker and the importers; only it needs them (the importers load
+# OpenCV and dlib), so they are imported where it runs, and `from dataset import ...` in training and
+# evaluation loads neither.
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import demo
+    import importers
     parser = argparse.ArgumentParser(description="Check the data: draw faces as loaded and as augmented; write a "
                                                  "small demo dataset; or turn other formats into dlib's XML.")
     parser.add_argument("--data-dir", default="data", help="folder holding dlib's XMLs (default: data)")
@@ -241,6 +234,8 @@ def draw_samples(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    import demo
+    import importers
     with one_line_errors():
         if args.make_demo:
             demo.make_demo(Path(args.make_demo), seed=args.seed, num_points=args.points)

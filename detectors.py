@@ -2,6 +2,7 @@
 import hashlib
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,12 +137,12 @@ class YuNet:
     resampled), keeping each face's best detection. Its sha256 is checked before OpenCV reads it."""
 
     def __init__(self, any_roll: bool = False, size: int = YUNET_SIZE, path: Path = YUNET_FILE,
-                 relation: BoxRelation = YUNET_RELATION):
+                 relation: BoxRelation = YUNET_RELATION, score: float | None = None):
         data = check_sha256(path, YUNET_SHA256)
+        score = (YUNET_ANY_ROLL_SCORE if any_roll else YUNET_SCORE) if score is None else score
         # From the bytes just checked, not the path again: the file cannot change in between.
         self.net = cv2.FaceDetectorYN.create("onnx", np.frombuffer(data, np.uint8), np.zeros(0, np.uint8),
-                                             (size, size), YUNET_ANY_ROLL_SCORE if any_roll else YUNET_SCORE,
-                                             YUNET_NMS, 5000)
+                                             (size, size), score, YUNET_NMS, 5000)
         self.any_roll, self.size, self.relation = any_roll, size, relation
 
     def raw(self, bgr: np.ndarray) -> np.ndarray:
@@ -229,19 +230,63 @@ def angle_between(a: float, b: float) -> float:
     return (a - b + 180) % 360 - 180
 
 
-def any_roll_problem(name: str | None, any_roll: bool) -> str | None:
-    """Why --any-roll cannot go with this detector, or None: only YuNet looks at the photo's quarter turns."""
-    if any_roll and name == "hog":
-        return "--any-roll goes with --detector yunet; dlib's HOG finds upright faces only"
+def any_roll_problem(name, any_roll: bool) -> str | None:
+    """Why any_roll cannot go with this detector (None: YuNet's default), or None: only YuNet looks at the
+    photo's quarter turns. The caller says it as its parameters or flags are named."""
+    if any_roll and name not in (None, "yunet"):
+        return "only YuNet looks at the picture turned" + ("; dlib's HOG finds upright faces only" if name == "hog"
+                                                            else "; your own detector finds what it finds")
     return None
 
 
-def make_detector(name: str, any_roll: bool = False, upsample: int = HOG_UPSAMPLE):
-    """picture (H, W) gray or (H, W, 3) RGB uint8 -> [Detection]: `yunet` or `hog` (upright faces only)."""
-    if name == "yunet":
-        return YuNet(any_roll)
-    if name != "hog":
-        raise UsageError(f"--detector {name}: expected one of {', '.join(DETECTORS)}")
+# A detector handed in: RGB picture (H, W, 3) uint8 -> boxes (left, top, width, height), with a score each if
+# it has them: a list of 4- or 5-tuples, an (N, 4) or (N, 5) array, or Detections (face-alignment's and
+# MediaPipe's detectors give such boxes).
+DetectorFunction = Callable[[np.ndarray], object]
+
+
+def as_detections(found, name: str) -> list[Detection]:
+    """What a user's detector returned, as Detections (its box taken as dlib's convention: the looks after the
+    first level and frame the face by its own points), or UsageError naming the detector and what it gave."""
+    if isinstance(found, list) and all(isinstance(d, Detection) for d in found):
+        return found
+    try:
+        rows = np.asarray(found, np.float64).reshape(-1, np.shape(found)[-1] if len(found) else 4)
+    except (TypeError, ValueError, IndexError):
+        rows = None
+    if rows is None or rows.shape[1] not in (4, 5) or not np.isfinite(rows).all() or (rows[:, 2:4] <= 0).any():
+        raise UsageError(f"detector={name}: returned {str(found)[:80]!r}; expected (left, top, width, height) boxes "
+                         f"of positive size, with a score after each if it has them", "detector")
+    return [Detection(Box(*map(float, row[:4])), float(row[4]) if len(row) == 5 else 1.0) for row in rows]
+
+
+def make_detector(spec: "str | DetectorFunction" = "yunet", any_roll: bool = False, upsample: int = HOG_UPSAMPLE,
+                  min_score: float | None = None,
+                  max_faces: int | None = None) -> Callable[[np.ndarray], list[Detection]]:
+    """picture (H, W) gray or (H, W, 3) RGB uint8 -> [Detection], surest first: `yunet`, `hog` (upright faces
+    only) or a function of the user's (DetectorFunction), each through the same door. `min_score` drops
+    faces the detector is less sure of (YuNet looks for them down to it); `max_faces` keeps the surest."""
+    if callable(spec):
+        name = getattr(spec, "__name__", type(spec).__name__)
+        find = lambda picture: as_detections(spec(np.ascontiguousarray(  # noqa: E731
+            np.repeat(picture[..., None], 3, -1) if picture.ndim == 2 else picture)), name)
+    elif spec == "yunet":
+        find = YuNet(any_roll, score=min_score)
+    elif spec == "hog":
+        find = hog_detector(upsample)
+    else:
+        raise UsageError(f"detector={spec}: expected one of {', '.join(DETECTORS)}, or a function from an RGB "
+                         f"picture to boxes", "detector")
+
+    def detect(picture: np.ndarray) -> list[Detection]:
+        found = sorted(find(picture), key=lambda d: -d.score)
+        found = [d for d in found if min_score is None or d.score >= min_score]
+        return found[:max_faces]
+
+    return detect
+
+
+def hog_detector(upsample: int) -> Callable[[np.ndarray], list[Detection]]:
     hog = load_hog()
 
     def find(picture: np.ndarray) -> list[Detection]:

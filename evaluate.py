@@ -12,16 +12,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import dlib_baseline
-from checkpoints import load_for_inference
+from checkpoints import NetworkConfig
 from dataset import FaceLandmarksDataset, split_faces, trained_split
 from detection_eval import by_image, error_spread, fit_yunet_box, score_found, source_errors
 from detectors import DETECTORS, any_roll_problem
-from faces import Landmarker
+from faces import Landmarker, LandmarkerOptions
 from errors import DataError, UsageError
 from files import save_figure, write_atomic
 from flags import WORKERS_MAX, number_in, one_line_errors, out_file, out_folder
 from labels import TEST_XML, TRAIN_XML, label_problem, load_faces
-from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme
+from landmarks import NUM_LANDMARKS, Face, Markup, markup_for, nme, region_errors, regions_of
 from runtime import Network, inference_autocast, pick_device
 from pose_eval import pose_test
 from score_eval import OCCLUDERS, score_test
@@ -89,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if (args.any_roll or args.turn != [0.0]) and not (args.detector or args.source_errors):
         p.error("--any-roll and --turn go with --detector or --source-errors, which turn the photos")
     if problem := any_roll_problem(args.detector, args.any_roll):
-        p.error(problem)
+        p.error(f"--any-roll goes with --detector yunet: {problem}")
     return args
 
 
@@ -121,8 +121,10 @@ def subset_of(face: Face, root: Path) -> str | None:
     return None
 
 
-def summarise(errors: np.ndarray, subsets: list[str | None], normalisation: str) -> dict[str, dict]:
-    """The table: one row per subset that has faces, Full last; each row names what NME is normalised by."""
+def summarise(errors: np.ndarray, subsets: list[str | None], normalisation: str,
+              regions: dict[str, np.ndarray] | None = None) -> dict[str, dict]:
+    """The table: one row per subset that has faces, Full last; each row names what NME is normalised by,
+    and holds the NME of each region under "regions" where the markup names regions (landmarks.region_errors)."""
     table = {}
     for name in ("Common", "Challenging", "Full"):
         chosen = np.array([name == "Full" or s == name for s in subsets])
@@ -131,15 +133,26 @@ def summarise(errors: np.ndarray, subsets: list[str | None], normalisation: str)
             table[name] = {"faces": int(chosen.sum()), "nme": float(e.mean()), "normalisation": normalisation,
                            **{f"fr{t}": failure_rate(e, t) for t in THRESHOLDS},
                            **{f"auc{t}": auc(e, t) for t in THRESHOLDS}}
+            if regions is not None:
+                table[name]["regions"] = {k: float(v[chosen].mean()) for k, v in regions.items()}
     return table
 
 
-def print_table(title: str, table: dict[str, dict]) -> None:
+def print_table(title: str, table: dict[str, dict], markup: Markup) -> None:
     print(f"\n{title}")
     print(f"{'subset':<12}{'faces':>7}{'NME %':>8}{'FR@8 %':>8}{'FR@10 %':>9}{'AUC@8':>8}{'AUC@10':>8}")
     for name, row in table.items():
         print(f"{name:<12}{row['faces']:>7}{row['nme']:>8.2f}{row['fr8']:>8.2f}{row['fr10']:>9.2f}"
               f"{row['auc8']:>8.2f}{row['auc10']:>8.2f}")
+    if regions_of(markup) is None:
+        print(f"by region: none, {markup.num_points} points name no regions (iBUG's 68 and WFLW's 98 do)")
+        return
+    names = [k for k in next(iter(table.values()))["regions"] if "_" not in k]
+    print(f"{'by region':<12}" + "".join(f"{n:>8}" for n in names) + "   outline: across / along")
+    for name, row in table.items():
+        r = row["regions"]
+        outlines = "  ".join(f"{n} {r[n + '_across']:.2f} / {r[n + '_along']:.2f}" for n in names if n + "_along" in r)
+        print(f"{name:<12}" + "".join(f"{r[n]:>8.2f}" for n in names) + f"   {outlines}")
 
 
 # ---------------------------------------------------------------- predictions
@@ -176,15 +189,16 @@ def scorable(faces: list[Face], xml: Path, markup: Markup) -> list[Face]:
     return kept
 
 
-def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Path, Markup]:
+def select_faces(args: argparse.Namespace, config: NetworkConfig | None) -> tuple[list[Face], Path, Markup]:
     """The faces to score: the whole XML, or the validation split recorded in the weights (loaded as
     training loaded them, so that the split is the same); and their markup, the weights' (the XML must
     have its point count), or without weights the one its point count implies."""
-    fixed = Markup.from_config(config) if config else None
+    fixed = config.markup if config is not None else None
     markup_of = (lambda k: fixed) if fixed else markup_for
     if args.split == "val":
-        xml = Path(args.data_dir) / (args.xml or config.get("xml", TRAIN_XML))
-        faces = load_faces(xml, args.skip_bad or config.get("skip_bad", False), markup_of=markup_of)
+        config = config or NetworkConfig()
+        xml = Path(args.data_dir) / (args.xml or config.xml)
+        faces = load_faces(xml, args.skip_bad or config.skip_bad, markup_of=markup_of)
         _, val_idx = trained_split(len(faces), config)
         return [faces[i] for i in val_idx], xml, fixed or markup_for(len(faces[0].points))
     xml = Path(args.data_dir) / (args.xml or TEST_XML)
@@ -193,9 +207,9 @@ def select_faces(args: argparse.Namespace, config: dict) -> tuple[list[Face], Pa
     return scorable(faces, xml, fixed), xml, fixed
 
 
-def score(pred: np.ndarray, truths: np.ndarray, faces: list[Face], markup: Markup) -> np.ndarray:
-    """Per-face NME of targets in crop coordinates (where the box diagonal is box_diagonal's)."""
-    return nme(pred, truths, markup, [box_diagonal(f.box) for f in faces])
+def crop_diagonals(faces: list[Face]) -> list[float]:
+    """Each face's box diagonal in crop coordinates, where NME of targets is measured (box_diagonal's)."""
+    return [box_diagonal(f.box) for f in faces]
 
 
 def looks_in_boxes(landmarker: Landmarker, faces: list[Face]) -> np.ndarray:
@@ -256,19 +270,23 @@ class Report:
     def __init__(self, out: Path):
         self.out, self.results, self.curves = out, {}, {}
 
-    def record(self, name: str, title: str, errors: np.ndarray, faces: list[Face], root: Path,
-               markup: Markup) -> None:
+    def record(self, name: str, title: str, pred: np.ndarray, truths: np.ndarray, faces: list[Face], root: Path,
+               markup: Markup, diagonals: list[float] | None = None) -> None:
+        """One model's points (N, K, 2) against the truths in the same coordinates, whose box diagonals are
+        `diagonals` (for a markup that normalises NME by them)."""
+        errors = nme(pred, truths, markup, diagonals)
         self.curves[name] = errors
-        self.results[name] = summarise(errors, [subset_of(f, root) for f in faces], markup.normalisation)
+        self.results[name] = summarise(errors, [subset_of(f, root) for f in faces], markup.normalisation,
+                                       region_errors(pred, truths, markup, diagonals))
         write_faces_csv(self.out / f"{name.replace('/', '_').replace(' +', '_')}_faces.csv", faces, errors)
-        print_table(f"{title}; NME over the {markup.normalisation}", self.results[name])
+        print_table(f"{title}; NME over the {markup.normalisation}", self.results[name], markup)
 
 
 def evaluate(args: argparse.Namespace) -> dict:
     device = pick_device(args.device)
     report = Report(Path(args.out_dir))
     report.out.mkdir(parents=True, exist_ok=True)
-    faces, config, xml, markup = None, {}, None, None
+    faces, config, xml, markup = None, None, None, None
     predictor = dlib_baseline.load_predictor() if DLIB in args.baseline else None  # missing: say so first
     for weights in args.weights or ([] if args.baseline else ["runs/best.pt"]):
         faces, config, xml, markup = score_weights(args, weights, device, report)
@@ -280,7 +298,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     if DLIB in args.baseline:
         pred = dlib_baseline.predict_faces(predictor, faces)
         report.record(DLIB, f"dlib's 68-point shape predictor ({dlib_baseline.MODEL_FILE}) on the same boxes of "
-                            f"{xml}", nme(pred, np.stack([f.points for f in faces]), markup), faces, xml.parent, markup)
+                            f"{xml}", pred, np.stack([f.points for f in faces]), faces, xml.parent, markup)
     plot_ced(report.curves, report.out / "ced.png")
     print(f"\nwrote {report.out / 'ced.png'} and per-face CSVs in {report.out}/")
     if args.json:
@@ -291,41 +309,39 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 
 def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
-                  report: Report) -> tuple[list[Face], dict, Path, Markup]:
+                  report: Report) -> tuple[list[Face], NetworkConfig, Path, Markup]:
     """One weights file on the XML's boxes (the 300-W protocol) and, with --detector, on the faces it finds."""
-    model, config = load_for_inference(weights, device, args.eager, not args.no_int8)
+    landmarker = Landmarker(LandmarkerOptions.from_flags(args, weights=weights))
+    model, config = landmarker.model, landmarker.config
     faces, xml, markup = select_faces(args, config)
     refuse_dlib_for_other_markup(args, xml, markup)
     if args.flip_test and markup.flip is None:
         raise UsageError(f"--flip-test: {weights} was trained on {markup.num_points} points without "
                          f"--flip-pairs, so which point mirrors which is unknown")
-    data = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False))
+    data = FaceLandmarksDataset(faces, Transforms(config.img_size, train=False))
     loader = DataLoader(data, args.batch_size, num_workers=args.workers)
     pred, truths = predict_targets(model, loader, device, markup, args.flip_test)
     report.record(run_name(weights) + (" +flip" if args.flip_test else ""),
                   f"{weights}{' with flip test' if args.flip_test else ''} on {xml}",
-                  score(pred, truths, faces, markup), faces, xml.parent, markup)
+                  pred, truths, faces, xml.parent, markup, crop_diagonals(faces))
     if (args.passes or 1) > 1:
-        landmarker = Landmarker(weights, args.device, eager=args.eager, int8=not args.no_int8, passes=args.passes)
         report.record(f"{run_name(weights)} +{args.passes}passes", f"{weights} on {xml}, {args.passes} looks per box",
-                      nme(looks_in_boxes(landmarker, faces), np.stack([f.points for f in faces]), markup,
-                          [math.hypot(f.box.width, f.box.height) for f in faces]), faces, xml.parent, markup)
+                      looks_in_boxes(landmarker, faces), np.stack([f.points for f in faces]), faces, xml.parent,
+                      markup, [math.hypot(f.box.width, f.box.height) for f in faces])
     for occluder in OCCLUDERS if args.score_test else ():
-        row = score_test(model, faces, config.get("img_size", 224), markup, occluder=occluder)
+        row = score_test(model, faces, config.img_size, markup, occluder=occluder)
         report.results[f"{run_name(weights)} point scores, {occluder}"] = row
         print(f"point scores of {weights}, covered by {occluder}: AUROC {row['auroc_visible_vs_covered']:.3f} for "
               f"visible against covered points ({row['visible_points']} and {row['covered_points']}; mean "
               f"{row['mean_score_visible']:.3f} against {row['mean_score_covered']:.3f}); rank correlation with the "
               f"point's error {row['spearman_score_vs_error']:+.3f} (Pearson {row['pearson_score_vs_error']:+.3f})")
     if args.pose_test:
-        row = pose_test(Landmarker(weights, args.device, eager=args.eager, int8=not args.no_int8), faces)
+        row = pose_test(landmarker.with_options(passes=None), faces)
         report.results[f"{run_name(weights)} head pose"] = row
         print(f"head pose of {weights}: {json.dumps(row)}")
     if args.source_errors:
-        report_source_errors(args, weights, faces, markup, report)
+        report_source_errors(args, landmarker.with_options(passes=None), faces, markup, report)
     if args.detector:
-        landmarker = Landmarker(weights, args.device, args.detector, args.any_roll, eager=args.eager,
-                                int8=not args.no_int8, passes=args.passes)
         passes = landmarker.passes_for(boxes_given=False)
         for degrees in args.turn:
             name = (f"{run_name(weights)} {args.detector}{' any-roll' if args.any_roll else ''} {passes} "
@@ -335,10 +351,8 @@ def score_weights(args: argparse.Namespace, weights: str, device: torch.device,
     return faces, config, xml, markup
 
 
-def report_source_errors(args: argparse.Namespace, weights: str, faces: list[Face], markup: Markup,
+def report_source_errors(args: argparse.Namespace, landmarker: Landmarker, faces: list[Face], markup: Markup,
                          report: Report) -> None:
-    landmarker = Landmarker(weights, args.device, args.detector or "yunet", args.any_roll, eager=args.eager,
-                            int8=not args.no_int8)
     for degrees in args.turn:
         for source, errors in source_errors(landmarker, faces, markup, degrees).items():
             name = f"{source} framing, photos turned {degrees:g}deg"
@@ -360,16 +374,17 @@ def print_found(name: str, row: dict) -> None:
           f"(median {row['median']:.2f}%, FR@10 {row['fr10']:.2f}%)")
 
 
-def score_mean_shape(args: argparse.Namespace, config: dict, faces: list[Face], xml: Path, markup: Markup,
+def score_mean_shape(args: argparse.Namespace, config: NetworkConfig | None, faces: list[Face], xml: Path, markup: Markup,
                      report: Report) -> None:
     train_xml = Path(args.data_dir) / args.train_xml
     # Loaded as training loaded it (the weights' markup), so that the split is the same.
-    train_faces = load_faces(train_xml, args.skip_bad or config.get("skip_bad", False), markup_of=lambda k: markup)
+    config = config or NetworkConfig()
+    train_faces = load_faces(train_xml, args.skip_bad or config.skip_bad, markup_of=lambda k: markup)
     train_idx, _ = trained_split(len(train_faces), config)
     shape = mean_shape([train_faces[i] for i in train_idx])
     truths = np.stack([points_to_target(f.points, face_matrix(f.box, 1, CROP_MARGIN), 1) for f in faces])
     report.record(MEAN_SHAPE, f"mean training shape of {train_xml} placed in each box",
-                  score(np.broadcast_to(shape, truths.shape), truths, faces, markup), faces, xml.parent, markup)
+                  np.broadcast_to(shape, truths.shape), truths, faces, xml.parent, markup, crop_diagonals(faces))
 
 
 def fit_box(args: argparse.Namespace) -> dict:

@@ -5,14 +5,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from checkpoints import load_checkpoint, load_model, release_copy, save_atomic
-from dataset import calibration_crops
+from checkpoints import NetworkConfig, load_checkpoint, load_model, release_copy, save_atomic
+from dataset import FaceLandmarksDataset, trained_split
 from errors import UsageError
 from flags import one_line_errors, out_file, refuse_input_as_output
 from labels import TRAIN_XML, load_faces
-from landmarks import Markup
+from landmarks import Face
 from onnx_io import OPSET, export_onnx, export_torchscript, onnx_runner, require_onnx
-from quantized import CALIBRATION_FACES, from_calibration
+from quantized import CALIBRATION_FACES, from_calibration, to_calibration
+from transforms import Transforms
 
 # The check runs a batch of a size the export never saw, which proves the batch axis is dynamic.
 EXPORT_BATCH, CHECK_BATCH = 2, 3
@@ -34,6 +35,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def calibration_crops(faces: list[Face], config: NetworkConfig, n: int = CALIBRATION_FACES) -> torch.Tensor:
+    """n training faces of the split these weights were trained on, never validation ones, cropped to
+    their boxes as evaluation crops them: the crops an int8 network's ranges are set on (quantized.py).
+    The same faces for the same split."""
+    train, _ = trained_split(len(faces), config)
+    chosen = sorted(np.random.default_rng(0).choice(train, min(n, len(train)), replace=False).tolist())
+    data = FaceLandmarksDataset(faces, Transforms(config.img_size, train=False), chosen)
+    return to_calibration(torch.stack([data[i][0] for i in range(len(data))]))
+
+
 def write_release(args: argparse.Namespace) -> float:
     """The fp16 copy, and the largest difference between its predictions and the original's."""
     path = Path(args.release)
@@ -41,12 +52,12 @@ def write_release(args: argparse.Namespace) -> float:
     calibration = None
     if args.data_dir is not None:
         faces = load_faces(args.data_dir / args.xml)
-        calibration = calibration_crops(faces, checkpoint.get("config", {}))
+        calibration = calibration_crops(faces, NetworkConfig.of(checkpoint))
     path.parent.mkdir(parents=True, exist_ok=True)
     save_atomic(release_copy(checkpoint, calibration), path)
     original, config = load_model(args.weights)
     released, _ = load_model(path)
-    size = config.get("img_size", 224)
+    size = config.img_size
     # Faces where there are any: on noise the pip head's score maps are flat, and fp16 rounding can move their
     # argmax to another cell (0.17 of the crop on the soup release), which says nothing of faces.
     inputs = torch.rand(CHECK_BATCH, 1, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -74,7 +85,7 @@ def main(args: argparse.Namespace) -> float:
 def write_exports(args: argparse.Namespace) -> float:
     require_onnx()
     model, config = load_model(args.weights, "cpu")
-    size = config.get("img_size", 224)
+    size = config.img_size
     out = Path(args.out or Path(args.weights).with_suffix(".onnx"))
     out.parent.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +94,7 @@ def write_exports(args: argparse.Namespace) -> float:
     with torch.inference_mode():
         expected = model(inputs).numpy()
 
-    export_onnx(model, example, out, Markup.from_config(config).to_config())
+    export_onnx(model, example, out, config.markup.to_config())
     difference = float(np.abs(onnx_runner(out)(inputs) - expected).max())
     print(f"wrote {out} (opset {OPSET}, input 'image' (batch, 1, {size}, {size}), output 'landmarks' "
           f"(batch, {expected.shape[1]}): {expected.shape[1] // 2} points, x and y; metadata 'markup')")

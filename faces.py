@@ -1,5 +1,7 @@
-"""Landmarks on the faces of one picture, from Python: a detector finds them, each is cropped level with its roll, and the network puts the points; photos, video and evaluation all go through here."""
-from dataclasses import dataclass, field, replace
+"""Landmarks on faces from Python: the Landmarker and its options, for one picture, a batch of them or a video; a detector finds the faces (YuNet, dlib's HOG or your own), each is cropped level with its roll, and the network puts the points. Photos, video, evaluation and torch.hub all go through here."""
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from time import perf_counter
 
@@ -7,137 +9,96 @@ import numpy as np
 import torch
 from PIL import Image
 
+import video
 from checkpoints import RELEASED_WEIGHTS, load_for_inference
-from detectors import HOG_UPSAMPLE, YUNET_SIZE, Detection, make_detector
+from detectors import DETECTORS, HOG_UPSAMPLE, YUNET_SIZE, Detection, any_roll_problem, make_detector
 from errors import DataError, UsageError
-from images import open_photo, readable_mode, to_gray
-from landmarks import Box, Markup, level_frame, rescale
-from pose import head_pose
-from runtime import Network, pick_device, points_and_scores
-from transforms import Augment, Transforms
+from images import array_picture, open_photo, readable_mode, to_gray
+from landmarks import Box, rescale
+from looks import FaceLandmarks, Looker, look_again, surest_turns
+from runtime import autocast, pick_device
+from transforms import Transforms
 
 # A photo given by its path decodes at 1/2, 1/4 or 1/8 scale while its long side stays at least this: twice
 # what the detector looks at, and enough for the crop of any face the detector can find in it.
 DECODE_AT_LEAST = 2 * YUNET_SIZE
-# With --any-roll, a first look whose points score below this on average is doubtful: the detector may have
-# taken the face sideways or the wrong way up, so it is looked at turned the other ways too, and the surest
-# look kept. On the validation faces the faces whose look failed (NME above 10%) scored 0.32-0.59, and 95% of
-# the rest above 0.68 even in photos turned 60-135 degrees (docs/results.md, "Detection: YuNet and any roll").
-DOUBTFUL_SCORE = 0.7
-# Each eighth of the way round, where a second look levels each turn's points (docs/results.md has eighths
-# against quarters); each quarter, for a markup without eye corners to level by.
-EIGHTH_TURNS = (45.0, 90.0, 135.0, 180.0, 225.0, 270.0, 315.0)
-QUARTER_TURNS = (90.0, 180.0, 270.0)
-
-
-def default_passes(detector: str, any_roll: bool, boxes_given: bool) -> int:
-    """Looks per face when none is asked for: a second one, levelled and framed by the first look's points,
-    wherever the first crop is framed by anything but YuNet's five points on an upright photo. It pays there (on
-    the validation faces: the 300-W protocol's HOG boxes 3.71% -> 3.60%; at any roll the worst angle 1.31x ->
-    1.12x the upright NME) and not on YuNet's upright crops (3.61% either way; docs/results.md, "Detection:
-    YuNet and any roll")."""
-    return 1 if detector == "yunet" and not any_roll and not boxes_given else 2
+# What LandmarkerOptions.dtype takes: the precision of the network's call on CUDA (autocast). On the CPU the
+# fast network sets it (int8, or bf16/fp32 frozen: checkpoints.load_for_inference).
+DTYPES = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
-class FaceLandmarks:
-    box: Box                 # the crop's box in dlib's convention, in the picture's pixels (upright frame)
-    points: np.ndarray       # (K, 2) in the picture's pixels
-    roll: float = 0.0        # degrees the crop was turned to level the face, clockwise on screen
-    detector_score: float = 1.0
-    scores: np.ndarray | None = None  # (K,) in [0, 1]: how sure the network is of each point; None: regression head
-    pose: tuple[float, float, float] | None = None  # yaw, pitch, roll in degrees (pose.py); None: not iBUG's 68
+class LandmarkerOptions:
+    """Every setting of a Landmarker, written once: the Python API, photos.py's workers, video.py, torch.hub and
+    the scripts (from their flags of the same names, from_flags) all pass one of these (MediaPipe's
+    FaceLandmarkerOptions). Checked when made: a value a setting does not take raises UsageError naming it."""
+    weights: str | Path | None = None   # a file of train.py or export.py --release; None: the released weights
+    device: str = "auto"                # cpu, cuda, cuda:N; auto: the GPU where there is one
+    detector: str | Callable = "yunet"  # "yunet", "hog", or a function: RGB picture -> (left, top, width, height)
+    any_roll: bool = False              # also find faces turned sideways or upside down (YuNet)
+    upsample: int = HOG_UPSAMPLE        # with "hog": times it doubles the picture first
+    passes: int | None = None           # looks per face; None: default_passes
+    flip: bool = False                  # average each face with its mirror image (twice the network's time)
+    max_faces: int | None = None        # keep the surest this many faces of each picture
+    min_score: float | None = None      # the detector's score a face needs; None: the detector's own default
+    eager: bool = False                 # run the network as loaded, not made fast for the CPU
+    int8: bool = True                   # int8 where the weights and the CPU allow it (docs/scripts.md)
+    dtype: str = "auto"                 # on CUDA: fp32, bf16 or fp16 autocast; auto: bf16 where the GPU has it
 
-    def to_dict(self) -> dict:
-        return {**face_fields(self.box, self.points, self.scores, self.pose),
-                "roll": round(float(self.roll), 1), "detector_score": round(float(self.detector_score), 3)}
+    def __post_init__(self):
+        problems = [
+            ("detector", callable(self.detector) or self.detector in DETECTORS,
+             f"expected one of {', '.join(DETECTORS)}, or a function from an RGB picture to boxes"),
+            ("any_roll", not any_roll_problem(self.detector, self.any_roll),
+             f"goes with detector=\"yunet\": {any_roll_problem(self.detector, self.any_roll)}"),
+            ("passes", self.passes is None or (isinstance(self.passes, int) and 1 <= self.passes <= 4),
+             "expected 1 to 4 looks, or None"),
+            ("max_faces", self.max_faces is None or (isinstance(self.max_faces, int) and self.max_faces >= 1),
+             "expected a whole number of at least 1, or None"),
+            ("min_score", self.min_score is None or (self.detector != "hog" and 0 <= self.min_score <= 1),
+             "expected a score in [0, 1] from YuNet or your own detector (dlib's HOG gives none), or None"),
+            ("upsample", isinstance(self.upsample, int) and 0 <= self.upsample <= 4, "expected 0 to 4"),
+            ("dtype", self.dtype in DTYPES, f"expected one of {', '.join(DTYPES)}"),
+        ]
+        for name, fine, expected in problems:
+            if not fine:
+                raise UsageError(f"{name}={getattr(self, name)!r}: {expected}", name)
 
-
-def face_fields(box: Box, points: np.ndarray, scores: np.ndarray | None,
-                pose: tuple[float, float, float] | None) -> dict:
-    """A face's box, points, point scores and pose as the JSON of photos and of video frames holds them."""
-    return {"box": [round(float(v), 2) for v in box], "points": np.round(points.astype(np.float64), 2).tolist(),
-            "scores": None if scores is None else np.round(scores.astype(np.float64), 3).tolist(),
-            "pose": None if pose is None else [round(float(v), 1) for v in pose]}
-
-
-def level(detection: Detection) -> Augment:
-    """The crop that turns the face upright: rotated against its roll."""
-    return Augment(angle=-detection.roll)
-
-
-def predict_faces(model: Network, transform: Transforms, gray: Image.Image, detections: list[Detection],
-                  device: torch.device, with_pose: bool = True) -> list[FaceLandmarks]:
-    """All faces of one picture as one batch, each cropped level with its roll; with_pose=False leaves out
-    the head pose (the video tracker takes it of the smoothed points instead)."""
-    if not detections:
-        return []
-    no_points = np.zeros((1, 2))  # the transform moves points too; here there are none to move
-    batch = torch.stack([transform(gray, d.box, no_points, level(d))[0] for d in detections])
-    with torch.inference_mode():
-        pred, scores = points_and_scores(model, batch.to(device))
-    pred = pred.float().cpu().numpy()
-    scores = [None] * len(detections) if scores is None else scores.float().cpu().numpy()
-    faces = []
-    for p, s, d in zip(pred, scores, detections):
-        points = transform.to_image(p, d.box, level(d))
-        pose = head_pose(points, *gray.size) if with_pose else None
-        faces.append(FaceLandmarks(d.box, points, d.roll, d.score, s, pose))
-    return faces
-
-
-def turned(detection: Detection, degrees: float) -> Detection:
-    """The same detection with its roll turned by `degrees`, kept in (-180, 180]."""
-    return replace(detection, roll=180.0 - (180.0 - detection.roll - degrees) % 360.0)
+    @classmethod
+    def from_flags(cls, args, **overrides) -> "LandmarkerOptions":
+        """The options a script's flags set: each flag of an option's name, and --no-int8."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+        if getattr(args, "no_int8", False):
+            given["int8"] = False
+        return cls(**(given | overrides))
 
 
-def surest_turns(model: Network, transform: Transforms, gray: Image.Image, detections: list[Detection],
-                 faces: list[FaceLandmarks], device: torch.device, markup: Markup) -> list[FaceLandmarks]:
-    """Each face whose points score below DOUBTFUL_SCORE looked at again turned each eighth of the way round,
-    each turn's look followed by a second one on the crop its points level and frame; of those second looks,
-    the one whose points score highest on average is kept. Judged after levelling, a turn that was off by
-    45 degrees competes as a level face, not as a tilted one that may happen to score high.
-
-    A markup without eye corners to level by gets no second looks: its doubtful faces are looked at each
-    quarter turn, and the first look that scores highest is kept. Faces without scores stay as they are."""
-    doubtful = [i for i, f in enumerate(faces) if f.scores is not None and f.scores.mean() < DOUBTFUL_SCORE]
-    if not doubtful:
-        return faces
-    levels = markup.nme_points is not None
-    steps = EIGHTH_TURNS if levels else QUARTER_TURNS
-    k = len(steps)
-    looks = predict_faces(model, transform, gray, [turned(detections[i], q) for i in doubtful for q in steps], device)
-    candidates = [look for j, i in enumerate(doubtful) for look in (faces[i], *looks[j * k:(j + 1) * k])]
-    if levels:
-        candidates = predict_faces(model, transform, gray,
-                                   [level_crop(f.points, markup, f.detector_score) for f in candidates], device)
-    surest = list(faces)
-    for j, i in enumerate(doubtful):
-        surest[i] = max(candidates[j * (k + 1):(j + 1) * (k + 1)], key=lambda f: f.scores.mean())
-    return surest
-
-
-def level_crop(points: np.ndarray, markup: Markup, score: float = 1.0) -> Detection:
-    """The crop that a face's points put it in (landmarks.level_frame), as a detection."""
-    box, roll = level_frame(points, markup)
-    return Detection(box, score, roll)
+def default_passes(detector, any_roll: bool, boxes_given: bool) -> int:
+    """Looks per face when none is asked for: a second one, levelled and framed by the first look's points,
+    wherever the first crop is framed by anything but YuNet's five points on an upright photo. It pays there (on
+    the validation faces: the 300-W protocol's HOG boxes 3.71% -> 3.60%; at any roll the worst angle 1.31x ->
+    1.12x the upright NME; another detector's boxes are framed as it frames them) and not on YuNet's upright
+    crops (3.61% either way; docs/results.md, "Detection: YuNet and any roll")."""
+    return 1 if detector == "yunet" and not any_roll and not boxes_given else 2
 
 
 def as_picture(image) -> tuple[Image.Image, int]:
-    """A path, a PIL image or a numpy array (H x W gray, H x W x 3 RGB, uint8) -> a PIL image, and the
+    """A path, a PIL image, a numpy array (images.array_picture says which) or a tensor -> a PIL image, and the
     factor a path's JPEG was shrunk by while decoding."""
     if isinstance(image, (str, Path)):
         return open_photo(Path(image), DECODE_AT_LEAST)
     if isinstance(image, Image.Image):
+        if 0 in image.size:
+            raise DataError(f"a PIL image of size {image.width}x{image.height}: an empty picture", "unreadable image")
         try:
             return readable_mode(image), 1
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             raise DataError(f"a PIL image in mode {image.mode}: cannot read it ({e})", "unreadable image") from None
+    if isinstance(image, torch.Tensor):  # a picture as torchvision's transforms leave it: C x H x W
+        image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise UsageError(f"expected an H x W or H x W x 3 uint8 array, got {image.dtype} of shape {image.shape}")
-        return Image.fromarray(image), 1
-    raise UsageError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
+        return array_picture(image), 1
+    raise UsageError(f"image={type(image).__name__}: expected a path, a PIL image, a numpy array or a tensor", "image")
 
 
 def detector_view(photo: Image.Image, gray: Image.Image) -> np.ndarray:
@@ -148,50 +109,106 @@ def detector_view(photo: Image.Image, gray: Image.Image) -> np.ndarray:
 
 @dataclass
 class Timings:
-    """Seconds spent in each step, summed over calls: where a folder's time goes."""
+    """Seconds spent in each step, summed over calls: where a folder's time goes. `start`: building the
+    Landmarker (reading the weights, building or loading the fast network, the detector)."""
+    start: float = 0.0
     decode: float = 0.0
     detect: float = 0.0
     landmarks: float = 0.0
+    draw: float = 0.0        # photos.py's annotated pictures, counted here beside the rest
     calls: int = field(default=0)
 
 
 class Landmarker:
-    """Faces and their landmarks in a picture, three lines from import to points:
+    """Faces and their landmarks in pictures, three lines from import to points:
 
         from faces import Landmarker
         landmarker = Landmarker()              # the released weights, YuNet, the CPU's fastest path
-        faces = landmarker("photo.jpg")        # or a PIL image, or an H x W (x 3) uint8 numpy array
+        faces = landmarker("photo.jpg")        # or a PIL image, a numpy array (RGB), a tensor
 
     Each face has .box, .points (K, 2) in the picture's pixels, .scores (K,) in [0, 1], .pose (yaw, pitch,
-    roll in degrees), .roll (of its crop), .detector_score and .to_dict().
-    passes=2 (or more) looks again at each face, on the crop levelled and framed by the last look's points;
-    None: as default_passes says, where a second look pays.
-    any_roll=True also finds faces turned sideways or upside down, and looks at a doubtful face turned each
-    eighth of the way round (surest_turns).
-    int8=False keeps the bf16/fp32 network where the int8 one would run (checkpoints.load_for_inference).
+    roll in degrees), .roll (of its crop), .detector_score and .to_dict(). Settings come as LandmarkerOptions,
+    or as its keywords (Landmarker(passes=2, max_faces=1)), which win over the options given. batch() takes
+    many pictures at once, video() a file or a camera.
     """
 
-    def __init__(self, weights: str | Path | None = None, device: str = "auto", detector: str = "yunet",
-                 any_roll: bool = False, upsample: int = HOG_UPSAMPLE, eager: bool = False, passes: int | None = None,
-                 int8: bool = True):
-        weights = Path(weights) if weights else RELEASED_WEIGHTS
+    def __init__(self, options: "LandmarkerOptions | str | Path | None" = None, **keywords):
+        started = perf_counter()
+        if isinstance(options, (str, Path)):  # Landmarker("my_weights.pt"), as the weights file alone
+            options = LandmarkerOptions(weights=options)
+        self.options = options = replace(options or LandmarkerOptions(), **keywords)
+        weights = Path(options.weights) if options.weights else RELEASED_WEIGHTS
         if not weights.is_file() and weights == RELEASED_WEIGHTS:
-            raise UsageError(f"{RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train with "
-                             f"`python train.py --recipe best --out runs/best` and pass --weights runs/best/best.pt")
-        self.device = pick_device(device)
+            raise UsageError(f"weights={RELEASED_WEIGHTS}: the project's weights are not in this checkout yet; train "
+                             f"with `python train.py --recipe best --out runs/best` and pass runs/best/best.pt",
+                             "weights")
+        self.device = pick_device(options.device)
+        if options.dtype not in ("auto", "fp32") and self.device.type != "cuda":
+            raise UsageError(f"dtype={options.dtype!r}: sets the precision on CUDA; on the CPU int8= and the fast "
+                             f"network set it", "dtype")
         self.weights = weights
-        self.model, self.config = load_for_inference(weights, self.device, eager, int8)
-        self.markup = Markup.from_config(self.config)
-        self.transform = Transforms(self.config.get("img_size", 224), train=False)
-        self.detect = make_detector(detector, any_roll, upsample)
-        self.any_roll = any_roll
-        self.timings = Timings()
-        self.detector, self.passes = detector, passes
+        self.model, self.config = load_for_inference(weights, self.device, options.eager, options.int8)
+        self.markup = self.config.markup
+        if options.flip and self.markup.flip is None:
+            raise UsageError(f"flip=True: {weights} puts {self.markup.num_points} points with no mirror pairs, so "
+                             f"which point mirrors which is unknown", "flip")
+        self.looker = Looker(self.model, Transforms(self.config.img_size, train=False), self.device,
+                             self.markup.flip if options.flip else None, self.precision())
+        self.detect = make_detector(options.detector, options.any_roll, options.upsample, options.min_score,
+                                    options.max_faces)
+        self.timings = Timings(start=perf_counter() - started)
+
+    def with_options(self, **changes) -> "Landmarker":
+        """This Landmarker under other detector or look settings, sharing its network (evaluate.py scores one
+        weights file several ways without building it again). The network's own settings stay."""
+        options = replace(self.options, **changes)
+        fixed = [k for k in ("weights", "device", "eager", "int8", "dtype", "flip")
+                 if getattr(options, k) != getattr(self.options, k)]
+        if fixed:
+            raise UsageError(f"{fixed[0]}={getattr(options, fixed[0])!r}: set when the network is built; make "
+                             f"another Landmarker", fixed[0])
+        other = copy.copy(self)
+        other.options, other.timings = options, Timings()
+        other.detect = make_detector(options.detector, options.any_roll, options.upsample, options.min_score,
+                                     options.max_faces)
+        return other
+
+    def precision(self) -> Callable | None:
+        """The autocast around the network's call: on CUDA as dtype says; None on the CPU."""
+        if self.device.type != "cuda" or self.options.dtype == "fp32":
+            return None
+        if self.options.dtype == "auto":
+            return lambda: autocast(self.device)
+        return lambda: torch.autocast("cuda", dtype=DTYPES[self.options.dtype])
 
     def __call__(self, image, boxes: list[Box] | None = None) -> list[FaceLandmarks]:
         """The faces of `image`, or with `boxes` (dlib's convention, upright) the faces in those boxes."""
-        photo, factor = self.open(image)
-        return self.in_photo(photo, factor, boxes)[0]
+        return self.batch([image], None if boxes is None else [boxes])[0]
+
+    def batch(self, pictures: list, boxes: list[list[Box] | None] | None = None) -> list[list[FaceLandmarks]]:
+        """The faces of each picture, as a list per picture: the crops of all of them go through the network
+        together, in calls of up to looks.MAX_CROPS crops. `boxes`: for each picture its boxes, or None to
+        detect. A picture that cannot be read raises DataError naming it (and its place in the list)."""
+        decoded = []
+        for i, picture in enumerate(pictures):
+            try:
+                decoded.append(self.open(picture))
+            except DataError as e:
+                raise DataError(f"picture {i}: {e}" if len(pictures) > 1 else str(e), e.reason) from None
+        return [faces for faces, _ in self.in_photos(decoded, boxes)]
+
+    def tracker(self, detect_every: int = video.DETECT_EVERY, smoothing: dict | None = video.SMOOTHING,
+                lost_by: str = video.LOST_BY) -> video.FaceTracker:
+        """video.py's tracker on this Landmarker's network and detector (predict.py --video runs it)."""
+        return video.video_tracker(self.looker, self.config, self.detect, detect_every, smoothing, lost_by)
+
+    def video(self, source: str | int, detect_every: int = video.DETECT_EVERY, smoothing: dict | None = video.SMOOTHING,
+              lost_by: str = video.LOST_BY) -> Iterator[video.VideoFrame]:
+        """One result per frame of a video file or camera N (an int, or its number as text): .index, .time
+        (seconds), .faces (each with a stable .id, tracked and smoothed as predict.py --video does: `smoothing`
+        holds the One Euro filter's settings, None for raw points) and .frame, the BGR picture as OpenCV
+        decoded it. video.py owns the tracking; nothing is written."""
+        return video.track(str(source), self.tracker(detect_every, smoothing, lost_by))
 
     def open(self, image) -> tuple[Image.Image, int]:
         start = perf_counter()
@@ -202,33 +219,55 @@ class Landmarker:
     def in_photo(self, photo: Image.Image, factor: int = 1,
                  boxes: list[Box] | None = None) -> tuple[list[FaceLandmarks], Image.Image]:
         """The faces of a decoded photo shrunk by `factor`, in the full photo's pixels; and its grayscale."""
+        return self.in_photos([(photo, factor)], None if boxes is None else [boxes])[0]
+
+    def in_photos(self, decoded: list[tuple[Image.Image, int]],
+                  boxes: list[list[Box] | None] | None = None) -> list[tuple[list[FaceLandmarks], Image.Image]]:
+        """The faces of decoded photos (each with the factor it was shrunk by), in each one's full pixels, and
+        their grayscales; one network call for the crops of all of them at each look."""
+        boxes = boxes or [None] * len(decoded)
         start = perf_counter()
-        gray = to_gray(photo)
-        if boxes is None:
-            detections = self.detect(detector_view(photo, gray))
-        else:
-            detections = [Detection(rescale(inside(b, photo, factor), np.zeros((1, 2)), 1 / factor, np.zeros(2))[0], 1.0)
-                          for b in boxes]
+        grays = [to_gray(photo) for photo, _ in decoded]
+        detections = [self.find(photo, gray, factor, given) for (photo, factor), gray, given in
+                      zip(decoded, grays, boxes)]
         middle = perf_counter()
-        faces = self.look(gray, detections, self.passes_for(boxes is not None))
+        faces = self.look(grays, detections, [self.passes_for(given is not None) for given in boxes])
         self.timings.detect += middle - start
         self.timings.landmarks += perf_counter() - middle
-        self.timings.calls += 1
-        return [full_size(f, factor) for f in faces], gray
+        self.timings.calls += len(decoded)
+        return [([full_size(f, factor) for f in found], gray) for found, (_, factor), gray in
+                zip(faces, decoded, grays)]
+
+    def find(self, photo: Image.Image, gray: Image.Image, factor: int, boxes: list[Box] | None) -> list[Detection]:
+        """The detector's faces, or the boxes given (in the full photo's pixels) where the photo holds them."""
+        if boxes is None:
+            return self.detect(detector_view(photo, gray))
+        return [Detection(rescale(inside(b, photo, factor), np.zeros((1, 2)), 1 / factor, np.zeros(2))[0], 1.0)
+                for b in boxes]
 
     def passes_for(self, boxes_given: bool) -> int:
         """The looks each face gets: those asked for, else default_passes'."""
-        return default_passes(self.detector, self.any_roll, boxes_given) if self.passes is None else self.passes
+        o = self.options
+        return default_passes(o.detector, o.any_roll, boxes_given) if o.passes is None else o.passes
 
-    def look(self, gray: Image.Image, detections: list[Detection], passes: int = 1) -> list[FaceLandmarks]:
-        """The network on each detection's crop (with any_roll, a doubtful one also turned each eighth of the way);
-        each further pass again, on the crop the last one's points level and frame."""
-        faces = predict_faces(self.model, self.transform, gray, detections, self.device)
-        if self.any_roll:
-            faces = surest_turns(self.model, self.transform, gray, detections, faces, self.device, self.markup)
-        for _ in range(passes - 1 if self.markup.nme_points is not None else 0):
-            crops = [level_crop(f.points, self.markup, f.detector_score) for f in faces]
-            faces = predict_faces(self.model, self.transform, gray, crops, self.device)
+    def look(self, grays: list[Image.Image], detections: list[list[Detection]],
+             passes: list[int]) -> list[list[FaceLandmarks]]:
+        """The network on each detection's crop of each picture (with any_roll, a doubtful one also turned each
+        eighth of the way); each further pass again, on the crop the last one's points level and frame, for
+        the pictures that take that many."""
+        flat = self.looker.at([(gray, d) for gray, found in zip(grays, detections) for d in found])
+        faces, at = [], 0
+        for found in detections:
+            faces.append(flat[at:at + len(found)])
+            at += len(found)
+        if self.options.any_roll:
+            faces = [surest_turns(self.looker, gray, found, f, self.markup)
+                     for gray, found, f in zip(grays, detections, faces)]
+        for k in range(1, max(passes, default=1) if self.markup.nme_points is not None else 1):
+            again = [i for i, n in enumerate(passes) if n > k]
+            seen = look_again(self.looker, [(grays[i], f) for i in again for f in faces[i]], self.markup)
+            for i in again:
+                faces[i], seen = seen[:len(faces[i])], seen[len(faces[i]):]
         return faces
 
 
@@ -236,7 +275,8 @@ def inside(box: Box, photo: Image.Image, factor: int) -> Box:
     """A given box, or UsageError in one line when it lies wholly outside the photo (its points would too)."""
     width, height = photo.width * factor, photo.height * factor
     if box.left >= width or box.top >= height or box.left + box.width <= 0 or box.top + box.height <= 0:
-        raise UsageError(f"--box {','.join(f'{v:g}' for v in box)}: lies wholly outside the {width}x{height} photo")
+        raise UsageError(f"box={','.join(f'{v:g}' for v in box)}: lies wholly outside the {width}x{height} photo",
+                         "box")
     return box
 
 

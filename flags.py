@@ -159,15 +159,16 @@ def box_arg(text: str) -> Box:
 
 
 @contextmanager
-def one_line_errors(quiet: bool = False) -> Iterator[None]:
-    """A script's boundary: a library Error ends the run with its one-line message (exit 1), and Ctrl-C with
-    one line and exit 130, never a traceback. Whatever was written was written atomically, so nothing
+def one_line_errors(quiet: bool = False, flags: dict[str, str] | None = None) -> Iterator[None]:
+    """A script's boundary: a library Error ends the run with its one-line message (exit 1), a parameter it
+    names said as the flag that set it (`--name`, or as `flags` maps it: {"source": "--video"}), and Ctrl-C
+    with one line and exit 130, never a traceback. Whatever was written was written atomically, so nothing
     half-done is left behind. `quiet`: the same exits without the line (the other processes of a
     multi-process run, whose rank 0 says it)."""
     try:
         yield
     except Error as e:
-        raise SystemExit(1 if quiet else str(e)) from None
+        raise SystemExit(1 if quiet else e.for_flags(flags)) from None
     except KeyboardInterrupt:
         if not quiet:
             print("\ninterrupted", file=sys.stderr)

@@ -87,6 +87,51 @@ def open_photo(path: Path, at_least: int = 0) -> tuple[Image.Image, int]:
         raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
 
 
+# What a numpy picture's last (or, channels first, its first) axis may hold: gray, gray and alpha, RGB, RGBA.
+CHANNEL_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+ARRAY_TAKES = ("an H x W gray or H x W x 3 RGB array (or x 1, x 2 gray and alpha, x 4 RGBA; channels first too), "
+               "of uint8, uint16, bool, or floats in [0, 1]")
+
+
+def array_picture(array: np.ndarray) -> Image.Image:
+    """A picture handed in as a numpy array, as numpy, PIL, OpenCV (after BGR -> RGB) and torch users hold
+    them: gray, gray and alpha, RGB or RGBA; channels last or first; uint8, uint16 (scaled to 8 bits), bool,
+    whole numbers in 0..255, or floats in [0, 1] (or in 0..255 where they go above 1); any strides (views,
+    slices, [..., ::-1]). DataError naming what it got and what it takes otherwise."""
+    got = f"a numpy array of shape {tuple(array.shape)} and dtype {array.dtype}"
+    if array.ndim == 3 and array.shape[0] in CHANNEL_MODES and array.shape[-1] not in CHANNEL_MODES:
+        array = np.moveaxis(array, 0, -1)  # channels first, as torch and some loaders hold pictures
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in CHANNEL_MODES)):
+        raise DataError(f"{got}: expected {ARRAY_TAKES}", "unreadable image")
+    if array.size == 0:
+        raise DataError(f"{got}: an empty picture; expected {ARRAY_TAKES}", "unreadable image")
+    return Image.fromarray(to_uint8(array, got), CHANNEL_MODES[1 if array.ndim == 2 else array.shape[-1]])
+
+
+def to_uint8(array: np.ndarray, got: str) -> np.ndarray:
+    """The array's values as contiguous uint8, each kind scaled from the range it is written in."""
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == np.bool_:
+        return np.ascontiguousarray(array, np.uint8) * 255
+    if array.dtype == np.uint16:
+        return np.ascontiguousarray(array >> 8, np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise DataError(f"{got}: expected {ARRAY_TAKES}", "unreadable image")
+    if np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255:
+        return np.ascontiguousarray(array, np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise DataError(f"{got}: holds NaN or infinite values; expected {ARRAY_TAKES}", "unreadable image")
+        top = 1.0 if array.max() <= 1.0 else 255.0
+        if array.min() >= 0 and array.max() <= 255:
+            return np.ascontiguousarray(np.round(array * (255.0 / top)), np.uint8)
+    raise DataError(f"{got} with values from {array.min()} to {array.max()}: expected {ARRAY_TAKES}",
+                    "unreadable image")
+
+
 def read_photo(path: Path) -> Image.Image:
     """The photo upright (EXIF orientation applied), in its own mode, at full size; DataError if unreadable."""
     return open_photo(path)[0]

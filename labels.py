@@ -1,5 +1,4 @@
 """dlib's XML of faces (imglab's and the 300-W files' layout): reading it into checked Face records, and writing it."""
-import math
 import random
 import sys
 import xml.etree.ElementTree as ET

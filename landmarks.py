@@ -137,9 +137,9 @@ class Markup:
                 "box_relation": list(self.box_relation)}
 
     @classmethod
-    def from_config(cls, config: dict) -> "Markup":
-        """The markup a checkpoint's config names; weights saved before markups existed are iBUG's 68 points."""
-        saved = config.get("markup")
+    def from_saved(cls, saved: dict | None) -> "Markup":
+        """The markup to_config wrote (checkpoints.NetworkConfig reads it); None, from weights saved before
+        markups existed: iBUG's 68 points."""
         if saved is None:
             return IBUG
         return cls(saved["num_points"], None if saved["flip"] is None else tuple(saved["flip"]),
@@ -226,15 +226,87 @@ def markup_for(num_points: int, flip_pairs: list[tuple[int, int]] | None = None,
     return Markup(num_points, flip, default.nme_points if nme_points is None else tuple(nme_points), box_relation)
 
 
+# The parts of a face each markup names, for NME by region; an outline is a part whose points run along one
+# curve in order, whose error splits into across it and along it (outline_errors). The jaw's along-outline
+# error is where the network trails dlib (docs/results.md, "The jaw line").
+IBUG_REGIONS = {"jaw": range(0, 17), "brows": range(17, 27), "nose": range(27, 36), "eyes": range(36, 48),
+                "mouth": range(48, 68)}
+IBUG_OUTLINES = {"jaw": [range(0, 17)], "brows": [range(17, 22), range(22, 27)]}
+WFLW_REGIONS = {"jaw": range(0, 33), "brows": range(33, 51), "nose": range(51, 60),
+                "eyes": [*range(60, 76), 96, 97], "mouth": range(76, 96)}
+WFLW_OUTLINES = {"jaw": [range(0, 33)], "brows": [range(33, 38), range(42, 47)]}
+MARKUP_REGIONS = {NUM_LANDMARKS: (IBUG_REGIONS, IBUG_OUTLINES), WFLW_POINTS: (WFLW_REGIONS, WFLW_OUTLINES)}
+
+
+def regions_of(markup: Markup) -> tuple[dict, dict] | None:
+    """The regions and outlines of a markup that names them (iBUG's 68 points, WFLW's 98), else None."""
+    return MARKUP_REGIONS.get(markup.num_points)
+
+
+def nme_norm(true: np.ndarray, markup: Markup, diagonal: np.ndarray | None) -> np.ndarray:
+    """(N,): what NME divides by: the distance of the markup's two NME points, or the box diagonal."""
+    if markup.nme_points is None:
+        if diagonal is None:
+            raise ValueError("this markup normalises NME by the box diagonal: pass `diagonal`")
+        return np.asarray(diagonal, np.float64)
+    i, j = markup.nme_points
+    return np.linalg.norm(true[:, i] - true[:, j], axis=-1)
+
+
+def curve_chords(curve: range) -> tuple[list[int], list[int], list[int]]:
+    """An outline's points, and for each the point before and after it along the outline (itself at an end):
+    the chord between those two is the outline's direction there."""
+    idx = list(curve)
+    return (idx, [idx[max(k - 1, 0)] for k in range(len(idx))],
+            [idx[min(k + 1, len(idx) - 1)] for k in range(len(idx))])
+
+
+def outline_chords(markup: Markup) -> tuple[list[int], list[int], list[int]] | None:
+    """curve_chords of every outline of the markup together; None for a markup without regions."""
+    named = regions_of(markup)
+    if named is None:
+        return None
+    chords = [curve_chords(curve) for curves in named[1].values() for curve in curves]
+    return tuple(sum((list(c[i]) for c in chords), []) for i in range(3))
+
+
+def outline_directions(true: np.ndarray, curve: range) -> np.ndarray:
+    """(N, len(curve), 2) unit vectors along an outline at each of its points, from the true neighbouring
+    points (curve_chords)."""
+    _, before, after = curve_chords(curve)
+    chord = true[:, after] - true[:, before]
+    return chord / np.maximum(np.linalg.norm(chord, axis=-1, keepdims=True), 1e-9)
+
+
+def region_errors(pred: np.ndarray, true: np.ndarray, markup: Markup = IBUG,
+                  diagonal: np.ndarray | None = None) -> dict[str, np.ndarray] | None:
+    """Per-face NME of each region the markup names ({"jaw": (N,), ...}), and for each outline region its error
+    split across the outline and along it ("jaw_across", "jaw_along": the mean absolute component, normalised
+    as NME is); None for a markup without regions."""
+    named = regions_of(markup)
+    if named is None:
+        return None
+    regions, outlines = named
+    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+    norm = nme_norm(true, markup, diagonal)[:, None]
+    error = np.linalg.norm(pred - true, axis=-1) / norm
+    result = {name: 100 * error[:, list(points)].mean(-1) for name, points in regions.items()}
+    for name, curves in outlines.items():
+        along, across = [], []
+        for curve in curves:
+            tangent = outline_directions(true, curve)
+            delta = (pred[:, list(curve)] - true[:, list(curve)]) / norm[..., None]
+            along.append(np.abs((delta * tangent).sum(-1)))
+            across.append(np.abs(delta[..., 0] * tangent[..., 1] - delta[..., 1] * tangent[..., 0]))
+        result[f"{name}_across"] = 100 * np.concatenate(across, -1).mean(-1)
+        result[f"{name}_along"] = 100 * np.concatenate(along, -1).mean(-1)
+    return result
+
+
 def nme(pred: np.ndarray, true: np.ndarray, markup: Markup = IBUG, diagonal: np.ndarray | None = None) -> np.ndarray:
     """Per-face mean point-to-point error in % of the distance between the markup's two NME points (iBUG:
     the outer eye corners), or, for a markup without them, of the box diagonal `diagonal` (N,), in the
     points' units. Inputs (N, K, 2)."""
     pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
     error = np.linalg.norm(pred - true, axis=-1).mean(axis=-1)
-    if markup.nme_points is None:
-        if diagonal is None:
-            raise ValueError("this markup normalises NME by the box diagonal: pass `diagonal`")
-        return 100 * error / np.asarray(diagonal, np.float64)
-    i, j = markup.nme_points
-    return 100 * error / np.linalg.norm(true[:, i] - true[:, j], axis=-1)
+    return 100 * error / nme_norm(true, markup, diagonal)

@@ -23,7 +23,7 @@ class PIPHead(nn.Module):
     """PIPNet's head on the backbone's features (stride 32 or 16): per landmark a score map, x/y offsets within the
     cell, and x/y offsets of its nearest neighbours from that cell.
 
-    In training mode it returns the raw maps (train.py's pip_loss scores them); in eval mode it decodes them
+    In training mode it returns the raw maps (training.pip_loss scores them); in eval mode it decodes them
     into (N, 2K) coordinates normalised to [-0.5, 0.5], each landmark averaged with what its neighbours'
     cells say of it, so the network keeps the contract of the regression head (and ONNX holds the decoding).
     """
@@ -72,7 +72,7 @@ class PIPHead(nn.Module):
     @staticmethod
     def point_scores(scores: torch.Tensor) -> torch.Tensor:
         """How sure the network is of each point, (N, K) in [0, 1]: the peak of its score map, which training
-        pulls towards 1 at the point's cell and 0 elsewhere (train.pip_loss)."""
+        pulls towards 1 at the point's cell and 0 elsewhere (training.pip_loss)."""
         return scores.flatten(2).amax(-1).clamp(0, 1)
 
     def decode(self, scores: torch.Tensor, offsets: torch.Tensor, neighbour_offsets: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """Pictures of predictions: a grid of validation faces, truth green and prediction red; landmarks on your own photos and videos (video.py tracks and smooths)."""
 import argparse
-import json
 import os
 import sys
 import time
@@ -10,20 +9,21 @@ import numpy as np
 import torch
 
 import video
-from checkpoints import RELEASED_WEIGHTS, load_for_inference
+from checkpoints import RELEASED_WEIGHTS, NetworkConfig, load_for_inference
 from dataset import FaceLandmarksDataset, trained_split
-from detectors import DETECTORS, HOG_UPSAMPLE, any_roll_problem, make_detector
+from detectors import DETECTORS, HOG_UPSAMPLE, any_roll_problem
 from errors import DataError, UsageError
+from faces import Landmarker, LandmarkerOptions
 from files import save_figure
 from flags import WORKERS_MAX, box_arg, figure_file, number_in, one_line_errors, out_folder
-from labels import TRAIN_XML, load_faces
-from landmarks import Markup
-from photos import (RESULTS, PhotoSettings, done_images, landmark_photos, parse_shard, photo_files, plural,
-                    png_names, results_path, shard, summary)
+from labels import load_faces
+from photos import (RESULTS, PhotoSettings, Tally, append_line, done_images, drawn_names,
+                    landmark_photos, parse_shard, photo_files, plural, results_path, shard)
 from runtime import Network, pick_device
 from transforms import Transforms
 
 MAX_UPSAMPLE = 4
+DEFAULT_OUT = "predictions"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.video is not None and (args.image or args.box):
         parser.error("--video takes neither --image nor --box")
     if problem := any_roll_problem(args.detector, args.any_roll):
-        parser.error(problem)
+        parser.error(f"--any-roll goes with --detector yunet: {problem}")
     if args.shard is not None:
         try:
             parse_shard(args.shard)
@@ -61,10 +61,11 @@ def add_photo_flags(photos) -> None:
     photos.add_argument("--image", nargs="+", metavar="PATH",
                         help="image files, or folders of them; each face found gets the weights' points (68 for "
                              "the released ones)")
-    photos.add_argument("--out-dir", type=out_folder, default="predictions",
+    photos.add_argument("--out-dir", type=out_folder,
                         help=f"folder for {RESULTS} (a JSON line per image, then a summary line) and one "
-                             "annotated PNG per image, or for the video's <name>_landmarks.mp4 and <name>.jsonl "
-                             "(default: predictions)")
+                             "annotated picture per image, or for the video's <name>.jsonl and <name>_landmarks.mp4 "
+                             f"(default: {DEFAULT_OUT}; for photos the first of {DEFAULT_OUT}, {DEFAULT_OUT}-2, ... "
+                             "that holds no other run's results, or with --resume the last that does)")
     photos.add_argument("--detector", choices=DETECTORS, default="yunet",
                         help="yunet: OpenCV's YuNet, fast, finds tilted faces (default); hog: dlib's HOG, whose "
                              "boxes the 300-W labels use, upright faces only")
@@ -82,7 +83,8 @@ def add_photo_flags(photos) -> None:
     photos.add_argument("--upsample", type=number_in(int, 0, MAX_UPSAMPLE), default=HOG_UPSAMPLE,
                         help="with hog: times it doubles the image first; more finds smaller faces, slower "
                              "(default: 1)")
-    photos.add_argument("--no-draw", action="store_true", help="write only the JSON lines, no annotated PNGs")
+    photos.add_argument("--no-draw", action="store_true",
+                        help="write only the JSON lines: no annotated pictures, and for --video no MP4")
     cores = min(os.cpu_count() or 1, WORKERS_MAX)
     photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=cores,
                         help=f"processes that share the photos, one thread each (default: all {cores} cores, at "
@@ -151,13 +153,12 @@ def plot_grid(images: torch.Tensor, truth: np.ndarray, pred: np.ndarray, path: P
     show_or_close(fig)
 
 
-def plot_validation(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> None:
-    data_dir = Path(args.data_dir or config.get("data_dir", "data"))
-    markup = Markup.from_config(config)
-    faces = load_faces(data_dir / config.get("xml", TRAIN_XML), config.get("skip_bad", False),
-                       markup_of=lambda k: markup)
+def plot_validation(model: Network, config: NetworkConfig, args: argparse.Namespace, device: torch.device) -> None:
+    data_dir = Path(args.data_dir or config.data_dir)
+    markup = config.markup
+    faces = load_faces(data_dir / config.xml, config.skip_bad, markup_of=lambda k: markup)
     _, val_idx = trained_split(len(faces), config)
-    dataset = FaceLandmarksDataset(faces, Transforms(config.get("img_size", 224), train=False),
+    dataset = FaceLandmarksDataset(faces, Transforms(config.img_size, train=False),
                                    val_idx[:args.n])
     images, targets = map(torch.stack, zip(*(dataset[i] for i in range(len(dataset)))))
     with torch.inference_mode():
@@ -169,33 +170,37 @@ def plot_validation(model: Network, config: dict, args: argparse.Namespace, devi
 
 def predict_photos(args: argparse.Namespace) -> dict:
     """Landmarks on every image of --image: one JSON line per photo in --out-dir as it is done (and an
-    annotated PNG unless --no-draw), then a summary line. A file that cannot be read costs one line and a
-    non-zero exit at the end, not the rest of the run; Ctrl-C keeps every line written."""
-    files = photo_files(args.image, args.recursive)
+    annotated picture unless --no-draw), then a summary line. A file that cannot be read costs one line and a
+    non-zero exit at the end, not the rest of the run; Ctrl-C keeps every line written. A path that is not
+    there stops the run before any folder is made."""
+    missing = [path for path in args.image if not Path(path).exists()]
+    if missing:
+        raise DataError(f"{missing[0]}: no such file or folder" + (f" (nor {len(missing) - 1} more of --image)"
+                                                                   if len(missing) > 1 else ""))
+    files, skipped = photo_files(args.image, args.recursive)
+    if skipped:
+        print(f"note: not taken: {', '.join(plural(n, kind) for kind, n in skipped.items())}", file=sys.stderr)
     if not files:
         raise DataError(f"{' '.join(args.image)}: no image files found")
-    names, files = png_names(files), shard(files, args.shard)
-    out_dir = Path(args.out_dir)
+    names, files = drawn_names(files), shard(files, args.shard)
+    out_dir = photo_folder(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = results_path(out_dir, args.shard)
     done = continue_or_refuse(results, args.resume)
     todo = [f for f in files if str(f) not in done]
-    settings = PhotoSettings(str(args.weights), args.device, args.detector, args.any_roll, args.upsample,
-                             args.eager, args.passes, args.box, not args.no_draw, str(out_dir), not args.no_int8)
-    records, spent, started = [], {}, time.perf_counter()
-    workers = min(args.workers, max(len(todo), 1))
+    settings = PhotoSettings(LandmarkerOptions.from_flags(args), args.box, not args.no_draw, str(out_dir))
+    tally, started = Tally(), time.perf_counter()
+    workers = worker_count(args.workers, len(todo))
     try:
         for record, seconds in landmark_photos(todo, names, settings, workers):
             append_line(results, record)  # line by line: a crash or Ctrl-C keeps every photo done so far
-            records.append({"faces": record["faces"], **({"error": 1} if "error" in record else {})})
-            spent = {k: spent.get(k, 0) + v for k, v in seconds.items()}
+            tally.add(record, seconds)
             report_photo(record, args)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {results} holds the {len(done) + len(records)} photos done; finish them with "
+        print(f"\ninterrupted: {results} holds the {len(done) + tally.images} photos done; finish them with "
               f"the same command and --resume", file=sys.stderr)
         raise SystemExit(130) from None
-    total = summary(records, time.perf_counter() - started, spent) | {"weights": str(args.weights),
-                                                                      "workers": workers}
+    total = tally.summary(time.perf_counter() - started) | {"weights": str(args.weights), "workers": workers}
     append_line(results, {"summary": total})
     print_summary(results, total, len(done))
     if total["unreadable"]:
@@ -203,11 +208,33 @@ def predict_photos(args: argparse.Namespace) -> dict:
     return total
 
 
-def append_line(results: Path, record: dict) -> None:
-    """One JSON line added to the results. The file is opened for each line, so a run that stops before its
-    first photo (weights that do not load, say) leaves no empty file for its rerun to refuse."""
-    with open(results, "a", encoding="utf-8") as out:
-        out.write(json.dumps(record) + "\n")
+def photo_folder(args: argparse.Namespace) -> Path:
+    """--out-dir as given; by default the first of predictions, predictions-2, ... that holds no results of
+    another run (with --resume: the last that holds some, the run to go on with), said when not the first."""
+    if args.out_dir is not None:
+        return Path(args.out_dir)
+    holds_run = lambda folder: any(folder.glob("predictions*.jsonl"))  # noqa: E731
+    names = [Path(DEFAULT_OUT)] + [Path(f"{DEFAULT_OUT}-{k}") for k in range(2, 10000)]
+    if args.resume:
+        taken = [folder for folder in names[:next((i for i, f in enumerate(names) if not f.exists()), len(names))]
+                 if holds_run(folder)]
+        chosen = taken[-1] if taken else names[0]
+    else:
+        chosen = next(folder for folder in names if not holds_run(folder))
+    if chosen != names[0]:
+        print(f"writing to {chosen}/ ({'the last earlier run' if args.resume else 'the first folder free of earlier runs'}"
+              f"; --out-dir names another)")
+    return chosen
+
+
+def worker_count(asked: int, photos: int) -> int:
+    """The processes to start: as asked, but never more than the cores (more only slow each other: 64 on 2 cores
+    ran at a quarter of the speed) nor than the photos there are; a cut to the cores is said."""
+    cores = os.cpu_count() or 1
+    if asked > cores:
+        print(f"note: --workers {asked} on {cores} cores: running {cores} (more processes than cores only slow "
+              f"each other)", file=sys.stderr)
+    return max(1, min(asked, cores, photos))
 
 
 def continue_or_refuse(results: Path, resume: bool) -> set[str]:
@@ -231,24 +258,30 @@ def report_photo(record: dict, args: argparse.Namespace) -> None:
 
 
 def print_summary(results: Path, total: dict, before: int) -> None:
+    """What was written, how fast, and where each process's time went: its start (the network built, or loaded
+    from the cache), reading, the detector, the landmarks and the drawing; the rest is writing and waiting."""
     seconds, steps = total["seconds"], total["seconds_by_step"]
     share = {k: 100 * v / max(seconds, 1e-9) / max(1, total.get("workers", 1)) for k, v in steps.items()}
     print(f"wrote {results}: {plural(total['images'], 'image')}, {plural(total['faces'], 'face')}"
           + (f", {total['unreadable']} unreadable" if total["unreadable"] else "")
           + (f" (after the {before} an earlier run did)" if before else ""))
-    print(f"{total['images_per_s']:.1f} images/s; time in each process: reading {share.get('decode', 0):.0f}%, "
-          f"face detector {share.get('detect', 0):.0f}%, landmarks {share.get('landmarks', 0):.0f}%, "
-          f"drawing, writing and waiting the rest")
+    named = {"start": "start-up", "decode": "reading", "detect": "face detector", "landmarks": "landmarks",
+             "draw": "drawing"}
+    parts = ", ".join(f"{word} {share.get(key, 0):.0f}%" for key, word in named.items())
+    rest = max(0.0, 100 - sum(share.get(key, 0) for key in named))
+    print(f"{total['images_per_s']:.1f} images/s; time in each process: {parts}, writing and waiting {rest:.0f}%"
+          + ("; --no-draw skips the drawing" if share.get("draw", 0) > 30 else ""))
 
 
-def predict_video(model: Network, config: dict, args: argparse.Namespace, device: torch.device) -> dict:
-    """Landmarks on every frame of --video: the annotated MP4 and its JSON in --out-dir (video.py does it)."""
+def predict_video(args: argparse.Namespace) -> dict:
+    """Landmarks on every frame of --video: its JSON Lines and, unless --no-draw, the annotated MP4 in --out-dir
+    (video.py does it, with the Landmarker's network and detector)."""
     smoothing = None if args.no_smooth else dict(min_cutoff=args.smooth_min_cutoff, beta=args.smooth_beta,
                                                  d_cutoff=args.smooth_d_cutoff)
-    detector = make_detector(args.detector, args.any_roll, args.upsample)
-    tracker = video.video_tracker(model, config, device, detector, args.detect_every, smoothing, args.lost_by)
-    run = video.run_video(args.video, tracker, Path(args.out_dir), str(args.weights),
-                          show=args.video.isdigit() and has_display())
+    landmarker = Landmarker(LandmarkerOptions.from_flags(args))
+    tracker = landmarker.tracker(args.detect_every, smoothing, args.lost_by)
+    run = video.run_video(args.video, tracker, Path(args.out_dir or DEFAULT_OUT), str(args.weights),
+                          show=args.video.isdigit() and has_display(), draw=not args.no_draw)
     if run.missing:
         raise DataError(f"{args.video}: truncated: {run.missing} of its frames could not be read "
                         f"(the {run.frames} before were written)")
@@ -258,7 +291,7 @@ def predict_video(model: Network, config: dict, args: argparse.Namespace, device
 
 
 def main(args: argparse.Namespace) -> dict | None:
-    with one_line_errors():
+    with one_line_errors(flags={"source": "--video"}):
         return run(args)
 
 
@@ -269,10 +302,10 @@ def run(args: argparse.Namespace) -> dict | None:
                          f"`python train.py --recipe best --out runs/best` and pass --weights runs/best/best.pt")
     if args.image:
         return predict_photos(args)
+    if args.video is not None:
+        return predict_video(args)
     device = pick_device(args.device)
     model, config = load_for_inference(args.weights, device, args.eager, not args.no_int8)
-    if args.video is not None:
-        return predict_video(model, config, args, device)
     plot_validation(model, config, args, device)
     return None
 

@@ -1,16 +1,47 @@
 """The training recipes: the write-up's defaults, the measured presets, and which settings fix a run so that --resume must keep them."""
 import argparse
+from typing import NamedTuple
 
-from labels import TRAIN_XML
+from checkpoints import NetworkConfig
 
-# The write-up's recipe: what `python train.py` runs when no flag says otherwise.
-DEFAULTS = dict(data_dir="data", xml=TRAIN_XML, epochs=10, batch_size=64, val_batch_size=8, lr=1e-4, seed=0,
-                workers=2, device="auto", out="runs", resume=None, cache=False, skip_bad=False, val_fraction=0.1,
-                flip_pairs=None, nme_points=None,
-                recipe="writeup", img_size=224, rotation=10.0, scale=0.0, shift=0.0, flip=False, occlusion=0.0,
-                covered_scores=False, align=False, jitter_spread="uniform",
-                occlusion_fill="noise", loss="mse", optimizer="adam", weight_decay=0.0, sched="none", warmup_epochs=0, pretrained=False, init=None,
-                select=None, amp="auto", head="regression", features="stride32")
+
+class Setting(NamedTuple):
+    """One setting of a run: its default (the write-up's), whether changing it leaves the write-up's recipe (a
+    run that does keeps its best checkpoint by NME), and whether --resume must keep it (it fixes the split,
+    what the weights are, the optimiser's state or what the validation loss and NME mean). Every other
+    setting given on --resume wins, including those whose values also live in the optimiser's and schedule's
+    state (lr, weight_decay, epochs, sched, warmup_epochs, batch_size), which train.load_training_state writes
+    in after loading, --amp, which takes effect from the next step, and --select, whose best score is read
+    again from the log. A new setting is fixed unless it can take effect so."""
+    default: object
+    leaves_writeup: bool = False
+    fixed: bool = False
+
+
+N = NetworkConfig  # the network's and the split's defaults live there, where checkpoints are read
+# Every setting of a run, once: what `python train.py` runs when no flag says otherwise is the write-up's recipe.
+SETTINGS = {
+    "data_dir": Setting(N.data_dir), "xml": Setting(N.xml), "epochs": Setting(10), "batch_size": Setting(64),
+    "val_batch_size": Setting(8), "lr": Setting(1e-4), "seed": Setting(N.seed, fixed=True), "workers": Setting(2),
+    "device": Setting("auto"), "out": Setting("runs"), "resume": Setting(None), "cache": Setting(False),
+    "skip_bad": Setting(N.skip_bad), "val_fraction": Setting(N.val_fraction, fixed=True),
+    "flip_pairs": Setting(None, fixed=True), "nme_points": Setting(None, fixed=True),
+    "recipe": Setting("writeup", True, True), "img_size": Setting(N.img_size, True, True),
+    "rotation": Setting(10.0, True), "scale": Setting(0.0, True), "shift": Setting(0.0, True),
+    "flip": Setting(False, True), "occlusion": Setting(0.0, True), "covered_scores": Setting(False, True),
+    "align": Setting(False, True), "jitter_spread": Setting("uniform", True), "occlusion_fill": Setting("noise", True),
+    "loss": Setting("mse", True, True), "optimizer": Setting("adam", True, True), "weight_decay": Setting(0.0, True),
+    "sched": Setting("none", True), "warmup_epochs": Setting(0, True), "pretrained": Setting(False, True, True),
+    "init": Setting(None, True, True), "select": Setting(None), "amp": Setting("auto"),
+    "head": Setting(N.head, True, True), "features": Setting(N.features, True, True),
+    "unlabelled": Setting(None, True, True), "unlabelled_share": Setting(0.5), "teacher": Setting(None, fixed=True),
+    "along_weight": Setting(1.0, True),
+}
+DEFAULTS = {name: s.default for name, s in SETTINGS.items()}
+# Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
+RECIPE_KEYS = [name for name, s in SETTINGS.items() if s.leaves_writeup]
+# With --resume these must equal the checkpoint's (Setting says why).
+RESUME_FIXED = [name for name, s in SETTINGS.items() if s.fixed]
 
 
 # Measured on the 300-W subset (docs/results.md); explicit flags still override these.
@@ -30,22 +61,6 @@ RECIPES["release"] = RECIPES["best"] | dict(features="stride16", occlusion=0.5, 
                                             covered_scores=True)
 RELEASE_EPOCHS = 176
 RELEASE_RESTARTS = [dict(lr=3e-4, epochs=160), dict(lr=4e-4, epochs=100)]
-
-
-# Changing any of these leaves the write-up's recipe, and then checkpoints are compared by NME.
-RECIPE_KEYS = ["img_size", "rotation", "scale", "shift", "flip", "occlusion", "occlusion_fill", "covered_scores",
-               "align", "jitter_spread", "loss", "optimizer", "weight_decay", "sched", "warmup_epochs", "pretrained", "init",
-               "recipe", "head", "features"]
-
-
-# With --resume these flags must equal the checkpoint's, because they fix the split (seed, val_fraction),
-# what the weights are (img_size, pretrained, init, head, features), the optimiser's state (optimizer) or what the validation
-# loss and NME mean (loss, recipe, flip_pairs, nme_points). Every other flag given now wins, including those whose values also live in the
-# optimiser's and schedule's state (lr, weight_decay, epochs, sched, warmup_epochs, batch_size), which
-# load_training_state writes in after loading, --amp, which takes effect from the next step, and --select,
-# whose best score is read again from the log. A new flag goes here unless it can take effect so.
-RESUME_FIXED = ["seed", "val_fraction", "img_size", "pretrained", "init", "head", "features", "optimizer", "loss", "recipe",
-                "flip_pairs", "nme_points"]
 
 
 # What a checkpoint needs to resume from; best.pt holds only the weights, settings and scores.

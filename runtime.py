@@ -21,11 +21,11 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UsageError(f"--device {name}: not a device name; expected cpu, cuda, cuda:N or auto") from None
+        raise UsageError(f"device={name}: not a device name; expected cpu, cuda, cuda:N or auto", "device") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this machine has no CUDA GPU that torch can use; pass --device cpu")
+        raise UsageError(f"device={name}: this machine has no CUDA GPU that torch can use; use cpu", "device")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+        raise UsageError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA GPUs", "device")
     return device
 
 
@@ -64,7 +64,8 @@ def autocast(device: torch.device, amp: str = "auto"):
 
 
 def inference_autocast(device: torch.device):
-    """Autocast for evaluate.py and predict.py: on CUDA only; on the CPU optimize_for_inference decides."""
+    """Autocast for evaluate.py's batches of crops: on CUDA only; on the CPU optimize_for_inference decides.
+    (The Landmarker sets its own, from its dtype option.)"""
     return autocast(device) if device.type == "cuda" else nullcontext()
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import load_checkpoint, model_from, network_of, save_atomic
+from checkpoints import NetworkConfig, load_checkpoint, model_from, save_atomic
 from dataset import labels_fingerprint
 from errors import UsageError, WeightsError
 from flags import WORKERS_MAX, number_in, one_line_errors, out_file, refuse_input_as_output
@@ -34,12 +34,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_ingredients(paths: list[Path], checkpoints: list[dict]) -> None:
     """WeightsError in one line, naming the file, for an ingredient of another network or another split."""
-    first = checkpoints[0].get("config", {})
+    first = NetworkConfig.of(checkpoints[0])
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        config = checkpoint.get("config", {})
-        theirs, ours = network_of(config), network_of(first)
+        config = NetworkConfig.of(checkpoint)
+        theirs, ours = config.network(), first.network()
         differ = [f"{k} {theirs[k]} against {ours[k]}" for k in ours if theirs[k] != ours[k]]
-        differ += [f"{k} {config.get(k)} against {first.get(k)}" for k in SPLIT_KEYS if config.get(k) != first.get(k)]
+        differ += [f"{k} {getattr(config, k)} against {getattr(first, k)}" for k in SPLIT_KEYS
+                   if getattr(config, k) != getattr(first, k)]
         if differ:
             raise WeightsError(f"{path}: not the network or split of {paths[0]} ({'; '.join(differ)}); a soup "
                                f"averages runs of one network trained on one split")
@@ -77,14 +78,16 @@ def score(paths: list[Path], checkpoints: list[dict], soup: dict, args: argparse
     """(validation loss, NME %) of each ingredient and then of the soup, as train.py measures them; and the
     fingerprint of the labels they were scored on."""
     config = checkpoints[0].get("config", {})
-    given = {"workers": args.workers, "device": "cpu"}  # the crop cache as the run had it: its log's figures
+    # The crop cache as the run had it (its log's figures); the validation faces alone, no teacher's faces.
+    given = {"workers": args.workers, "device": "cpu", "unlabelled": None}
     if args.data_dir is not None:
         given["data_dir"] = str(args.data_dir)
     run = resolve(given, config)
     _, val_loader, _, markup = make_loaders(run, 0, 1)
-    if markup.num_points != network_of(config)["points"]:
+    points = NetworkConfig.of(checkpoints[0]).markup.num_points
+    if markup.num_points != points:
         raise WeightsError(f"{Path(run.data_dir) / run.xml}: its faces have {markup.num_points} points, but the "
-                           f"weights are for {network_of(config)['points']}")
+                           f"weights are for {points}")
     labels = labels_fingerprint(val_loader.dataset.faces, (Path(run.data_dir) / run.xml).parent)
     cpu = torch.device("cpu")
     amp = resolve_amp("auto", cpu)

@@ -274,7 +274,7 @@ def test_short_training_beats_the_untrained_model_and_writes_its_files(demo, tra
     assert final_nme < 0.5 * untrained_nme(demo)
     assert (trained / "curves.png").stat().st_size > 1000
     model, config = load_model(trained / "best.pt")
-    assert config["img_size"] == 64
+    assert config.img_size == 64
 
 
 def test_resume_continues_after_the_last_completed_epoch(demo, tmp_path):
@@ -319,7 +319,7 @@ def test_training_records_its_precision_and_learns_in_it(amp, demo, tmp_path, ca
     history = train.main(train.parse_args(["--data-dir", str(demo), "--epochs", "3", "--out", str(tmp_path),
                                            "--amp", amp, *FAST]))
     assert ("precision bf16 autocast" if amp == "bf16" else "precision fp32") in capsys.readouterr().out
-    assert load_model(tmp_path / "last.pt")[1]["precision"] == amp
+    assert checkpoints.load_checkpoint(tmp_path / "last.pt")["config"]["precision"] == amp
     assert history[-1]["val_nme"] < 0.6 * untrained_nme(demo) and history[-1]["train_img_s"] > 0
 
 
@@ -420,7 +420,7 @@ def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
                                            "--head", "pip", *FAST]))
     assert history[-1]["val_nme"] < 0.6 * untrained_nme(demo)
     net, config = load_model(tmp_path / "best.pt")
-    assert config["head"] == "pip" and net.head.neighbour_index.unique().numel() > 10
+    assert config.head == "pip" and net.head.neighbour_index.unique().numel() > 10
     images = torch.rand(2, 1, 64, 64) * 2 - 1
     with torch.inference_mode():
         assert net(images).shape == (2, 136) and net(images).abs().max() < 1
@@ -430,7 +430,7 @@ def test_pip_head_trains_saves_and_loads_as_the_same_network(demo, tmp_path):
     release = tmp_path / "weights" / "release.pt"
     assert export.main(export.parse_args(["--weights", str(tmp_path / "best.pt"), "--release", str(release)])) < 1e-2
     assert release.stat().st_size < 0.6 * (tmp_path / "best.pt").stat().st_size
-    assert load_model(release)[1]["head"] == "pip"
+    assert load_model(release)[1].head == "pip"
 
 
 @pytest.mark.parametrize("features, cells", [("stride32", 5), ("stride16", 10), ("stride16-up", 10)])
@@ -455,7 +455,7 @@ def test_finer_features_train_save_and_resume_as_what_they_are(demo, tmp_path, c
     common = ["--data-dir", str(demo), "--head", "pip", "--features", "stride16-up", *FAST, "--out", str(tmp_path)]
     train.main(train.parse_args([*common, "--epochs", "1"]))
     net, config = load_model(tmp_path / "best.pt")
-    assert config["features"] == "stride16-up" and net.train()(torch.zeros(1, 1, 64, 64))[0].shape[-1] == 4
+    assert config.features == "stride16-up" and net.train()(torch.zeros(1, 1, 64, 64))[0].shape[-1] == 4
     with pytest.raises(SystemExit):
         train.parse_args([*common, "--epochs", "2", "--resume", "--features", "stride16"])
     assert "--features: stride16 differs from stride16-up" in capsys.readouterr().err
@@ -549,7 +549,8 @@ def test_evaluate_scores_weights_and_the_baseline_and_writes_its_files(demo, tra
     assert rows[0] == "file,left,top,width,height,nme" and len(rows) == model_table["Full"]["faces"] + 1
     saved = json.loads((tmp_path / "t.json").read_text())
     assert set(saved) == set(results) and "mean-shape" in saved and len(saved) == 2
-    assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "normalisation", "fr8", "fr10", "auc8", "auc10"}
+    assert set(saved["mean-shape"]["Full"]) == {"faces", "nme", "normalisation", "fr8", "fr10", "auc8", "auc10",
+                                                 "regions"}
     assert saved["mean-shape"]["Full"]["normalisation"] == "outer eye corners"
 
 
@@ -564,7 +565,7 @@ def test_evaluate_passes_scores_the_xml_boxes_through_the_landmarker_as_predict_
     # One look through the Landmarker is the loader's look: the same crop and network, from a JPEG decoded at
     # another scale (the loader's shrinks by the face's size, the Landmarker's by the photo's).
     faces = load_faces(demo / labels.TEST_XML)
-    looks = evaluate.looks_in_boxes(Landmarker(weights, "cpu", passes=1), faces)
+    looks = evaluate.looks_in_boxes(Landmarker(weights=weights, device="cpu", passes=1), faces)
     loader = results[one]["Full"]["nme"]
     assert abs(nme(looks, np.stack([f.points for f in faces])).mean() - loader) < 0.01 * loader
     assert results[two]["Full"]["nme"] != results[one]["Full"]["nme"]
@@ -656,8 +657,8 @@ def test_nme_over_the_box_diagonal_when_the_markup_names_no_points():
     np.testing.assert_allclose(errors, [50.0, 10.0])
     with pytest.raises(ValueError, match="diagonal"):
         nme(truth, truth, markup)
-    assert landmarks.Markup.from_config({"markup": markup.to_config()}) == markup
-    assert landmarks.Markup.from_config({}) == landmarks.IBUG  # weights saved before markups existed
+    assert checkpoints.NetworkConfig.of({"config": {"markup": markup.to_config()}}).markup == markup
+    assert checkpoints.NetworkConfig.of({}).markup == landmarks.IBUG  # weights saved before markups existed
 
 
 def test_point_count_comes_from_the_first_box_and_other_part_sets_stop_naming_the_box(tmp_path):
@@ -705,7 +706,7 @@ def other_markup(request, tmp_path_factory) -> tuple[int, Path, Path]:
 def test_other_markup_trains_and_its_weights_carry_it(other_markup):
     k, root, out = other_markup
     checkpoint = torch.load(out / "best.pt", weights_only=True)
-    markup = landmarks.Markup.from_config(checkpoint["config"])
+    markup = checkpoints.NetworkConfig.of(checkpoint).markup
     pairs, corners = demodata.demo_markup(k)
     assert markup.num_points == k and markup.flip == landmarks.flip_permutation(pairs, k)
     assert markup.nme_points == (corners if k == 98 else None)
@@ -762,7 +763,7 @@ def test_68_point_weights_saved_before_markups_still_load_and_predict(tmp_path):
     old = {"model": build_model().state_dict(), "config": {"img_size": 64, "head": "regression"}, "epoch": 1}
     torch.save(old, tmp_path / "old.pt")  # what train.py wrote before the markup was saved
     net, config = load_model(tmp_path / "old.pt")
-    assert landmarks.Markup.from_config(config) == landmarks.IBUG
+    assert config.markup == landmarks.IBUG
     photo = astronaut_jpg(tmp_path)
     predict.main(predict.parse_args(["--weights", str(tmp_path / "old.pt"), "--image", str(photo),
                                      "--box", "170,90,110,110", "--out-dir", str(tmp_path / "pred")]))
@@ -1457,11 +1458,11 @@ def test_download_from_a_server_that_cannot_resume_says_to_delete_the_part_file(
 
 def test_the_optimized_network_gives_the_eager_points_at_any_batch_size(trained):
     model, config = load_model(trained / "best.pt")
-    fp32 = optimize_for_inference(model, config["img_size"], bf16=False)
-    bf16 = optimize_for_inference(model, config["img_size"], bf16=True)
+    fp32 = optimize_for_inference(model, config.img_size, bf16=False)
+    bf16 = optimize_for_inference(model, config.img_size, bf16=True)
     noise = torch.Generator().manual_seed(0)  # not the global stream, which other tests move
     for batch in (1, 5):
-        images = torch.rand(batch, 1, config["img_size"], config["img_size"], generator=noise) * 2 - 1
+        images = torch.rand(batch, 1, config.img_size, config.img_size, generator=noise) * 2 - 1
         with torch.inference_mode():
             eager = model(images)
             assert torch.allclose(fp32(images), eager, atol=1e-4)
@@ -1484,7 +1485,7 @@ def test_a_second_load_takes_the_kept_frozen_network_and_gives_the_same_points(h
     monkeypatch.setattr(checkpoints, "model_from", refuse_to_build)
     second, second_config = checkpoints.load_for_inference(weights, int8=False)
     assert second_config == config
-    images = torch.rand(3, 1, config["img_size"], config["img_size"], generator=torch.Generator().manual_seed(0))
+    images = torch.rand(3, 1, config.img_size, config.img_size, generator=torch.Generator().manual_seed(0))
     (points, scores), (kept_points, kept_scores) = first.with_scores(images), second.with_scores(images)
     torch.testing.assert_close(kept_points, points, atol=1e-6, rtol=0)
     assert (scores is None) == (kept_scores is None) == (head == "regression")
@@ -1529,7 +1530,8 @@ def test_a_release_with_a_data_dir_carries_crops_of_its_training_faces_only(int8
     crops = torch.load(int8_release, weights_only=True)[quantized.CALIBRATION_KEY]
     assert crops.dtype == torch.uint8 and tuple(crops.shape) == (quantized.CALIBRATION_FACES, 1, 160, 160)
     faces = load_faces(demo / labels.TRAIN_XML)
-    train_faces, val_faces = dataset.trained_split(len(faces), checkpoints.load_checkpoint(int8_release)["config"])
+    train_faces, val_faces = dataset.trained_split(len(faces), checkpoints.NetworkConfig.of(
+        checkpoints.load_checkpoint(int8_release)))
     val_crops = quantized.to_calibration(eval_crops(faces, val_faces, 160))
     train_crops = quantized.to_calibration(eval_crops(faces, train_faces, 160))
     assert not any(torch.equal(crop, v) for crop in crops for v in val_crops)
@@ -1935,7 +1937,8 @@ def test_soup_averages_its_ingredients_and_scores_each_beside_it(demo, one_epoch
     assert [line.split()[0] for line in lines[:3]] == [str(start), str(fine_tuned), "soup"]
     assert f"val_nme {result['val_nme']:.3f}%" in lines[2]
     model, config = load_model(tmp_path / "soup.pt")  # a best.pt: train.py --init, evaluate and export read it
-    assert config["soup"] == [str(start), str(fine_tuned)] and config["head"] == "regression"
+    assert checkpoints.load_checkpoint(tmp_path / "soup.pt")["config"]["soup"] == [str(start), str(fine_tuned)]
+    assert config.head == "regression"
     assert torch.equal(model.state_dict()["fc.weight"], result["model"]["fc.weight"])
 
 
@@ -2054,7 +2057,8 @@ def test_evaluate_leaves_degenerate_faces_out_of_the_averages_and_names_them(tra
         "--eager", "--out-dir", str(tmp_path / "eval"), "--json", str(tmp_path / "t.json")]))
     [table] = results.values()
     assert table["Full"]["faces"] == 2
-    assert all(math.isfinite(v) for k, v in table["Full"].items() if k != "normalisation")
+    assert all(math.isfinite(v) for k, v in table["Full"].items() if k not in ("normalisation", "regions"))
+    assert all(math.isfinite(v) for v in table["Full"]["regions"].values())
     saved = (tmp_path / "t.json").read_text()
     assert "NaN" not in saved and "Infinity" not in saved
     assert f"{tmp_path / 'good.jpg'}: box 2 has its outer eye corners" in capsys.readouterr().err
@@ -2514,7 +2518,7 @@ def bad_video(tmp_path: Path, case: str) -> str:
 
 
 @pytest.mark.parametrize("case, problem", [("not a video", "cannot read video"), ("truncated MP4", "cannot read video"),
-                                           ("empty file", "cannot read video"), ("folder", "a folder, not a video"),
+                                           ("empty file", "an empty file, not a video"), ("folder", "a folder, not a video"),
                                            ("missing file", "video not found"),
                                            ("camera that is not there", "--video 9: cannot open camera 9")])
 def test_a_bad_video_or_camera_stops_with_one_line_naming_it(case, problem, trained, tmp_path):
@@ -2922,39 +2926,39 @@ def test_landmarks_of_a_face_turned_a_quarter_ride_back_to_the_turned_truth(tmp_
 @pytest.mark.skipif(not checkpoints.RELEASED_WEIGHTS.is_file(), reason="the project's weights are not released yet")
 def test_a_face_taken_the_wrong_way_up_is_looked_at_each_turn_and_the_surest_look_kept(tmp_path):
     from dataclasses import replace
-    from faces import DOUBTFUL_SCORE, Landmarker, predict_faces, surest_turns, turned
+    from looks import DOUBTFUL_SCORE, surest_turns, turned
     landmarker = Landmarker(any_roll=True)
     [upright] = landmarker(astronaut_turned(tmp_path, 0))
     photo = Image.open(astronaut_turned(tmp_path, 2))
     gray = images.to_gray(photo)
     [found] = landmarker.detect(np.asarray(photo))
-    args = (landmarker.model, landmarker.transform, gray)
+    looker = landmarker.looker
     wrong = turned(found, 180)  # the detector's face, taken the wrong way up
-    [look] = predict_faces(*args, [wrong], landmarker.device)
+    [look] = looker.faces(gray, [wrong])
     assert look.scores.mean() < DOUBTFUL_SCORE
     expected = detectors.quarter_turn_points(upright.points, -2, (512, 512))
     eyes = np.linalg.norm(upright.points[36] - upright.points[45])
     # Eighth turns, each levelled by a second look: the crop of the kept look is level with the face's eyes.
-    [surest] = surest_turns(*args, [wrong], [look], landmarker.device, landmarker.markup)
+    [surest] = surest_turns(looker, gray, [wrong], [look], landmarker.markup)
     assert abs((surest.roll - found.roll + 180) % 360 - 180) < 10
     assert np.linalg.norm(surest.points - expected, axis=1).mean() < 0.08 * eyes
     assert surest.scores.mean() > look.scores.mean() + 0.1
     # A markup without eye corners to level by: quarter turns, and the surest first look, turned exactly.
-    [quarter] = surest_turns(*args, [wrong], [look], landmarker.device, replace(landmarker.markup, nme_points=None))
+    [quarter] = surest_turns(looker, gray, [wrong], [look], replace(landmarker.markup, nme_points=None))
     assert abs((quarter.roll - found.roll + 180) % 360 - 180) < 1e-6
     assert np.linalg.norm(quarter.points - expected, axis=1).mean() < 0.08 * eyes
-    [sure] = predict_faces(*args, [found], landmarker.device)
+    [sure] = looker.faces(gray, [found])
     assert sure.scores.mean() >= DOUBTFUL_SCORE
-    assert surest_turns(*args, [found], [sure], landmarker.device, landmarker.markup)[0] is sure
+    assert surest_turns(looker, gray, [found], [sure], landmarker.markup)[0] is sure
 
 
 def test_a_second_look_is_the_default_where_the_first_crop_is_not_yunets_on_an_upright_photo(trained, tmp_path):
     from faces import Landmarker
     path, box = astronaut_jpg(tmp_path), Box(160, 60, 150, 150)
-    default, one, two = (Landmarker(trained / "best.pt", "cpu", passes=p) for p in (None, 1, 2))
+    default, one, two = (Landmarker(weights=trained / "best.pt", device="cpu", passes=p) for p in (None, 1, 2))
     assert [default.passes_for(given) for given in (False, True)] == [1, 2]
-    assert Landmarker(trained / "best.pt", "cpu", detector="hog").passes_for(False) == 2
-    assert Landmarker(trained / "best.pt", "cpu", any_roll=True).passes_for(False) == 2
+    assert Landmarker(trained / "best.pt", device="cpu", detector="hog").passes_for(False) == 2
+    assert Landmarker(trained / "best.pt", device="cpu", any_roll=True).passes_for(False) == 2
     [looked] = default(path, boxes=[box])
     np.testing.assert_allclose(looked.points, two(path, boxes=[box])[0].points, atol=1e-4)
     assert np.abs(looked.points - one(path, boxes=[box])[0].points).max() > 0.5
@@ -2970,8 +2974,8 @@ def test_landmarker_takes_a_path_a_pil_image_and_a_numpy_array_alike(trained, tm
         [face] = landmarker(image)
         np.testing.assert_allclose(face.points, by_path[0].points, atol=1.0)
     assert len(landmarker(np.asarray(Image.open(path).convert("L")))) == 1  # gray: the detector sees no colour
-    with pytest.raises(errors.UsageError, match="uint8"):
-        landmarker(np.zeros((10, 10), np.float32))
+    with pytest.raises(errors.DataError, match="expected an H x W gray"):
+        landmarker(np.zeros((10, 10, 5), np.uint8))
 
 
 def photo_folder(tmp_path: Path, n: int = 4) -> Path:
@@ -3002,7 +3006,7 @@ def test_two_workers_give_the_points_one_gives(trained, tmp_path):
     assert [r["image"] for r in one["images"]] == [r["image"] for r in two["images"]]
     for a, b in zip(one["images"], two["images"]):
         np.testing.assert_allclose(a["faces"][0]["points"], b["faces"][0]["points"], atol=0.05)
-    assert sorted(p.name for p in (tmp_path / "two").glob("*.png")) == [f"p{i}_landmarks.png" for i in range(4)]
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.jpg")) == [f"p{i}_landmarks.jpg" for i in range(4)]
 
 
 def test_shards_together_hold_every_photo_once_and_join_by_concatenation(trained, tmp_path):
@@ -3062,7 +3066,7 @@ def test_ctrl_c_outside_the_epoch_loop_ends_in_one_line_with_exit_130_and_no_hal
         "loading data": (labels, "parse_box", train, ["--data-dir", str(data), "--out", str(out), *FAST]),
         "building the cache": (os, "fsync", train, ["--data-dir", str(data), "--out", str(out), "--cache",
                                                               *FAST]),
-        "evaluating": (evaluate, "score", evaluate, ["--weights", weights, "--data-dir", str(data), "--workers", "0",
+        "evaluating": (evaluate, "predict_targets", evaluate, ["--weights", weights, "--data-dir", str(data), "--workers", "0",
                                                       "--out-dir", str(out), "--json", str(out / "table.json")]),
         "exporting": (onnx_io, "add_metadata", export, ["--weights", weights, "--out", str(out / "model.onnx")]),
     }[phase]
@@ -3204,7 +3208,7 @@ def test_score_test_covers_with_noise_and_with_the_corner_and_counts_the_covered
     from score_eval import score_test
     model, config = checkpoints.load_for_inference(checkpoints.RELEASED_WEIGHTS, torch.device("cpu"))
     faces = load_faces(demo / labels.TRAIN_XML)[:12]
-    rows = [score_test(model, faces, config["img_size"], landmarks.IBUG, occluder=o) for o in ("noise", "corner")]
+    rows = [score_test(model, faces, config.img_size, landmarks.IBUG, occluder=o) for o in ("noise", "corner")]
     for row, occluder in zip(rows, ("noise", "corner")):
         assert row["occluder"] == occluder and row["visible_points"] + row["covered_points"] == 12 * NUM_LANDMARKS
         assert row["covered_points"] > 0 and 0 <= row["auroc_visible_vs_covered"] <= 1

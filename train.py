@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from checkpoints import imagenet_weights, load_checkpoint, misfit, network_of, save_checkpoint, save_or_warn
+from checkpoints import NetworkConfig, imagenet_weights, load_checkpoint, misfit, save_checkpoint, save_or_warn
 from dataset import labels_fingerprint
 from errors import DataError, Error, UsageError, WeightsError
 from flags import SEED_MAX, WORKERS_MAX, flip_pairs_arg, number_in, one_line_errors, out_folder, point_pair_arg
@@ -98,6 +98,10 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="the two points whose distance normalises NME (default: the outer eye corners 36,45 for "
                         "68 points; otherwise NME is normalised by the box diagonal)")
     p.add_argument("--loss", choices=["mse", "l1", "smoothl1", "wing"], help="loss (default: mse)")
+    p.add_argument("--along-weight", type=number_in(float, 0),
+                   help="with the pip head: how much an outline point's offset error along its outline (the jaw, "
+                        "the brows) weighs against the error across it; below 1 spares the labels' uncertainty "
+                        "along the outline, as ADNet's anisotropic loss (default: 1, plain L1)")
     p.add_argument("--optimizer", choices=["adam", "adamw"], help="optimiser (default: adam)")
     p.add_argument("--weight-decay", type=number_in(float, 0), help="weight decay (default: 0)")
     p.add_argument("--sched", choices=["none", "cosine"], help="learning-rate schedule (default: none)")
@@ -114,6 +118,16 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
                    help="what the pip head reads: stride32, layer4 as it is (5x5 cells at 160 px); stride16, layer4 "
                         "without its downsampling (10x10, 1.8x the compute); stride16-up, layer4 upsampled onto "
                         "layer3 (10x10, 1.08x) (default: stride32)")
+    p.add_argument("--unlabelled", nargs="+", metavar="DIR",
+                   help="also train on the faces found in these folders of photos (and below), labelled by a teacher: "
+                        "--teacher's network with a mirror look and two looks, averaged with dlib's 68-point model "
+                        "where it is installed; faces the two disagree on are left out (teacher.py; "
+                        "docs/training.md) (default: none)")
+    p.add_argument("--unlabelled-share", type=number_in(float, 0, 1),
+                   help=f"with --unlabelled: the share of each epoch's crops that are the teacher's faces; an epoch "
+                        f"stays as many crops as there are labelled training faces (default: {d['unlabelled_share']})")
+    p.add_argument("--teacher", metavar="WEIGHTS",
+                   help="with --unlabelled: the weights that label the faces (default: the released weights)")
     p.add_argument("--amp", choices=list(AMP_CHOICES),
                    help="bf16 autocast: auto uses it where the device does bf16 in hardware (default: auto)")
     p.add_argument("--select", choices=["loss", "nme"],
@@ -141,8 +155,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.covered_scores and (args.head != "pip" or not args.occlusion):
         p.error("argument --covered-scores: needs --head pip (whose score maps it teaches) and --occlusion above 0 "
                 "(the covered points it teaches them on)")
+    for flag in ("unlabelled_share", "teacher"):
+        if flag in given and not args.unlabelled:
+            p.error(f"argument --{flag.replace('_', '-')}: goes with --unlabelled, whose faces it is about")
     if args.init is not None and args.pretrained:
         p.error("argument --init: the weights to start from are either these or ImageNet's; drop --pretrained")
+    if args.along_weight != 1 and args.head != "pip":
+        p.error("argument --along-weight: weighs the pip head's offsets; pass --head pip")
     if problem := features_misfit(args.head, args.features):
         p.error(f"argument --features: {problem}; pass --head pip")
     if args.sched == "cosine" and args.warmup_epochs >= args.epochs:
@@ -284,15 +303,15 @@ def start_from(model: nn.Module, args: argparse.Namespace, markup: Markup, label
     """--init: the weights of another run loaded into `model`, or WeightsError in one line when they are another
     network; a warning when they may have trained on this run's validation faces, a note when that cannot be told."""
     checkpoint = load_checkpoint(args.init)
-    config = checkpoint.get("config", {})
-    theirs = network_of(config)
+    config = NetworkConfig.of(checkpoint)
+    theirs = config.network()
     ours = {"head": args.head, "features": args.features, "points": markup.num_points}
     other = "; ".join(f"{key} {theirs[key]} against {ours[key]}" for key in ours if theirs[key] != ours[key])
     if problem := other or misfit(model, checkpoint["model"]):
         raise WeightsError(f"{args.init}: not weights of the network this run trains ({problem}); pass --head and "
                            f"--features as they were trained, and labels of the same markup")
     model.load_state_dict(checkpoint["model"])
-    other_split = any(config.get(key) != getattr(args, key) for key in ("seed", "val_fraction", "xml"))
+    other_split = any(getattr(config, key) != getattr(args, key) for key in ("seed", "val_fraction", "xml"))
     saved = checkpoint.get("labels_sha256")
     if other_split or saved not in (None, labels):
         print(f"warning: {args.init} was trained on another split or other labels, so this run's validation "
@@ -317,8 +336,11 @@ def resume_into(args: argparse.Namespace, model, optimizer, scheduler, labels: s
 
 
 def describe(args: argparse.Namespace, train_loader, val_loader, markup, device: torch.device, amp: str) -> str:
-    return (f"{len(train_loader.dataset)} training and {len(val_loader.dataset)} validation faces of "
+    taught = getattr(train_loader.dataset, "taught", None)
+    return (f"{len(train_loader.dataset.indices)} training and {len(val_loader.dataset)} validation faces of "
             f"{markup.num_points} points (NME over the {markup.normalisation}); "
+            + (f"{len(taught)} faces the teacher labelled, {args.unlabelled_share:.0%} of each epoch's crops; "
+               if taught is not None else "") +
             f"device {device}; {args.head} head; precision {'bf16 autocast' if amp == 'bf16' else 'fp32'} "
             f"(--amp {args.amp}); keeping the best validation {args.select}")
 
@@ -351,7 +373,7 @@ class Run:
         self.scheduler = make_scheduler(args, self.optimizer, len(self.train_loader))
         self.amp = resolve_amp(args.amp, self.device)
         self.scaler = make_scaler(self.device, self.amp)
-        self.loss_fn, self.val_loss_fn = make_loss(args, self.model)
+        self.loss_fn, self.val_loss_fn = make_loss(args, self.model, self.markup)
         self.history, self.best, self.start, self.rng = [], math.inf, 0, None
         if args.resume:
             self.history, self.best, self.start, self.rng = resume_into(

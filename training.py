@@ -14,17 +14,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Sampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
+from checkpoints import RELEASED_WEIGHTS
 from dataset import CACHE_EXTENT, FaceCache, FaceLandmarksDataset, split_faces
 from errors import UsageError
 from files import save_figure
 from labels import load_faces
-from landmarks import Markup, fit_box_relation, markup_for, nme
+from landmarks import IBUG, Face, Markup, fit_box_relation, markup_for, nme, outline_chords
 from model import PIPHead
+from network_cache import cache_dir
 from runtime import autocast, pick_device
+from teacher import teach
 from transforms import CROP_MARGIN, Transforms, box_diagonal
 
 # Wing loss (Feng et al. 2018) in pixels of a 224 px crop, whatever --img-size is.
@@ -44,11 +47,39 @@ def wing_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 LOSSES = {"mse": F.mse_loss, "l1": F.l1_loss, "smoothl1": F.smooth_l1_loss, "wing": wing_loss}
 
 
-def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour_index: torch.Tensor) -> torch.Tensor:
+def point_frames(points: torch.Tensor, outline: tuple[list[int], list[int], list[int]] | None,
+                 along_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each point's direction (N, K, 2) and the weight (K,) of an error along it: on an outline, the outline's
+    direction from the true neighbouring points, weighted `along_weight`; elsewhere x, weighted 1 (an error
+    then counts |dx| + |dy|, plain L1)."""
+    n, k, _ = points.shape
+    direction = points.new_zeros(n, k, 2)
+    direction[..., 0] = 1
+    weight = points.new_ones(k)
+    if outline is not None and along_weight != 1:
+        idx, before, after = outline
+        chord = points[:, after] - points[:, before]
+        direction[:, idx] = chord / chord.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+        weight[idx] = along_weight
+    return direction, weight
+
+
+def anisotropic_l1(error: torch.Tensor, direction: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of |across| + weight * |along| per coordinate pair, halved as F.l1_loss averages x and y: an
+    outline point's error split across its outline and along it (ADNet's anisotropic loss, Huang et al.
+    ICCV 2021, on PIPNet's offsets); the plain L1 loss where every weight is 1 and every direction x."""
+    along = (error * direction).sum(-1)
+    across = error[..., 0] * direction[..., 1] - error[..., 1] * direction[..., 0]
+    return (across.abs() + weight * along.abs()).mean() / 2
+
+
+def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour_index: torch.Tensor,
+             outline: tuple[list[int], list[int], list[int]] | None = None, along_weight: float = 1.0) -> torch.Tensor:
     """PIPNet's loss: MSE of the score maps against a one-hot map of each landmark's cell, plus L1 of the
     offsets read at that cell, its own and its neighbours' (in cells). Targets of (N, 3K) carry each point's
     visibility after its coordinates (Transforms' visibility=True): a covered point's map is taught flat,
-    while its offsets still learn where it is."""
+    while its offsets still learn where it is. With `outline` (landmarks.outline_chords), an offset's error
+    along the outline weighs `along_weight` against 1 across it (anisotropic_l1)."""
     scores, offsets, neighbour_offsets = (o.float() for o in outputs)
     n, k, h, w = scores.shape
     visible = targets[:, 2 * k:] if targets.shape[1] == 3 * k else targets.new_ones(n, k)
@@ -58,17 +89,21 @@ def pip_loss(outputs: tuple[torch.Tensor, ...], targets: torch.Tensor, neighbour
     best = (cell[..., 1] * w + cell[..., 0]).long()           # (N, K)
     score_loss = F.mse_loss(scores.flatten(2), F.one_hot(best, h * w).float() * visible[..., None])
     own, theirs = PIPHead.read_cells(offsets, neighbour_offsets, best)
-    own_loss = F.l1_loss(own, points - cell)
-    neighbour_loss = F.l1_loss(theirs, points[:, neighbour_index] - cell[:, :, None])
+    direction, weight = point_frames(points.detach(), outline, along_weight)
+    own_loss = anisotropic_l1(own - (points - cell), direction, weight)
+    neighbour_loss = anisotropic_l1(theirs - (points[:, neighbour_index] - cell[:, :, None]),
+                                    direction[:, neighbour_index], weight[neighbour_index])
     return PIP_SCORE_WEIGHT * score_loss + 2 * (own_loss + neighbour_loss)  # x and y each count once, as in PIPNet
 
 
-def make_loss(args: argparse.Namespace, model: nn.Module) -> tuple[Callable, Callable]:
+def make_loss(args: argparse.Namespace, model: nn.Module, markup: Markup | None = None) -> tuple[Callable, Callable]:
     """The training loss, and the validation loss on the decoded coordinates (the same for the regression
-    head; L1 for the pip head, whose training loss needs the raw maps)."""
+    head; L1 for the pip head, whose training loss needs the raw maps). --along-weight takes the outlines of
+    `markup`."""
     if args.head == "pip":
         index = model.head.neighbour_index
-        return (lambda outputs, targets: pip_loss(outputs, targets, index)), F.l1_loss
+        outline = outline_chords(markup) if markup is not None and args.along_weight != 1 else None
+        return (lambda outputs, targets: pip_loss(outputs, targets, index, outline, args.along_weight)), F.l1_loss
     loss = LOSSES[args.loss]
     return (lambda outputs, targets: loss(outputs.float(), targets)), loss  # in fp32 under autocast too
 
@@ -145,14 +180,75 @@ def make_loaders(args: argparse.Namespace, rank: int,
                           spread=args.jitter_spread, occlusion_fill=args.occlusion_fill)
     train_set = FaceLandmarksDataset(faces, train_tf, train_idx, cache)
     val_set = FaceLandmarksDataset(faces, Transforms(args.img_size, train=False), val_idx, cache)
-    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
     generator = torch.Generator().manual_seed(args.seed)
+    sampler = DistributedSampler(train_set, world, rank, seed=args.seed) if world > 1 else None
+    mixed, labelled = None, len(train_set)
+    if args.unlabelled:
+        taught = taught_set(args, faces, val_idx, markup, train_tf, rank, world)
+        mixed = MixedSampler(labelled, len(taught), args.unlabelled_share, generator, rank, world)
+        train_set, sampler = WithTaught(train_set, taught), None
     common = dict(num_workers=args.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None, sampler=sampler,
-                              drop_last=len(train_set) > args.batch_size, generator=generator, **common)
+    train_loader = DataLoader(train_set, args.batch_size, shuffle=sampler is None and mixed is None,
+                              sampler=sampler or mixed, drop_last=labelled > args.batch_size,
+                              generator=generator, **common)
     val_loader = DataLoader(val_set, args.val_batch_size, **common)
     return train_loader, val_loader, sampler, markup
+
+
+def taught_set(args: argparse.Namespace, faces: list[Face], val_idx: list[int], markup: Markup,
+               transform: Transforms, rank: int, world: int) -> FaceLandmarksDataset:
+    """--unlabelled: the faces the teacher labelled in those folders, cropped as the training faces are. Rank 0
+    labels them; the other ranks wait, then find every photo labelled."""
+    if markup.num_points != IBUG.num_points:
+        raise UsageError(f"--unlabelled: the teacher puts iBUG's {IBUG.num_points} points, and these labels have "
+                         f"{markup.num_points}")
+    folder = (cache_dir() or Path(args.out)) / "teacher"
+    held_out = {faces[i].image.resolve() for i in val_idx}
+    weights = Path(args.teacher) if args.teacher else RELEASED_WEIGHTS
+    xml = None
+    for turn in ((0,) if world == 1 else (0, 1)):
+        if (rank == 0) == (turn == 0):
+            xml = teach(args.unlabelled, weights, folder, faces, held_out, args.device, show=rank == 0)
+        if world > 1:
+            dist.barrier()
+    taught = load_faces(xml, skip_bad=True, markup_of=lambda k: markup)
+    cache = FaceCache(taught, xml, round(args.img_size * CACHE_EXTENT), CROP_MARGIN, os.cpu_count() or 1) \
+        if args.cache else None
+    return FaceLandmarksDataset(taught, transform, None, cache)
+
+
+class WithTaught(ConcatDataset):
+    """The labelled training faces, then the teacher's. `faces` and `indices` are the labelled ones': the split,
+    its fingerprint and the mean shape come from them alone."""
+
+    def __init__(self, labelled: FaceLandmarksDataset, taught: FaceLandmarksDataset):
+        super().__init__([labelled, taught])
+        self.faces, self.indices, self.taught = labelled.faces, labelled.indices, taught
+
+
+class MixedSampler(Sampler):
+    """--unlabelled-share: each epoch is as many crops as there are labelled training faces, that share of them
+    the teacher's (drawn without repeats where there are enough), the rest labelled ones, shuffled together.
+    So an epoch costs the same with or without taught faces, and runs compare at equal crops. Every rank draws
+    the same order from the loader's generator (seeded per epoch) and takes its own slice of it."""
+
+    def __init__(self, labelled: int, taught: int, share: float, generator: torch.Generator, rank: int = 0,
+                 world: int = 1):
+        self.labelled, self.taught, self.share = labelled, taught, share
+        self.generator, self.rank, self.world = generator, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.labelled, self.world))
+
+    def __iter__(self):
+        n_taught = round(self.labelled * self.share)
+        g = self.generator
+        own = torch.randperm(self.labelled, generator=g)[:self.labelled - n_taught]
+        draw = torch.randperm(self.taught, generator=g)[:n_taught] if n_taught <= self.taught \
+            else torch.randint(self.taught, (n_taught,), generator=g)
+        order = torch.cat([own, self.labelled + draw])[torch.randperm(self.labelled, generator=g)]
+        return iter(order[self.rank::self.world].tolist())
 
 
 def seed_everything(seed: int) -> None:

@@ -21,7 +21,8 @@ OCCLUSION_FILLS = ("noise", "crop")
 
 @dataclass(frozen=True)
 class Augment:
-    """One draw of the random parameters; the identity is what validation and prediction use."""
+    """One draw of the random parameters. Validation uses the identity; prediction turns the crop against the
+    face's roll (looks.level), and nothing else."""
     angle: float = 0.0        # degrees
     zoom: float = 1.0         # >1 crops tighter
     shift: tuple[float, float] = (0.0, 0.0)  # fraction of the crop side

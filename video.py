@@ -2,24 +2,23 @@
 import json
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from checkpoints import NetworkConfig
 from detectors import Detection
-from errors import DataError
+from errors import DataError, OutputError
 from files import read_json_lines
-from faces import face_fields, level_crop, predict_faces
 from landmarks import IBUG, Box, Markup, box_cover, box_from_points, box_iou
+from looks import Looker, face_fields, level_crop
 from pose import head_pose
-from runtime import Network
-from transforms import Transforms
 
 import cv2  # noqa: E402  (after detectors, which sets OpenCV's log levels before cv2 first loads)
 
@@ -57,6 +56,10 @@ DUPLICATE_COVER = 0.8
 # 11.8% in moving NME with the old values and 6.4% with these, for jitter cut 6.4x and 6.5x; on two earlier
 # weights' clips these were better on both counts too (video_bench.py --rescore, docs/video.md).
 MIN_CUTOFF, BETA, D_CUTOFF = 0.3, 30.0, 1.0
+SMOOTHING = dict(min_cutoff=MIN_CUTOFF, beta=BETA, d_cutoff=D_CUTOFF)
+# Frames decoded ahead of the network, and frames drawn, encoded and written behind it, each on a thread of its
+# own (OpenCV's decoder and encoder and onnxruntime release the GIL): a few, so memory stays flat.
+READ_AHEAD, WRITE_BEHIND = 4, 4
 
 
 class OneEuroFilter:
@@ -133,8 +136,7 @@ def shifted(crop: Detection, by: float) -> Detection:
     return replace(crop, box=Box(box.left + by, box.top + by, box.width, box.height))
 
 
-def network_locator(model: Network, transform: Transforms, device: torch.device, lost_by: str = LOST_BY,
-                    shift: float = CHECK_SHIFT) -> Locate:
+def network_locator(looker: Looker, lost_by: str = LOST_BY, shift: float = CHECK_SHIFT) -> Locate:
     """Points for each crop. With lost_by="score", from one crop, with no drift. With "drift", from two
     crops shifted by +-shift of the box side, their mean, and their drift: the share of the crops' shift
     that the points followed (0 on a face, 1 where the network sees none)."""
@@ -142,11 +144,11 @@ def network_locator(model: Network, transform: Transforms, device: torch.device,
         if not crops:
             return np.zeros((0, 0, 2)), None, None
         if lost_by == "score":
-            found = predict_faces(model, transform, gray, crops, device, with_pose=False)
+            found = looker.faces(gray, crops, with_pose=False)
             scores = None if found[0].scores is None else np.stack([f.scores for f in found])
             return np.stack([f.points for f in found]), None, scores
         pairs = [shifted(crop, sign * shift * crop.box.side) for crop in crops for sign in (1, -1)]
-        found = predict_faces(model, transform, gray, pairs, device, with_pose=False)
+        found = looker.faces(gray, pairs, with_pose=False)
         points = np.stack([f.points for f in found])
         points = points.reshape(len(crops), 2, *points.shape[1:])
         moved = (points[:, 0] - points[:, 1]).mean(axis=1)  # (N, 2): mean displacement between the crops
@@ -239,8 +241,11 @@ class FaceTracker:
                 sightings.append(replace(before[i], detected=i in matched))
                 continue
             n = todo.index(i)
-            if track is None or i in lost:
-                gone = track is not None and i not in matched
+            if track is not None and i in lost and i not in matched:
+                gone = True  # lost, and no detection to take it up again
+            elif track is None or i in lost:  # a detection's crop: no face where the network is unsure of its
+                # points, whether it is new or takes up a lost one (YuNet's 20 px false faces scored about 0.24)
+                gone = scores is not None and bool(scores[n].mean() < self.lost_score)
             else:  # a face that went is lost if the network no longer sees it or its points are mostly outside
                 gone = self.unseen(drift, scores, n) or visible_share(
                     box_from_points(points[n], self.markup.box_relation), *gray.size) < MIN_VISIBLE
@@ -296,28 +301,129 @@ def open_video(source: str) -> cv2.VideoCapture:
     """A file, or camera N for a number; one line if it cannot be opened."""
     if source.isdigit():
         if int(source) > MAX_CAMERA:
-            raise DataError(f"--video {source}: camera numbers go from 0 to {MAX_CAMERA}")
+            raise DataError(f"source={source}: camera numbers go from 0 to {MAX_CAMERA}", parameter="source")
         capture = cv2.VideoCapture(int(source))
         if not capture.isOpened():
-            raise DataError(f"--video {source}: cannot open camera {source}")
+            raise DataError(f"source={source}: cannot open camera {source}", parameter="source")
         return capture
     if Path(source).is_dir():
-        raise DataError(f"{source}: a folder, not a video (--image takes folders of photos)")
+        raise DataError(f"{source}: a folder, not a video (photos are for --image, or Landmarker.batch)")
     if not Path(source).is_file():
-        raise DataError(f"--video {source}: video not found")
+        raise DataError(f"source={source}: video not found", parameter="source")
+    if Path(source).stat().st_size == 0:
+        raise DataError(f"{source}: an empty file, not a video")
+    if is_still_photo(Path(source)):
+        raise DataError(f"{source}: a photo, not a video; pass it with --image (or call the Landmarker on it)")
     capture = cv2.VideoCapture(source)
     if not capture.isOpened():
         raise DataError(f"{source}: cannot read video (not a video file, or truncated)")
     return capture
 
 
-def frames(capture: cv2.VideoCapture) -> Iterator[np.ndarray]:
-    """BGR frames, upright: OpenCV applies the rotation in the file's metadata (CAP_PROP_ORIENTATION_AUTO)."""
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            return
-        yield frame
+def is_still_photo(path: Path) -> bool:
+    """Whether PIL reads the file as a picture of one frame (FFmpeg would make a one-frame video of it); an
+    animated GIF or WebP stays a video."""
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "n_frames", 1) == 1
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def read_ahead(capture: cv2.VideoCapture, depth: int = READ_AHEAD) -> Iterator[np.ndarray]:
+    """BGR frames, upright (OpenCV applies the rotation in the file's metadata), decoded by a thread of their
+    own up to `depth` frames ahead of the one being looked at. Leaving the loop early stops the thread."""
+    frames: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def decode() -> None:
+        while not stop.is_set():
+            ok, frame = capture.read()
+            frames.put(frame if ok else None)
+            if not ok:
+                return
+
+    thread = threading.Thread(target=decode, name="decode", daemon=True)
+    thread.start()
+    try:
+        while (frame := frames.get()) is not None:
+            yield frame
+    finally:
+        stop.set()
+        while thread.is_alive():  # a decoder blocked on a full queue takes one more frame and sees the stop
+            try:
+                frames.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+
+@dataclass(frozen=True)
+class VideoFrame:
+    """One frame's result, as Landmarker.video yields it and run_video writes it."""
+    index: int
+    time: float                  # seconds: from the file's frame rate, or the camera's clock
+    faces: list[TrackedFace]
+    frame: np.ndarray            # the BGR picture as OpenCV decoded it
+
+    def to_dict(self) -> dict:
+        return {"frame": self.index, "time": round(self.time, 4), "faces": [tracked_record(f) for f in self.faces]}
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A video opened for tracking: what its header says, and its frames."""
+    name: str
+    fps: float
+    expected: int                # frames the header promises; 0 for a camera
+    size: tuple[int, int]        # width, height of its first frame
+    frames: Iterator[np.ndarray]
+    capture: cv2.VideoCapture
+
+
+def open_frames(source: str) -> Opened:
+    """A file or camera N opened, its first frame decoded (DataError where there is none), and its frames
+    read ahead."""
+    capture = open_video(source)
+    camera = source.isdigit()
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    fps = fps if 0 < fps < 1000 else 30.0  # some cameras and containers report 0
+    expected = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    frames = read_ahead(capture)
+    first = next(frames, None)
+    if first is None:
+        capture.release()
+        raise DataError(f"{source}: cannot read video (no frame could be decoded)")
+    name = f"camera{source}" if camera else Path(source).stem
+
+    def all_frames() -> Iterator[np.ndarray]:
+        yield first
+        yield from frames
+
+    return Opened(name, fps, expected, (first.shape[1], first.shape[0]), all_frames(), capture)
+
+
+def track_frames(opened: Opened, tracker: "FaceTracker", camera: bool) -> Iterator[VideoFrame]:
+    """Each frame's faces, tracked: gray once per frame for the network, the BGR frame for the detector."""
+    tracker.reset()
+    start = time.perf_counter()
+    width, height = opened.size
+    for i, frame in enumerate(opened.frames):
+        t = time.perf_counter() - start if camera else i / opened.fps
+        if frame.shape[:2] != (height, width):  # a camera that changes resolution mid-stream
+            frame = cv2.resize(frame, (width, height))
+        gray = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
+        yield VideoFrame(i, t, tracker.update(gray, t, frame), frame)
+
+
+def track(source: str, tracker: "FaceTracker") -> Iterator[VideoFrame]:
+    """Landmarker.video's door: every frame of a file or camera with its tracked faces; nothing written. The
+    capture is released when the iterator ends or is dropped."""
+    opened = open_frames(source)
+    try:
+        yield from track_frames(opened, tracker, source.isdigit())
+    finally:
+        opened.frames.close()
+        opened.capture.release()
 
 
 def draw_faces(frame: np.ndarray, faces: list[TrackedFace]) -> None:
@@ -381,6 +487,8 @@ class VideoRun:
     seconds: float        # wall clock from the first frame read to the files written
     interrupted: bool
     missing: int          # frames the file's header promised but that could not be read
+    spent: dict = None    # seconds by step: the main thread's (decoding waited for, tracking, waiting for the
+                          # writer) and the writer thread's (JSON, drawing, encoding), which overlap
 
 
 def read_video_results(path: Path) -> dict:
@@ -392,73 +500,134 @@ def read_video_results(path: Path) -> dict:
     return {**records[0], "frames": records[1:]}
 
 
-def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, show: bool = False) -> VideoRun:
-    """Landmarks on every frame of `source` (a file or a camera number): OUT/<name>_landmarks.mp4 and
-    OUT/<name>.jsonl. Each frame's line is written and flushed as it comes, so memory stays flat over any
-    length of video and a crash keeps every frame done (in <name>.jsonl.part); the file takes its name when
-    the run ends, by Ctrl-C or closing the live window too, replacing an earlier run's only then."""
+class FrameWriter:
+    """Each frame's JSON line, drawing and MP4 encoding on a thread of its own, in order, up to WRITE_BEHIND
+    frames behind the network: the line is written and flushed as it comes (a crash keeps every frame written),
+    the drawn frame encoded unless there is no MP4 to write. Seconds spent in each step are kept."""
+
+    def __init__(self, lines, mp4: cv2.VideoWriter | None, view: "LiveView | None"):
+        self.lines, self.mp4, self.view = lines, mp4, view
+        self.spent = {"json": 0.0, "draw": 0.0, "encode": 0.0}
+        self.error: BaseException | None = None
+        self.queue: queue.Queue = queue.Queue(WRITE_BEHIND)
+        self.thread = None if view else threading.Thread(target=self.work, name="write", daemon=True)
+        if self.thread:
+            self.thread.start()
+
+    def put(self, result: VideoFrame) -> bool:
+        """Hand one frame over; False once the live window was closed. Raises what the thread met (a full disk)."""
+        if self.error is not None:
+            raise self.error
+        if self.thread is None:  # a live window: matplotlib draws on the main thread only
+            self.write(result)
+            return self.view.show(result.frame)
+        self.queue.put(result)
+        return True
+
+    def work(self) -> None:
+        while (result := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.write(result)
+                except BaseException as e:  # said by the main thread at its next frame
+                    self.error = e
+
+    def write(self, result: VideoFrame) -> None:
+        start = time.perf_counter()
+        try:
+            self.lines.write(json.dumps(result.to_dict()) + "\n")
+            self.lines.flush()
+        except OSError as e:
+            raise OutputError(f"{Path(self.lines.name).parent}: cannot write {Path(self.lines.name).name} "
+                              f"({e.strerror or e}); the frames before are kept") from None
+        middle = time.perf_counter()
+        self.spent["json"] += middle - start
+        if self.mp4 is not None:
+            draw_faces(result.frame, result.faces)
+            drawn = time.perf_counter()
+            self.mp4.write(even(result.frame))
+            self.spent["draw"] += drawn - middle
+            self.spent["encode"] += time.perf_counter() - drawn
+
+    def close(self) -> None:
+        """Every frame handed over written; raises what the thread met."""
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, show: bool = False,
+              draw: bool = True) -> VideoRun:
+    """Landmarks on every frame of `source` (a file or a camera number): OUT/<name>.jsonl and, unless not
+    `draw`, OUT/<name>_landmarks.mp4. Decoding the next frames, the network on this one, and drawing,
+    encoding and writing the last ones run at the same time, on three threads. Each frame's line is written
+    and flushed as it comes, so memory stays flat over any length of video and a crash keeps every frame
+    written (in <name>.jsonl.part); the file takes its name when the run ends, by Ctrl-C or closing the live
+    window too, replacing an earlier run's only then."""
     from tqdm import tqdm
     camera = source.isdigit()
-    capture = open_video(source)
-    fps = capture.get(cv2.CAP_PROP_FPS)
-    fps = fps if 0 < fps < 1000 else 30.0  # some cameras and containers report 0
-    expected = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    stream = frames(capture)
-    first = next(stream, None)
-    if first is None:
-        raise DataError(f"{source}: cannot read video (no frame could be decoded)")
-    name = f"camera{source}" if camera else Path(source).stem
+    opened = open_frames(source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    video_path, results = out_dir / f"{name}_landmarks.mp4", out_dir / f"{name}.jsonl"
-    height, width = first.shape[:2]
-    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, even(first).shape[1::-1])
-    if not writer.isOpened():
-        raise DataError(f"{video_path}: cannot write video")
-    view = LiveView(name) if show else None
-    tracker.reset()
-    done, ids, interrupted, start = 0, set(), False, time.perf_counter()
-    bar = tqdm(total=expected or None, unit="frame", desc=name, disable=None)
+    video_path, results = out_dir / f"{opened.name}_landmarks.mp4", out_dir / f"{opened.name}.jsonl"
+    mp4 = None
+    if draw:
+        mp4 = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), opened.fps,
+                              (opened.size[0] + opened.size[0] % 2, opened.size[1] + opened.size[1] % 2))
+        if not mp4.isOpened():
+            opened.capture.release()
+            raise DataError(f"{video_path}: cannot write video")
     part = results.with_name(results.name + ".part")
-    out = open(part, "w", encoding="utf-8")
-    out.write(json.dumps({"weights": weights, "video": source, "fps": fps, "width": width, "height": height}) + "\n")
+    lines = open(part, "w", encoding="utf-8")
+    lines.write(json.dumps({"weights": weights, "video": source, "fps": opened.fps, "width": opened.size[0],
+                            "height": opened.size[1]}) + "\n")
+    writer = FrameWriter(lines, mp4, LiveView(opened.name) if show else None)
+    done, ids, interrupted, start = 0, set(), False, time.perf_counter()
+    spent = {"decode_and_track": 0.0, "waiting_for_writer": 0.0}
+    bar = tqdm(total=opened.expected or None, unit="frame", desc=opened.name, disable=None)
     try:
-        for i, frame in enumerate(chain([first], stream)):
-            t = time.perf_counter() - start if camera else i / fps
-            if frame.shape[:2] != (height, width):  # a camera that changes resolution mid-stream
-                frame = cv2.resize(frame, (width, height))
-            gray = Image.fromarray(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY))
-            faces = tracker.update(gray, t, frame)
-            out.write(json.dumps({"frame": i, "time": round(t, 4), "faces": [tracked_record(f) for f in faces]}) + "\n")
-            out.flush()
-            done, ids = done + 1, ids | {f.id for f in faces}
-            draw_faces(frame, faces)
-            writer.write(even(frame))
+        frames, before = track_frames(opened, tracker, camera), time.perf_counter()
+        for result in frames:
+            middle = time.perf_counter()
+            going = writer.put(result)
+            spent["decode_and_track"] += middle - before
+            before = time.perf_counter()
+            spent["waiting_for_writer"] += before - middle
+            done, ids = done + 1, ids | {f.id for f in result.faces}
             bar.update()
-            if view is not None and not view.show(frame):
+            if not going:
                 break
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
-        writer.release()
-        capture.release()
-        out.close()
+        opened.frames.close()
+        opened.capture.release()
+        try:
+            writer.close()
+        finally:
+            lines.close()
+            if mp4 is not None:
+                mp4.release()
     os.replace(part, results)
     seconds = time.perf_counter() - start
-    print(f"{'stopped: ' if interrupted else ''}wrote {video_path} and {results}: {done} frames "
-          f"({done / seconds:.1f}/s), {len(ids)} face{'s' * (len(ids) != 1)} tracked, "
+    print(f"{'stopped: ' if interrupted else ''}wrote {results}" + (f" and {video_path}" if draw else "") +
+          f": {done} frames ({done / seconds:.1f}/s), {len(ids)} face{'s' * (len(ids) != 1)} tracked, "
           f"detector ran on {tracker.detector_runs}")
     # Frame counts in headers can be estimates: only a clear shortfall means the file ends early.
+    expected = opened.expected
     missing = expected - done if not interrupted and expected - done > max(1, expected // 100) else 0
-    return VideoRun(results, done, len(ids), tracker.detector_runs, seconds, interrupted, missing)
+    return VideoRun(results, done, len(ids), tracker.detector_runs, seconds, interrupted, missing,
+                    spent | writer.spent)
 
 
-def video_tracker(model: Network, config: dict, device: torch.device, detector: Callable[[np.ndarray], list[Detection]],
-                  detect_every: int, smoothing: dict | None, lost_by: str = LOST_BY) -> FaceTracker:
-    """The tracker predict.py runs: `detector` (detectors.make_detector, which takes RGB) on the BGR frames
-    run_video passes it, and the trained network."""
-    transform = Transforms(config.get("img_size", 224), train=False)
-    lost_by = lost_by if config.get("head", "regression") == "pip" else "drift"  # only PIPNet's maps give scores
-    return FaceTracker(network_locator(model, transform, device, lost_by),
+def video_tracker(looker: Looker, config: NetworkConfig, detector: Callable[[np.ndarray], list[Detection]],
+                  detect_every: int = DETECT_EVERY, smoothing: dict | None = SMOOTHING,
+                  lost_by: str = LOST_BY) -> FaceTracker:
+    """The tracker predict.py and Landmarker.video run: `detector` (detectors.make_detector, which takes RGB)
+    on the BGR frames it is given, and the network of `looker`."""
+    lost_by = lost_by if config.head == "pip" else "drift"  # only PIPNet's maps give scores
+    return FaceTracker(network_locator(looker, lost_by),
                        lambda bgr: detector(np.ascontiguousarray(bgr[..., ::-1])), detect_every, smoothing,
-                       Markup.from_config(config))
+                       config.markup)

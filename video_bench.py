@@ -21,7 +21,7 @@ from errors import UsageError
 from files import write_atomic
 from flags import number_in, one_line_errors, out_file, out_folder
 from labels import TRAIN_XML, load_faces, parse_box, read_xml
-from landmarks import (DLIB_RELATION, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, BoxRelation, Face, Markup, box_from_points,
+from landmarks import (DLIB_RELATION, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, BoxRelation, Face, box_from_points,
                        box_iou, fit_box_relation, nme)
 from runtime import pick_device
 from transforms import Transforms
@@ -211,7 +211,7 @@ def lag_frames(points: np.ndarray, truth: np.ndarray) -> float:
 def checks_on(args: argparse.Namespace, clip: Path, boxes: list) -> tuple[np.ndarray, np.ndarray]:
     """What each lost check reads on each frame of the clip, the network cropping the given upright box:
     the drift of two crops, and the mean point score of one (NaN for a network without scores)."""
-    transform = Transforms(args.config.get("img_size", 224), train=False)
+    transform = Transforms(args.config.img_size, train=False)
     by_drift, by_score = (video.network_locator(args.model, transform, args.device, lost_by)
                           for lost_by in ("drift", "score"))
     capture, drifts, scores = cv2.VideoCapture(str(clip)), [], []
@@ -284,7 +284,7 @@ def run_face(args: argparse.Namespace, folder: Path) -> dict:
         run_predict(args, folder / f"{name}.mp4", smooth=False)
     timed = run_predict(args, folder / "moving.mp4", smooth=True)
     # The tracker frames faces and scales its filter by the weights' box relation: so does everything here.
-    relation = Markup.from_config(args.config).box_relation
+    relation = args.config.markup.box_relation
     replayed = face_points(video.read_video_results(folder / "raw" / "moving.jsonl"), smoothing_of(args), relation)
     # The filter replayed on the raw JSON is the filter the tracker ran: scores below rest on that.
     assert np.allclose(face_points(video.read_video_results(timed.results)), replayed, atol=0.05, equal_nan=True)
