@@ -1,19 +1,22 @@
 """Weights on disk: train.py's checkpoints, written atomically and loaded with weights_only; the release file that weights/ ships; torchvision's ImageNet start."""
 import pickle
 import re
+import statistics
 import sys
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from errors import WeightsError
+from errors import UsageError, WeightsError
 from files import save_with
 from labels import TRAIN_XML
 from landmarks import IBUG, Markup
 from model import PIPHead, build_model
-from network_cache import cache_path, read_frozen, read_int8, write_frozen, write_int8
+from network_cache import (cache_path, choice_path, cpu_name, read_choice, read_frozen, read_int8, write_choice,
+                           write_frozen, write_int8)
 from quantized import CALIBRATION_KEY, int8_runner, int8_supported, quantize_body
 from runtime import Network, fast_network, frozen_body, has_native_bf16, pip_head_of
 
@@ -172,28 +175,91 @@ def model_from(checkpoint: dict, path: Path) -> nn.Module:
     return model
 
 
-def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bool = False,
-                       int8: bool = True) -> tuple[Network, NetworkConfig]:
-    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`: in
-    int8 where `int8` allows, the weights carry calibration crops and the CPU has VNNI (quantized), else
-    traced and frozen in bf16 or fp32 (runtime.optimize_for_inference). The fast form is kept on disk
-    (network_cache), so only the first start with these weights builds it."""
+PRECISIONS = ("auto", "int8", "bf16", "fp32")
+# How long each candidate path is timed, at one crop a call, when the fastest is chosen (a first start only).
+TIMING_SECONDS = 0.4
+
+
+def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bool = False, int8: bool = True,
+                       precision: str = "auto") -> tuple[Network, NetworkConfig]:
+    """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`. The
+    candidates are int8 (where `int8` allows, the weights carry calibration crops and the CPU has VNNI:
+    quantized.py), the frozen network in bf16 (where the CPU does bf16 in hardware) and in fp32; with
+    `precision` "auto" the fastest of them on this CPU, timed on the first start with these weights and the
+    choice kept in the cache (network_cache.choice_path), else the one named. Each fast form is kept on disk
+    too, so only the first start builds it. The network says which it is (.precision) and what each
+    candidate took (.timed, milliseconds a crop; empty where nothing was timed)."""
     checkpoint = load_checkpoint(path, device)
     config = NetworkConfig.of(checkpoint)
     if eager or torch.device(device).type != "cpu":
         return model_from(checkpoint, path).to(device).eval(), config
-    img_size = config.img_size
-    if int8 and CALIBRATION_KEY in checkpoint and int8_supported():
-        return int8_network(checkpoint, path, img_size), config
-    bf16 = has_native_bf16(torch.device("cpu"))
-    entry = cache_path(path, img_size, "bf16" if bf16 else "fp32")
-    frozen = read_frozen(entry)
-    if frozen is not None:
-        return fast_network(frozen, pip_head_from(checkpoint), img_size), config
-    model = model_from(checkpoint, path).eval()
-    frozen = frozen_body(model, img_size, bf16)
-    write_frozen(entry, frozen)
-    return fast_network(frozen, pip_head_of(model), img_size), config
+    candidates = cpu_candidates(checkpoint, int8)
+    if precision != "auto":
+        if precision not in candidates:
+            raise UsageError(f"precision={precision}: {missing_reason(precision, checkpoint, int8)}", "precision")
+        candidates = [precision]
+    kept = read_choice(choice_path(path, config.img_size)) if len(candidates) > 1 else None
+    if kept is not None and kept["precision"] in candidates:
+        return labelled(build_fast([kept["precision"]], checkpoint, path, config)[0], kept), config
+    networks = build_fast(candidates, checkpoint, path, config)
+    if len(networks) == 1:
+        return labelled(networks[0], {"precision": candidates[0], "ms": {}}), config
+    timed = {p: round(time_network(net, config.img_size), 3) for p, net in zip(candidates, networks)}
+    choice = {"precision": min(timed, key=timed.get), "ms": timed, "cpu": cpu_name()}
+    write_choice(choice_path(path, config.img_size), choice)
+    return labelled(networks[candidates.index(choice["precision"])], choice), config
+
+
+def cpu_candidates(checkpoint: dict, int8: bool) -> list[str]:
+    """The CPU paths these weights can run on this CPU, the fastest-looking first."""
+    found = ["int8"] if int8 and CALIBRATION_KEY in checkpoint and int8_supported() else []
+    return found + (["bf16"] if has_native_bf16(torch.device("cpu")) else []) + ["fp32"]
+
+
+def missing_reason(precision: str, checkpoint: dict, int8: bool) -> str:
+    if precision == "bf16":
+        return "this CPU does not do bf16 in hardware (AVX512-BF16 or AMX); fp32 is the same network"
+    if not int8:
+        return "int8 is switched off (int8=False, --no-int8)"
+    if CALIBRATION_KEY not in checkpoint:
+        return "these weights carry no calibration crops; write them with export.py --release --data-dir"
+    return "this CPU has no AVX512-VNNI (or onnxruntime is not installed)"
+
+
+def build_fast(precisions: list[str], checkpoint: dict, path: Path, config: NetworkConfig) -> list[Network]:
+    """Each named fast form: the int8 network, or the frozen one in bf16 or fp32, from the cache or built now
+    and kept."""
+    built = []
+    for precision in precisions:
+        if precision == "int8":
+            built.append(int8_network(checkpoint, path, config.img_size))
+            continue
+        entry = cache_path(path, config.img_size, precision)
+        frozen = read_frozen(entry)
+        if frozen is not None:
+            built.append(fast_network(frozen, pip_head_from(checkpoint), config.img_size))
+            continue
+        model = model_from(checkpoint, path).eval()
+        frozen = frozen_body(model, config.img_size, precision == "bf16")
+        write_frozen(entry, frozen)
+        built.append(fast_network(frozen, pip_head_of(model), config.img_size))
+    return built
+
+
+def time_network(network: Network, img_size: int) -> float:
+    """Median milliseconds of one crop through the network, decoding included, over TIMING_SECONDS."""
+    crop = torch.zeros(1, 1, img_size, img_size)
+    times, until = [], time.perf_counter() + TIMING_SECONDS
+    while time.perf_counter() < until or len(times) < 5:
+        start = time.perf_counter()
+        network.with_scores(crop)
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def labelled(network: Network, choice: dict) -> Network:
+    network.precision, network.timed = choice["precision"], choice.get("ms", {})
+    return network
 
 
 def int8_network(checkpoint: dict, path: Path, img_size: int) -> Network:

@@ -3,7 +3,6 @@ import argparse
 import hashlib
 import os
 import random
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ from torch.utils.data import Dataset
 from checkpoints import NetworkConfig
 from errors import DataError
 from files import save_figure
-from flags import SEED_MAX, figure_file, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder
+from flags import SEED_MAX, figure_file, ignore_ctrl_c, number_in, one_line_errors, out_file, out_folder, worker_pool
 from images import open_gray
 from labels import TRAIN_XML, load_faces
 from landmarks import NUM_LANDMARKS, Box, Face, rescale
@@ -120,7 +119,7 @@ class FaceCache:
                 if hasattr(os, "posix_fallocate"):  # claim the space first: a full disk fails before any work
                     os.posix_fallocate(f.fileno(), 0, f.tell() + len(jobs) * self.size ** 2)
                 if workers > 1:
-                    with Pool(workers, ignore_ctrl_c) as pool:
+                    with worker_pool(workers, ignore_ctrl_c) as pool:
                         for crop in tqdm(pool.imap(cache_crop, jobs, chunksize=8), **bar):
                             f.write(crop.tobytes())
                 else:

@@ -53,12 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=number_in(int, 1), default=32, help="faces per batch (default: 32)")
     p.add_argument("--workers", type=number_in(int, 0, WORKERS_MAX), default=2,
                    help="data-loading processes (default: 2)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
-    p.add_argument("--eager", action="store_true",
-                   help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
-    p.add_argument("--no-int8", action="store_true",
-                   help="run the network in bf16/fp32 even where it would run in int8 (weights with calibration "
-                        "crops, a CPU with VNNI; docs/scripts.md)")
+    LandmarkerOptions.add_network_flags(p)
     p.add_argument("--out-dir", type=out_folder, default="eval",
                    help="folder for the CED plot and per-face CSVs (default: eval)")
     p.add_argument("--json", metavar="FILE", type=out_file, help="also write the table as JSON")

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+import tracking
 import video
-from checkpoints import RELEASED_WEIGHTS, load_for_inference
+from checkpoints import PRECISIONS, RELEASED_WEIGHTS, load_for_inference
 from detectors import DETECTORS, HOG_UPSAMPLE, YUNET_SIZE, Detection, any_roll_problem, make_detector
 from errors import DataError, UsageError
 from images import array_picture, open_photo, readable_mode, to_gray
@@ -42,7 +43,8 @@ class LandmarkerOptions:
     max_faces: int | None = None        # keep the surest this many faces of each picture
     min_score: float | None = None      # the detector's score a face needs; None: the detector's own default
     eager: bool = False                 # run the network as loaded, not made fast for the CPU
-    int8: bool = True                   # int8 where the weights and the CPU allow it (docs/scripts.md)
+    int8: bool = True                   # int8 among the CPU's candidates where the weights and the CPU allow it
+    precision: str = "auto"             # the CPU path: the fastest on this CPU (auto), or int8, bf16, fp32
     dtype: str = "auto"                 # on CUDA: fp32, bf16 or fp16 autocast; auto: bf16 where the GPU has it
 
     def __post_init__(self):
@@ -59,10 +61,24 @@ class LandmarkerOptions:
              "expected a score in [0, 1] from YuNet or your own detector (dlib's HOG gives none), or None"),
             ("upsample", isinstance(self.upsample, int) and 0 <= self.upsample <= 4, "expected 0 to 4"),
             ("dtype", self.dtype in DTYPES, f"expected one of {', '.join(DTYPES)}"),
+            ("precision", self.precision in PRECISIONS, f"expected one of {', '.join(PRECISIONS)}"),
         ]
         for name, fine, expected in problems:
             if not fine:
                 raise UsageError(f"{name}={getattr(self, name)!r}: {expected}", name)
+
+    @staticmethod
+    def add_network_flags(parser) -> None:
+        """The flags of the network's own settings, as predict.py, evaluate.py and video_bench.py all take them."""
+        parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: auto)")
+        parser.add_argument("--eager", action="store_true",
+                            help="run the network as loaded, not made fast for the CPU (same points, slower)")
+        parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                            help="the CPU path: auto, the fastest of int8, bf16 and fp32 on this CPU (timed on the "
+                                 "first start with these weights, and kept); or the one named (docs/scripts.md)")
+        parser.add_argument("--no-int8", action="store_true",
+                            help="leave int8 out of the CPU paths auto chooses from (weights with calibration "
+                                 "crops, a CPU with VNNI)")
 
     @classmethod
     def from_flags(cls, args, **overrides) -> "LandmarkerOptions":
@@ -147,7 +163,8 @@ class Landmarker:
             raise UsageError(f"dtype={options.dtype!r}: sets the precision on CUDA; on the CPU int8= and the fast "
                              f"network set it", "dtype")
         self.weights = weights
-        self.model, self.config = load_for_inference(weights, self.device, options.eager, options.int8)
+        self.model, self.config = load_for_inference(weights, self.device, options.eager, options.int8,
+                                                     options.precision)
         self.markup = self.config.markup
         if options.flip and self.markup.flip is None:
             raise UsageError(f"flip=True: {weights} puts {self.markup.num_points} points with no mirror pairs, so "
@@ -162,7 +179,7 @@ class Landmarker:
         """This Landmarker under other detector or look settings, sharing its network (evaluate.py scores one
         weights file several ways without building it again). The network's own settings stay."""
         options = replace(self.options, **changes)
-        fixed = [k for k in ("weights", "device", "eager", "int8", "dtype", "flip")
+        fixed = [k for k in ("weights", "device", "eager", "int8", "precision", "dtype", "flip")
                  if getattr(options, k) != getattr(self.options, k)]
         if fixed:
             raise UsageError(f"{fixed[0]}={getattr(options, fixed[0])!r}: set when the network is built; make "
@@ -197,13 +214,13 @@ class Landmarker:
                 raise DataError(f"picture {i}: {e}" if len(pictures) > 1 else str(e), e.reason) from None
         return [faces for faces, _ in self.in_photos(decoded, boxes)]
 
-    def tracker(self, detect_every: int = video.DETECT_EVERY, smoothing: dict | None = video.SMOOTHING,
-                lost_by: str = video.LOST_BY) -> video.FaceTracker:
+    def tracker(self, detect_every: int = tracking.DETECT_EVERY, smoothing: dict | None = tracking.SMOOTHING,
+                lost_by: str = tracking.LOST_BY) -> tracking.FaceTracker:
         """video.py's tracker on this Landmarker's network and detector (predict.py --video runs it)."""
-        return video.video_tracker(self.looker, self.config, self.detect, detect_every, smoothing, lost_by)
+        return tracking.video_tracker(self.looker, self.config, self.detect, detect_every, smoothing, lost_by)
 
-    def video(self, source: str | int, detect_every: int = video.DETECT_EVERY, smoothing: dict | None = video.SMOOTHING,
-              lost_by: str = video.LOST_BY) -> Iterator[video.VideoFrame]:
+    def video(self, source: str | int, detect_every: int = tracking.DETECT_EVERY, smoothing: dict | None = tracking.SMOOTHING,
+              lost_by: str = tracking.LOST_BY) -> Iterator[video.VideoFrame]:
         """One result per frame of a video file or camera N (an int, or its number as text): .index, .time
         (seconds), .faces (each with a stable .id, tracked and smoothed as predict.py --video does: `smoothing`
         holds the One Euro filter's settings, None for raw points) and .frame, the BGR picture as OpenCV

@@ -2,6 +2,8 @@
 import argparse
 import json
 import math
+import multiprocessing
+import multiprocessing.pool
 import os
 import signal
 import sys
@@ -173,6 +175,19 @@ def one_line_errors(quiet: bool = False, flags: dict[str, str] | None = None) ->
         if not quiet:
             print("\ninterrupted", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def worker_pool(workers: int, initializer: Callable, initargs: tuple = ()) -> multiprocessing.pool.Pool:
+    """A pool of processes that start clean, forked from a server process that has imported only the
+    initializer's module (spawned where the system has no fork server). A worker forked from the caller
+    itself inherits its threads' locks half-held: one whose garbage collector freed an onnxruntime session
+    inherited from a Landmarker of the caller waited for that session's threads for ever."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([initializer.__module__])  # a no-op once the server runs
+    else:
+        context = multiprocessing.get_context("spawn")
+    return context.Pool(workers, initializer, initargs)
 
 
 def ignore_ctrl_c() -> None:

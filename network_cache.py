@@ -1,6 +1,8 @@
 """The fast CPU network of a weights file, kept on disk between runs: a later start loads it in a tenth of a second instead of building it again (tracing and freezing, or quantizing to int8), and never imports torchvision."""
 import hashlib
+import json
 import os
+import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +20,8 @@ KEEP = 8
 # Only files of these endings are entries: a folder named by $FACE_LANDMARKS_CACHE may hold the user's own .pt
 # or .onnx files, and those are never dropped. The frozen TorchScript network (bf16 or fp32), and the int8 ONNX one.
 SUFFIXES = {"bf16": ".frozen.pt", "fp32": ".frozen.pt", "int8": ".int8.onnx"}
+# Which of them ran fastest on this CPU, and in how many milliseconds each (checkpoints.fastest_network).
+CHOICE_SUFFIX = ".choice.json"
 
 
 def cache_dir() -> Path | None:
@@ -26,6 +30,39 @@ def cache_dir() -> Path | None:
     if chosen is not None:
         return Path(chosen).expanduser() if chosen else None
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "face-landmarks"
+
+
+def cpu_name() -> str:
+    """This CPU's model, as /proc/cpuinfo names it (Linux), else as the platform does: the fastest path is
+    chosen per CPU, and a cache folder shared between machines keeps each one's choice."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def choice_path(weights: Path, img_size: int) -> Path | None:
+    """Where the choice of the fastest path for these weights on this CPU is kept; None with no cache."""
+    entry = cache_path(weights, img_size, f"choice on {cpu_name()}")
+    return None if entry is None else entry.with_suffix(CHOICE_SUFFIX)
+
+
+def read_choice(path: Path | None) -> dict | None:
+    """The kept choice ({"precision": ..., "ms": {...}, "cpu": ...}), or None where there is none or it is garbled."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        choice = json.loads(path.read_text())
+        return choice if isinstance(choice, dict) and isinstance(choice.get("precision"), str) else None
+    except (OSError, ValueError):
+        return None
+
+
+def write_choice(path: Path | None, choice: dict) -> None:
+    keep(path, lambda tmp: tmp.write_text(json.dumps(choice)))
 
 
 def cache_path(weights: Path, img_size: int, precision: str) -> Path | None:
@@ -39,7 +76,7 @@ def cache_path(weights: Path, img_size: int, precision: str) -> Path | None:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     digest.update(f"|{img_size}|{precision}|torch {torch.__version__}".encode())
-    return folder / f"{digest.hexdigest()[:40]}{SUFFIXES[precision]}"
+    return folder / f"{digest.hexdigest()[:40]}{SUFFIXES.get(precision, CHOICE_SUFFIX)}"
 
 
 def read_frozen(path: Path | None) -> torch.jit.ScriptModule | None:

@@ -4,7 +4,6 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from multiprocessing import Pool
 from pathlib import Path
 from time import perf_counter
 from typing import NamedTuple
@@ -17,7 +16,7 @@ from errors import DataError, Error, OutputError, UsageError
 from faces import Landmarker, LandmarkerOptions
 from looks import FaceLandmarks
 from files import read_json_lines, save_with
-from flags import ignore_ctrl_c
+from flags import ignore_ctrl_c, worker_pool
 from landmarks import Box
 
 # The JSON Lines file a run writes in --out-dir: one object per photo, then one {"summary": ...} line.
@@ -222,7 +221,7 @@ def landmark_photos(files: list[Path], names: dict[Path, str], settings: PhotoSe
         for batch in map(do_photos, jobs):
             yield from batch
         return
-    with Pool(workers, start_pool_worker, (settings,)) as pool:
+    with worker_pool(workers, start_pool_worker, (settings,)) as pool:
         for batch in pool.imap(do_photos, jobs, chunksize=1):
             yield from batch
 
@@ -273,6 +272,97 @@ def append_line(path: Path, record: dict) -> None:
         os.close(fd)
         if not existed and size == 0 and path.stat().st_size == 0:
             path.unlink()
+
+
+class JsonRecords:
+    """Where a run's records go by default: predictions.jsonl, one line per photo appended as it is done
+    (append_line), then a summary line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def done(self) -> set[str]:
+        return done_images(self.path)
+
+    def add(self, record: dict) -> None:
+        append_line(self.path, record)
+
+    def close(self, summary: dict) -> None:
+        append_line(self.path, {"summary": summary})
+
+
+# --format parquet: photos per file. Each file is written whole (a Parquet file is readable only once closed),
+# so a crash loses at most this many photos' rows, which --resume does again.
+PARQUET_PHOTOS = 500
+
+
+def parquet_schema():
+    """One row per face: the photo's path and size, the face's number in it (-1: a photo without a face, or
+    one that could not be read, whose `error` says why), and the face as the JSON record holds it."""
+    import pyarrow as pa
+    floats = pa.list_(pa.float32())
+    return pa.schema([("image", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("face", pa.int32()),
+                      ("box", floats), ("points", pa.list_(floats)), ("scores", floats), ("pose", floats),
+                      ("roll", pa.float32()), ("detector_score", pa.float32()), ("annotated", pa.string()),
+                      ("error", pa.string())])
+
+
+def face_rows(record: dict) -> list[dict]:
+    """A photo's JSON record as Parquet rows: one per face, or one with face -1 where it has none."""
+    common = {k: record.get(k) for k in ("image", "width", "height", "annotated", "error")}
+    if not record["faces"]:
+        return [common | {"face": -1}]
+    return [common | {"face": i} | {k: face.get(k) for k in ("box", "points", "scores", "pose", "roll",
+                                                               "detector_score")}
+            for i, face in enumerate(record["faces"])]
+
+
+class ParquetRecords:
+    """--format parquet: the records as Parquet files in the out folder, <stem>-00000.parquet and on, one row per
+    face (face_rows), each file written whole every PARQUET_PHOTOS photos and at the end. The files of a folder
+    read as one table: pandas.read_parquet(folder), DuckDB's read_parquet('folder/*.parquet'), Spark. No
+    summary is kept; the run prints it."""
+
+    def __init__(self, folder: Path, stem: str):
+        self.folder, self.stem, self.rows, self.photos = folder, stem, [], 0
+
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob(f"{self.stem}-*.parquet"))
+
+    def exists(self) -> bool:
+        return bool(self.files())
+
+    def done(self) -> set[str]:
+        import pyarrow.parquet as pq
+        return {image for file in self.files() for image in pq.read_table(file, columns=["image"])["image"].to_pylist()}
+
+    def add(self, record: dict) -> None:
+        self.rows += face_rows(record)
+        self.photos += 1
+        if self.photos >= PARQUET_PHOTOS:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        if not self.rows:
+            return
+        files = self.files()
+        number = int(files[-1].stem.rsplit("-", 1)[1]) + 1 if files else 0
+        path = self.folder / f"{self.stem}-{number:05d}.parquet"
+        table = pa.Table.from_pylist(self.rows, schema=parquet_schema())
+        try:
+            save_with(path, lambda tmp: pq.write_table(table, tmp))
+        except OSError as e:
+            raise OutputError(f"{self.folder}: cannot write {path.name} ({e.strerror or e}); the photos done so far "
+                              f"are kept: make room, then finish them with the same command and --resume") from None
+        self.rows, self.photos = [], 0
+
+    def close(self, summary: dict) -> None:
+        self.flush()
 
 
 def read_results(path: Path) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import tracking
 import video
 from checkpoints import RELEASED_WEIGHTS, NetworkConfig, load_for_inference
 from dataset import FaceLandmarksDataset, trained_split
@@ -17,13 +18,15 @@ from faces import Landmarker, LandmarkerOptions
 from files import save_figure
 from flags import WORKERS_MAX, box_arg, figure_file, number_in, one_line_errors, out_folder
 from labels import load_faces
-from photos import (RESULTS, PhotoSettings, Tally, append_line, done_images, drawn_names,
+from archive import RayEngine
+from photos import (PARQUET_PHOTOS, RESULTS, JsonRecords, ParquetRecords, PhotoSettings, Tally, drawn_names,
                     landmark_photos, parse_shard, photo_files, plural, results_path, shard)
 from runtime import Network, pick_device
 from transforms import Transforms
 
 MAX_UPSAMPLE = 4
 DEFAULT_OUT = "predictions"
+DEFAULT_WORKERS = min(os.cpu_count() or 1, WORKERS_MAX)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,12 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", help=f"weights from train.py (default: with --image, the project's released "
                                            f"{RELEASED_WEIGHTS.relative_to(RELEASED_WEIGHTS.parent.parent)}; "
                                            f"for the validation grid, runs/best.pt)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: auto)")
-    parser.add_argument("--eager", action="store_true",
-                        help="run the network as loaded, not traced and fused for the CPU (same points, slower)")
-    parser.add_argument("--no-int8", action="store_true",
-                        help="run the network in bf16/fp32 even where it would run in int8 (weights with "
-                             "calibration crops, a CPU with VNNI; docs/scripts.md)")
+    LandmarkerOptions.add_network_flags(parser)
     grid = parser.add_argument_group("validation grid (without --image)")
     grid.add_argument("--n", type=number_in(int, 1), default=8, help="validation faces to show (default: 8)")
     grid.add_argument("--data-dir", help="dataset folder (default: the one the weights were trained on)")
@@ -54,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parse_shard(args.shard)
         except UsageError as e:
             parser.error(str(e))
+    if args.ray_address is not None and args.engine != "ray":
+        parser.error("--ray-address goes with --engine ray")
+    if args.video is not None and (args.engine != "local" or args.format != "jsonl"):
+        parser.error("--video writes JSON lines on this machine: --engine and --format are for --image")
     return args
 
 
@@ -85,37 +87,45 @@ def add_photo_flags(photos) -> None:
                              "(default: 1)")
     photos.add_argument("--no-draw", action="store_true",
                         help="write only the JSON lines: no annotated pictures, and for --video no MP4")
-    cores = min(os.cpu_count() or 1, WORKERS_MAX)
-    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=cores,
-                        help=f"processes that share the photos, one thread each (default: all {cores} cores, at "
-                             f"most {WORKERS_MAX})")
+    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=DEFAULT_WORKERS,
+                        help=f"processes that share the photos, one thread each (default: all {DEFAULT_WORKERS} "
+                             f"cores, at most {WORKERS_MAX}; with --engine ray: all the cluster's)")
     photos.add_argument("--recursive", action="store_true", help="also take the photos in folders below")
     photos.add_argument("--shard", metavar="K/N",
                         help="take every N-th photo from the K-th (0-based, as a cluster's array index), into "
                              "predictions.shard-K-of-N.jsonl; the shards' files join by concatenation")
     photos.add_argument("--resume", action="store_true",
-                        help="continue a cut-short run in --out-dir, skipping the photos its JSON lines hold")
+                        help="continue a cut-short run in --out-dir, skipping the photos its results hold")
+    photos.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl",
+                        help=f"jsonl: {RESULTS}, a line per photo (default); parquet: predictions-00000.parquet "
+                             f"and on, a row per face, every {PARQUET_PHOTOS} photos (pyarrow; for large archives)")
+    photos.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: --workers processes on this machine (default); ray: an actor pool on Ray, on "
+                             "this machine or a cluster (docs/scale.md)")
+    photos.add_argument("--ray-address", metavar="ADDRESS",
+                        help="with --engine ray: the cluster to join (default: the one running on this machine, "
+                             "else a local Ray started for the run)")
 
 
 def add_video_flags(clips) -> None:
     clips.add_argument("--video", metavar="PATH|N",
                        help="a video file, or camera number N; faces are tracked and their points smoothed")
-    clips.add_argument("--detect-every", type=number_in(int, 1), default=video.DETECT_EVERY, metavar="K",
+    clips.add_argument("--detect-every", type=number_in(int, 1), default=tracking.DETECT_EVERY, metavar="K",
                        help="run the detector every K frames; between, each face's box follows its points, and "
-                            f"a lost face is looked for at once (default: {video.DETECT_EVERY})")
-    clips.add_argument("--lost-by", choices=video.LOST_CHECKS, default=video.LOST_BY,
+                            f"a lost face is looked for at once (default: {tracking.DETECT_EVERY})")
+    clips.add_argument("--lost-by", choices=tracking.LOST_CHECKS, default=tracking.LOST_BY,
                        help="how a face that went is noticed: score, one crop per face, lost when its point scores "
                             "fall; drift, two crops per face, lost when its points follow the crop (a regression "
-                            f"head, which has no scores, always uses drift) (default: {video.LOST_BY})")
+                            f"head, which has no scores, always uses drift) (default: {tracking.LOST_BY})")
     clips.add_argument("--no-smooth", action="store_true", help="raw points: no One Euro filter")
-    clips.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF,
+    clips.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=tracking.MIN_CUTOFF,
                        metavar="HZ", help=f"One Euro cutoff of a still face; lower is steadier "
-                                          f"(default: {video.MIN_CUTOFF:g})")
-    clips.add_argument("--smooth-beta", type=number_in(float, 0), default=video.BETA,
+                                          f"(default: {tracking.MIN_CUTOFF:g})")
+    clips.add_argument("--smooth-beta", type=number_in(float, 0), default=tracking.BETA,
                        help="how fast the cutoff rises with the speed, in face box sides per second; higher lags "
-                            f"less (default: {video.BETA:g})")
-    clips.add_argument("--smooth-d-cutoff", type=number_in(float, 0, low_open=True), default=video.D_CUTOFF,
-                       metavar="HZ", help=f"cutoff of the speed estimate (default: {video.D_CUTOFF:g})")
+                            f"less (default: {tracking.BETA:g})")
+    clips.add_argument("--smooth-d-cutoff", type=number_in(float, 0, low_open=True), default=tracking.D_CUTOFF,
+                       metavar="HZ", help=f"cutoff of the speed estimate (default: {tracking.D_CUTOFF:g})")
 
 
 def has_display() -> bool:
@@ -186,23 +196,38 @@ def predict_photos(args: argparse.Namespace) -> dict:
     out_dir = photo_folder(args)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = results_path(out_dir, args.shard)
-    done = continue_or_refuse(results, args.resume)
+    records = ParquetRecords(out_dir, results.stem) if args.format == "parquet" else JsonRecords(results)
+    done = continue_or_refuse(records, args.resume)
     todo = [f for f in files if str(f) not in done]
     settings = PhotoSettings(LandmarkerOptions.from_flags(args), args.box, not args.no_draw, str(out_dir))
-    tally, started = Tally(), time.perf_counter()
-    workers = worker_count(args.workers, len(todo))
+    tally, started, engine = Tally(), time.perf_counter(), None
+    if args.engine == "ray":
+        engine = RayEngine(settings, args.ray_address, args.workers if args.workers != DEFAULT_WORKERS else None)
+        workers, found = engine.workers, engine.photos(todo, names)
+    else:
+        workers = worker_count(args.workers, len(todo))
+        found = landmark_photos(todo, names, settings, workers)
     try:
-        for record, seconds in landmark_photos(todo, names, settings, workers):
-            append_line(results, record)  # line by line: a crash or Ctrl-C keeps every photo done so far
+        for record, seconds in found:
+            if record["image"] in done:  # a batch Ray ran again after its worker died: written once
+                continue
+            done.add(record["image"])
+            records.add(record)  # photo by photo: a crash or Ctrl-C keeps every photo done so far
             tally.add(record, seconds)
             report_photo(record, args)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {results} holds the {len(done) + tally.images} photos done; finish them with "
-              f"the same command and --resume", file=sys.stderr)
+        if isinstance(records, ParquetRecords):
+            records.flush()
+        print(f"\ninterrupted: {where(records)} holds the {len(done)} photos done; finish them with the same "
+              f"command and --resume", file=sys.stderr)
         raise SystemExit(130) from None
-    total = tally.summary(time.perf_counter() - started) | {"weights": str(args.weights), "workers": workers}
-    append_line(results, {"summary": total})
-    print_summary(results, total, len(done))
+    finally:
+        if engine is not None:
+            engine.close()
+    total = tally.summary(time.perf_counter() - started) | {"weights": str(args.weights), "engine": args.engine,
+                                                            "workers": workers}
+    records.close(total)
+    print_summary(where(records), total, len(files) - len(todo))
     if total["unreadable"]:
         raise SystemExit(1)  # each file was already named on its own line
     return total
@@ -213,7 +238,7 @@ def photo_folder(args: argparse.Namespace) -> Path:
     another run (with --resume: the last that holds some, the run to go on with), said when not the first."""
     if args.out_dir is not None:
         return Path(args.out_dir)
-    holds_run = lambda folder: any(folder.glob("predictions*.jsonl"))  # noqa: E731
+    holds_run = lambda folder: any(folder.glob("predictions*.jsonl")) or any(folder.glob("predictions*.parquet"))  # noqa: E731
     names = [Path(DEFAULT_OUT)] + [Path(f"{DEFAULT_OUT}-{k}") for k in range(2, 10000)]
     if args.resume:
         taken = [folder for folder in names[:next((i for i, f in enumerate(names) if not f.exists()), len(names))]
@@ -237,14 +262,19 @@ def worker_count(asked: int, photos: int) -> int:
     return max(1, min(asked, cores, photos))
 
 
-def continue_or_refuse(results: Path, resume: bool) -> set[str]:
+def where(records: JsonRecords | ParquetRecords) -> Path:
+    """What the results are: the JSON Lines file, or the Parquet files' pattern."""
+    return records.path if isinstance(records, JsonRecords) else records.folder / f"{records.stem}-*.parquet"
+
+
+def continue_or_refuse(records: JsonRecords | ParquetRecords, resume: bool) -> set[str]:
     """The photos already done by the run --resume continues; another run's results are never overwritten."""
-    if not results.exists():
+    if not records.exists():
         return set()
     if not resume:
-        raise UsageError(f"{results}: another run's results are there; pass --resume to continue that run, "
+        raise UsageError(f"{where(records)}: another run's results are there; pass --resume to continue that run, "
                          f"or another --out-dir")
-    return done_images(results)
+    return records.done()
 
 
 def report_photo(record: dict, args: argparse.Namespace) -> None:

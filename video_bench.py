@@ -13,18 +13,17 @@ import cv2
 import numpy as np
 from PIL import Image
 
+import tracking
 import video
-from checkpoints import load_for_inference
 from dataset import trained_split
-from detectors import DETECTORS, Detection, make_detector
+from detectors import DETECTORS, Detection
+from faces import Landmarker, LandmarkerOptions
 from errors import UsageError
 from files import write_atomic
 from flags import number_in, one_line_errors, out_file, out_folder
 from labels import TRAIN_XML, load_faces, parse_box, read_xml
 from landmarks import (DLIB_RELATION, LEFT_EYE_OUTER, RIGHT_EYE_OUTER, BoxRelation, Face, box_from_points,
                        box_iou, fit_box_relation, nme)
-from runtime import pick_device
-from transforms import Transforms
 
 FRAME = (640, 480)   # width, height: the webcam size the frames/s target is set for
 FACE_SIDE = 160      # dlib box side of the face in the clips, in pixels: a person about a metre from a webcam
@@ -46,23 +45,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="length of each moving clip, 0.5 to 600 (default: 3)")
     p.add_argument("--out-dir", default="clips",
                    help="folder for the clips and predict.py's output (default: clips)")
-    p.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=video.MIN_CUTOFF,
-                   metavar="HZ", help=f"One Euro filter, as predict.py's (default: {video.MIN_CUTOFF:g})")
-    p.add_argument("--smooth-beta", type=number_in(float, 0), default=video.BETA,
-                   help=f"as predict.py's (default: {video.BETA:g})")
-    p.add_argument("--smooth-d-cutoff", type=number_in(float, 0, low_open=True), default=video.D_CUTOFF,
-                   metavar="HZ", help=f"as predict.py's (default: {video.D_CUTOFF:g})")
+    p.add_argument("--smooth-min-cutoff", type=number_in(float, 0, low_open=True), default=tracking.MIN_CUTOFF,
+                   metavar="HZ", help=f"One Euro filter, as predict.py's (default: {tracking.MIN_CUTOFF:g})")
+    p.add_argument("--smooth-beta", type=number_in(float, 0), default=tracking.BETA,
+                   help=f"as predict.py's (default: {tracking.BETA:g})")
+    p.add_argument("--smooth-d-cutoff", type=number_in(float, 0, low_open=True), default=tracking.D_CUTOFF,
+                   metavar="HZ", help=f"as predict.py's (default: {tracking.D_CUTOFF:g})")
     p.add_argument("--detector", choices=DETECTORS, default="yunet", help="as predict.py's (default: yunet)")
-    p.add_argument("--lost-by", choices=video.LOST_CHECKS, default=video.LOST_BY,
-                   help=f"as predict.py's (default: {video.LOST_BY})")
+    p.add_argument("--lost-by", choices=tracking.LOST_CHECKS, default=tracking.LOST_BY,
+                   help=f"as predict.py's (default: {tracking.LOST_BY})")
     p.add_argument("--command-seconds", type=number_in(float, 0), default=20.0,
                    help="length of the two-face clip that `python predict.py --video` is timed on as a whole "
                         "command, start-up included; 0: skip (default: 20)")
     p.add_argument("--memory-minutes", type=number_in(float, 0), default=0.0,
                    help="instead of the rest: run a clip this long of one moving face and report the resident "
                         "memory after each minute (default: 0, skip)")
-    p.add_argument("--eager", action="store_true", help="as predict.py's --eager: the network as loaded (slower)")
-    p.add_argument("--no-int8", action="store_true", help="as predict.py's --no-int8: no int8 network")
+    LandmarkerOptions.add_network_flags(p)
     p.add_argument("--json", metavar="FILE", type=out_file, help="also write the figures to FILE as JSON")
     p.add_argument("--rescore", action="store_true",
                    help="score the clips and predict.py's raw JSON already in --out-dir again, without the network "
@@ -156,8 +154,7 @@ def cover(frame: np.ndarray, box, share: float) -> np.ndarray:
 def run_predict(args: argparse.Namespace, clip: Path, smooth: bool) -> video.VideoRun:
     """What predict.py --video does on a clip with its default detector settings, with or without smoothing."""
     out_dir = clip.parent / ("smooth" if smooth else "raw")
-    tracker = video.video_tracker(args.model, args.config, args.device, args.find_faces, video.DETECT_EVERY,
-                                  smoothing_of(args) if smooth else None, args.lost_by)
+    tracker = args.landmarker.tracker(tracking.DETECT_EVERY, smoothing_of(args) if smooth else None, args.lost_by)
     return video.run_video(str(clip), tracker, out_dir, args.weights)
 
 
@@ -176,7 +173,7 @@ def face_points(record: dict, smoothing: dict | None = None, relation: BoxRelati
         for face in frame["faces"]:
             p = np.array(face["points"])
             if smoothing is not None:
-                smoother = filters.setdefault(face["id"], video.OneEuroFilter(**smoothing))
+                smoother = filters.setdefault(face["id"], tracking.OneEuroFilter(**smoothing))
                 p = smoother.update(p, frame["time"], scale=box_from_points(p, relation).side)
             # One face in these clips; should the detector find a second, the biggest is the face.
             if face is max(frame["faces"], key=lambda f: f["box"][2]):
@@ -211,8 +208,7 @@ def lag_frames(points: np.ndarray, truth: np.ndarray) -> float:
 def checks_on(args: argparse.Namespace, clip: Path, boxes: list) -> tuple[np.ndarray, np.ndarray]:
     """What each lost check reads on each frame of the clip, the network cropping the given upright box:
     the drift of two crops, and the mean point score of one (NaN for a network without scores)."""
-    transform = Transforms(args.config.img_size, train=False)
-    by_drift, by_score = (video.network_locator(args.model, transform, args.device, lost_by)
+    by_drift, by_score = (tracking.network_locator(args.landmarker.looker, lost_by)
                           for lost_by in ("drift", "score"))
     capture, drifts, scores = cv2.VideoCapture(str(clip)), [], []
     for box in boxes:
@@ -303,7 +299,8 @@ def time_command(args: argparse.Namespace, clip: Path) -> dict:
     """`python predict.py --video clip` as a user runs it, start-up included."""
     command = [sys.executable, "predict.py", "--weights", args.weights, "--video", str(clip), "--out-dir",
                str(clip.parent / "command"), "--detector", args.detector, "--lost-by", args.lost_by]
-    command += ["--eager"] * args.eager + ["--no-int8"] * args.no_int8
+    command += ["--eager"] * args.eager + ["--no-int8"] * args.no_int8 + ["--precision", args.precision, "--device",
+                                                                            args.device]
     start = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, cwd=Path(__file__).resolve().parent)
     seconds = time.perf_counter() - start
@@ -331,7 +328,7 @@ def score_face(folder: Path, smoothing: dict, relation: BoxRelation = DLIB_RELAT
         row[f"found_{name}"] = float(found.mean())
         row[f"nme_{name}"] = float(nme(points[found], truth[found]).mean())
     covered, walk = face_points(raw("covered")), np.load(folder / "leaving.npy")
-    gone = next(i for i, p in enumerate(walk) if video.visible_share(box_from_points(p), *FRAME) < video.MIN_VISIBLE)
+    gone = next(i for i, p in enumerate(walk) if tracking.visible_share(box_from_points(p), *FRAME) < tracking.MIN_VISIBLE)
     row["frames_shown_after_covered"] = int((~np.isnan(covered[len(covered) // 3 + 5:, 0, 0])).sum())
     row["frames_shown_after_leaving"] = int((~np.isnan(face_points(raw("leaving"))[gone:, 0, 0])).sum())
     return row
@@ -401,9 +398,8 @@ def bench(args: argparse.Namespace) -> dict:
         runs = json.loads((out / "runs.json").read_text())
         pair = json.loads((out / "pair.json").read_text())
     else:
-        args.device = pick_device("auto")
-        args.model, args.config = load_for_inference(args.weights, args.device, args.eager, not args.no_int8)
-        args.find_faces = make_detector(args.detector)
+        args.landmarker = Landmarker(LandmarkerOptions.from_flags(args))
+        args.config = args.landmarker.config
         rng = np.random.default_rng(0)
         faces = pick_faces(args, max(args.faces, 2))
         if args.memory_minutes:
@@ -433,7 +429,8 @@ def run_pair(args: argparse.Namespace, faces: list[Face], folder: Path, rng: np.
     folder.mkdir(parents=True, exist_ok=True)
     write_pair_clip(folder / "two.mp4", faces, args.seconds, rng)
     timed = run_predict(args, folder / "two.mp4", smooth=True)
-    pair = {"fps_two": timed.frames / timed.seconds}
+    pair = {"fps_two": timed.frames / timed.seconds,
+            "ms_per_frame_by_step": {k: round(1000 * v / timed.frames, 2) for k, v in timed.spent.items()}}
     if args.command_seconds:
         write_pair_clip(folder / "command.mp4", faces, args.command_seconds, rng)
         pair["command"] = time_command(args, folder / "command.mp4")
@@ -456,8 +453,7 @@ def memory_run(args: argparse.Namespace, face: Face, out: Path, rng: np.random.G
     out.mkdir(parents=True, exist_ok=True)
     clip = out / "long.mp4"
     make_long_clip(clip, face, args.memory_minutes, rng)
-    tracker = video.video_tracker(args.model, args.config, args.device, args.find_faces, video.DETECT_EVERY,
-                                  smoothing_of(args), args.lost_by)
+    tracker = args.landmarker.tracker(tracking.DETECT_EVERY, smoothing_of(args), args.lost_by)
     update, per_minute = tracker.update, []
 
     def sampled(gray, t, picture=None):
@@ -494,6 +490,11 @@ def report(args: argparse.Namespace, summary: dict, faces: int, seconds: float) 
     print(f"frames/s as the run reports it (read, track, landmarks, smooth, draw, write): one face "
           f"{summary['fps']:.1f} (moving clips), two faces {summary['fps_two']:.1f}; detector on "
           f"{summary['detector_runs']:.1f} of {summary['frames']:.0f} frames")
+    if "ms_per_frame_by_step" in summary:
+        print("two faces, ms per frame: " + ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in
+                                                      summary["ms_per_frame_by_step"].items())
+              + " (the main thread decodes and tracks; a thread of its own writes the JSON, draws and encodes, "
+                "at the same time)")
     if "command" in summary:
         command = summary["command"]
         print(f"whole command, start-up included, two faces: {command['frames']} frames in "
@@ -502,11 +503,11 @@ def report(args: argparse.Namespace, summary: dict, faces: int, seconds: float) 
           f"covered, {summary['frames_shown_after_leaving']:.1f} after it left the frame")
     p50, p99, top = summary["drift_face_p50_p99_max"]
     low, mid = summary["drift_covered_min_p50"]
-    print(f"drift (lost when > {video.LOST_DRIFT:g}): on faces median {p50:.2f}, 99th percentile {p99:.2f}, "
+    print(f"drift (lost when > {tracking.LOST_DRIFT:g}): on faces median {p50:.2f}, 99th percentile {p99:.2f}, "
           f"max {top:.2f}; where the face was covered min {low:.2f}, median {mid:.2f}")
     p1, p50, least = summary["score_face_p1_p50_min"]
     most, mid = summary["score_covered_max_p50"]
-    print(f"mean point score (lost when < {video.LOST_SCORE:g}): on faces median {p50:.3f}, 1st percentile "
+    print(f"mean point score (lost when < {tracking.LOST_SCORE:g}): on faces median {p50:.3f}, 1st percentile "
           f"{p1:.3f}, min {least:.3f}; where the face was covered max {most:.3f}, median {mid:.3f}")
 
 
