@@ -277,6 +277,62 @@ def measure(args: argparse.Namespace, img_size: int, device: torch.device) -> di
             **inference_figures(args, img_size, markup.num_points, device), **dlib_figures(args, loader)}
 
 
+# ---------------------------------------------------------------- the released network against the CPU's limits
+
+# The matrix products that give this CPU's rates, measured in the same run as the network (2048 x 2048).
+LIMIT_SIDE = 2048
+
+
+def matrix_rates() -> dict[str, float]:
+    """This CPU's matrix throughput, in G(FL)OP/s, in each precision the network runs in: fp32 and bf16
+    products, and int8 by torch._int_mm (int8 in, int32 out), median of a few products each."""
+    a, b = torch.randn(LIMIT_SIDE, LIMIT_SIDE), torch.randn(LIMIT_SIDE, LIMIT_SIDE)
+    q = torch.randint(-128, 128, (LIMIT_SIDE, LIMIT_SIDE), dtype=torch.int8)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    products = {"fp32": lambda: a @ b, "bf16": lambda: a16 @ b16, "int8": lambda: torch._int_mm(q, q)}
+    rates = {}
+    for name, product in products.items():
+        for _ in range(2):
+            product()
+        t = statistics.median(seconds(torch.device("cpu"), product) for _ in range(7))
+        rates[name] = 2 * LIMIT_SIDE ** 3 / t / 1e9
+    return rates
+
+
+def network_gflop(model: torch.nn.Module, img_size: int) -> float:
+    """The network's multiply-adds at one crop, counted by torch's FLOP counter (2 per multiply-add)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.eval()(torch.zeros(1, 1, img_size, img_size))
+    return counter.get_total_flops() / 1e9
+
+
+def released_figures(args: argparse.Namespace) -> dict:
+    """The released network as predict.py runs it (load_for_inference's network, the pip head's decoding
+    included), one crop a call, in each CPU path it can take here, against this CPU's limit for that
+    precision: the network's operations at the rate of matrix products, measured in the same run."""
+    from checkpoints import cpu_candidates, load_checkpoint, load_for_inference, model_from
+    checkpoint = load_checkpoint(RELEASED_WEIGHTS)
+    gflop = network_gflop(model_from(checkpoint, RELEASED_WEIGHTS), 160)
+    rates = matrix_rates()
+    row = {"gflop": gflop, "rates_gops": rates, "ms": {}, "limit_ms": {}}
+    one = torch.rand(1, 1, 160, 160) * 2 - 1
+    print(f"\nthe released network, {gflop:.2f} GFLOP a face, as predict.py runs it (decoding included), one face "
+          f"a call; this CPU's matrix rates in the same run: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items())
+          + " G(FL)OP/s", flush=True)
+    for precision in cpu_candidates(checkpoint, True):
+        network, _ = load_for_inference(RELEASED_WEIGHTS, precision=precision)
+        ms = latency_ms(network.with_scores, one, args.runs, torch.device("cpu"))
+        limit = gflop / rates[precision.removeprefix("openvino-")] * 1000
+        row["ms"][precision], row["limit_ms"][precision] = ms, limit
+        print(f"  {precision:13s} {ms:7.2f} ms a face; its limit {limit:5.2f} ms ({100 * limit / ms:.0f}% of it)",
+              flush=True)
+    chosen, _ = load_for_inference(RELEASED_WEIGHTS)
+    row["chosen"] = chosen.precision
+    print(f"  what predict.py takes on this CPU: {chosen.precision} (timed on its first start and kept)", flush=True)
+    return row
+
+
 # ---------------------------------------------------------------- main
 
 def describe(device: torch.device) -> str:
@@ -363,7 +419,8 @@ def photo_figures(args: argparse.Namespace) -> dict:
             "ours_faces": faces, "workers": workers}
     print(f"  predict.py --no-draw ({workers} workers): {row['ours_photos_per_s']:.1f} photos/s start-up included, "
           f"{row['ours_steady_photos_per_s']:.1f} from the first photo on, {faces} faces; "
-          f"{row['ours_photos_per_s'] / row['dlib_photos_per_s']:.1f}x dlib's pipeline", flush=True)
+          f"{row['ours_photos_per_s'] / row['dlib_photos_per_s']:.1f}x dlib's pipeline start-up included, "
+          f"{row['ours_steady_photos_per_s'] / row['dlib_photos_per_s']:.1f}x from the first photo on", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         row |= twelve_megapixels(files[0], args.weights, Path(folder))
     print(f"  one photo: {row['small_ms']:.0f} ms; as a 12-megapixel JPEG: {row['12mp_ms']:.0f} ms "
@@ -401,6 +458,9 @@ def bench(args: argparse.Namespace) -> list[dict]:
               f"{r['infer_bs1_ms']:>7.2f} {r.get('infer_bs1_ms_fp32', r['infer_bs1_ms']):>6.2f} {int8:>6} "
               f"{r['infer_bs1_ms_eager']:>6.2f} "
               f"{dlib_ms:>6} {ratio:>6} {r['infer_bs64_img_s']:>11.1f}")
+    if device.type == "cpu" and RELEASED_WEIGHTS.is_file() and (args.head, args.features) == ("pip", "stride16") \
+            and 160 in args.img_sizes:  # the release's own network: it too, as predict.py runs it
+        rows.append({"released": released_figures(args)})
     if args.json:
         write_atomic(Path(args.json), json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")

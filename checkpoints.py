@@ -17,7 +17,7 @@ from landmarks import IBUG, Markup
 from model import PIPHead, build_model
 from network_cache import (cache_path, choice_path, cpu_name, read_choice, read_frozen, read_int8, write_choice,
                            write_frozen, write_int8)
-from quantized import CALIBRATION_KEY, int8_runner, int8_supported, quantize_body
+from quantized import CALIBRATION_KEY, int8_runner, int8_supported, openvino_runner, openvino_supported, quantize_body
 from runtime import Network, fast_network, frozen_body, has_native_bf16, pip_head_of
 
 # The project's trained weights, committed once (docs/training.md, "Trained weights"): the default of predict.py
@@ -175,7 +175,7 @@ def model_from(checkpoint: dict, path: Path) -> nn.Module:
     return model
 
 
-PRECISIONS = ("auto", "int8", "bf16", "fp32")
+PRECISIONS = ("auto", "openvino-int8", "int8", "bf16", "fp32")
 # How long each candidate path is timed, at one crop a call, when the fastest is chosen (a first start only).
 TIMING_SECONDS = 0.4
 
@@ -188,7 +188,8 @@ def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bo
     `precision` "auto" the fastest of them on this CPU, timed on the first start with these weights and the
     choice kept in the cache (network_cache.choice_path), else the one named. Each fast form is kept on disk
     too, so only the first start builds it. The network says which it is (.precision) and what each
-    candidate took (.timed, milliseconds a crop; empty where nothing was timed)."""
+    candidate took (.timed, milliseconds a crop; empty where nothing was timed). With the cache switched off
+    nothing is timed (there is nowhere to keep the choice): the first candidate runs, int8 before bf16."""
     checkpoint = load_checkpoint(path, device)
     config = NetworkConfig.of(checkpoint)
     if eager or torch.device(device).type != "cpu":
@@ -198,27 +199,49 @@ def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bo
         if precision not in candidates:
             raise UsageError(f"precision={precision}: {missing_reason(precision, checkpoint, int8)}", "precision")
         candidates = [precision]
-    kept = read_choice(choice_path(path, config.img_size)) if len(candidates) > 1 else None
+    where = choice_path(path, config.img_size, candidates)
+    kept = read_choice(where) if len(candidates) > 1 else None
     if kept is not None and kept["precision"] in candidates:
         return labelled(build_fast([kept["precision"]], checkpoint, path, config)[0], kept), config
+    if len(candidates) == 1 or where is None:  # nothing to choose, or nowhere to keep the choice: the first
+        return labelled(build_fast(candidates[:1], checkpoint, path, config)[0], {"precision": candidates[0]}), config
     networks = build_fast(candidates, checkpoint, path, config)
-    if len(networks) == 1:
-        return labelled(networks[0], {"precision": candidates[0], "ms": {}}), config
     timed = {p: round(time_network(net, config.img_size), 3) for p, net in zip(candidates, networks)}
-    choice = {"precision": min(timed, key=timed.get), "ms": timed, "cpu": cpu_name()}
-    write_choice(choice_path(path, config.img_size), choice)
+    choice = {"precision": min(timed, key=timed.get), "ms": timed, "cpu": cpu_name(), "threads": torch.get_num_threads()}
+    write_choice(where, choice)
     return labelled(networks[candidates.index(choice["precision"])], choice), config
 
 
+def choose_ahead(path: Path, int8: bool, threads: int) -> None:
+    """The fastest CPU path for these weights timed and kept now, at `threads` threads, unless it is kept
+    already: what photos.py does once before its worker processes start, so that they load the choice rather
+    than each time the paths while the others build theirs."""
+    checkpoint = load_checkpoint(path)
+    candidates = cpu_candidates(checkpoint, int8)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        where = choice_path(path, NetworkConfig.of(checkpoint).img_size, candidates)
+        if len(candidates) > 1 and where is not None and read_choice(where) is None:
+            load_for_inference(path, "cpu", int8=int8)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def cpu_candidates(checkpoint: dict, int8: bool) -> list[str]:
-    """The CPU paths these weights can run on this CPU, the fastest-looking first."""
-    found = ["int8"] if int8 and CALIBRATION_KEY in checkpoint and int8_supported() else []
+    """The CPU paths these weights can run on this CPU, the fastest measured first (docs/scripts.md): int8 by
+    OpenVINO where it is installed, int8 by onnxruntime where the CPU has VNNI (both need calibration crops),
+    the frozen network in bf16 where the CPU does bf16 in hardware, and in fp32."""
+    crops = int8 and CALIBRATION_KEY in checkpoint
+    found = (["openvino-int8"] if crops and openvino_supported() else []) + (["int8"] if crops and int8_supported() else [])
     return found + (["bf16"] if has_native_bf16(torch.device("cpu")) else []) + ["fp32"]
 
 
 def missing_reason(precision: str, checkpoint: dict, int8: bool) -> str:
     if precision == "bf16":
         return "this CPU does not do bf16 in hardware (AVX512-BF16 or AMX); fp32 is the same network"
+    if precision == "openvino-int8" and not openvino_supported():
+        return "OpenVINO is not installed: pip install openvino"
     if not int8:
         return "int8 is switched off (int8=False, --no-int8)"
     if CALIBRATION_KEY not in checkpoint:
@@ -231,8 +254,8 @@ def build_fast(precisions: list[str], checkpoint: dict, path: Path, config: Netw
     and kept."""
     built = []
     for precision in precisions:
-        if precision == "int8":
-            built.append(int8_network(checkpoint, path, config.img_size))
+        if precision in ("int8", "openvino-int8"):
+            built.append(int8_network(checkpoint, path, config.img_size, openvino=precision == "openvino-int8"))
             continue
         entry = cache_path(path, config.img_size, precision)
         frozen = read_frozen(entry)
@@ -262,25 +285,32 @@ def labelled(network: Network, choice: dict) -> Network:
     return network
 
 
-def int8_network(checkpoint: dict, path: Path, img_size: int) -> Network:
-    """The int8 network of a checkpoint with calibration crops, from the cache or quantized now (a few
-    seconds) and kept."""
+def int8_network(checkpoint: dict, path: Path, img_size: int, openvino: bool = False) -> Network:
+    """The int8 network of a checkpoint with calibration crops, for onnxruntime or (`openvino`) OpenVINO, from
+    the cache or quantized now (a few seconds) and kept."""
     crops = checkpoint[CALIBRATION_KEY]
     if not (isinstance(crops, torch.Tensor) and crops.dtype == torch.uint8 and crops.dim() == 4
             and len(crops) > 0 and tuple(crops.shape[1:]) == (1, img_size, img_size)):
         raise WeightsError(f"{path}: its '{CALIBRATION_KEY}' entry is not (N, 1, {img_size}, {img_size}) uint8 "
                            f"crops; write it again with export.py --release, or pass --no-int8")
-    entry = cache_path(path, img_size, "int8")
+    entry = cache_path(path, img_size, "openvino-int8" if openvino else "int8")
+
+    def runner(model_bytes: bytes, head: PIPHead | None) -> Network:
+        if openvino:
+            return openvino_runner(model_bytes, head, img_size, has_native_bf16(torch.device("cpu")),
+                                   None if entry is None else entry.parent / "openvino")
+        return int8_runner(model_bytes, head, img_size)
+
     kept = read_int8(entry)
     if kept is not None:
         try:
-            return int8_runner(kept, pip_head_from(checkpoint), img_size)
-        except Exception:  # onnxruntime's errors derive from Exception alone; a torn entry is built again
+            return runner(kept, pip_head_from(checkpoint))
+        except Exception:  # onnxruntime's and OpenVINO's errors derive from Exception alone: a torn entry is built again
             pass
     model = model_from(checkpoint, path).eval()
-    model_bytes = quantize_body(model, img_size, crops)
+    model_bytes = quantize_body(model, img_size, crops, pairs=openvino)
     write_int8(entry, model_bytes)
-    return int8_runner(model_bytes, pip_head_of(model), img_size)
+    return runner(model_bytes, pip_head_of(model))
 
 
 def pip_head_from(checkpoint: dict) -> PIPHead | None:

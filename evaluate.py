@@ -83,8 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if (args.any_roll or args.turn != [0.0]) and not (args.detector or args.source_errors):
         p.error("--any-roll and --turn go with --detector or --source-errors, which turn the photos")
-    if problem := any_roll_problem(args.detector, args.any_roll):
-        p.error(f"--any-roll goes with --detector yunet: {problem}")
+    if problem := any_roll_problem(args.detector, args.any_roll, flags=True):
+        p.error(problem)
     return args
 
 

@@ -1,4 +1,5 @@
 """Files that survive a crash, Ctrl-C or a full disk: written whole (the old file or none, never half of one), or as JSON lines read back up to a line a crash tore."""
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -47,6 +48,25 @@ def save_figure(figure: "matplotlib.figure.Figure", path: Path, dpi: int = 100) 
     """A matplotlib figure, written whole in the format its name's suffix says (PNG without one): the
     temporary name ends in .tmp<pid>, which matplotlib would not know, so the format is given."""
     return save_with(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format=(Path(path).suffix or ".png")[1:].lower()))
+
+
+def file_sha256(path: Path, extra: str = "") -> "hashlib._Hash":
+    """sha256 of a file's bytes, read a megabyte at a time, then of `extra`: the digest, to update further or
+    read (what keys the network cache and the teacher's records to the weights' bytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(extra.encode())
+    return digest
+
+
+def resume_json_lines(path: Path) -> list[dict]:
+    """The records of a JSON Lines file a cut-short run wrote, the line a crash tore at its end cut off the
+    file itself, so that appending goes on from a whole line."""
+    records, good = read_json_lines(path)
+    os.truncate(path, good)
+    return records
 
 
 def read_json_lines(path: Path) -> tuple[list[dict], int]:

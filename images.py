@@ -22,6 +22,12 @@ def readable_mode(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def rgb_is_faithful(photo: Image.Image) -> bool:
+    """Whether turning the photo into RGB keeps it as it looks: not for 16-bit and float modes, which would
+    clip, nor for transparent ones, which would turn black (those are seen and drawn on their grayscale)."""
+    return photo.mode in ("RGB", "L", "CMYK", "YCbCr", "P") and "transparency" not in photo.info
+
+
 def to_gray(image: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit grayscale; 16-bit and float images are rescaled rather than clipped."""
     image = readable_mode(image)
@@ -130,6 +136,19 @@ def to_uint8(array: np.ndarray, got: str) -> np.ndarray:
             return np.ascontiguousarray(np.round(array * (255.0 / top)), np.uint8)
     raise DataError(f"{got} with values from {array.min()} to {array.max()}: expected {ARRAY_TAKES}",
                     "unreadable image")
+
+
+def read_stored(path: Path) -> Image.Image:
+    """The photo as its pixels are stored, its EXIF orientation not applied: the frame dlib's XML labels are in,
+    and training crops from (open_gray); in a mode PIL turns into gray and RGB. DataError if unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return readable_mode(image)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found", "image not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
 
 
 def read_photo(path: Path) -> Image.Image:

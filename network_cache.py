@@ -1,5 +1,4 @@
 """The fast CPU network of a weights file, kept on disk between runs: a later start loads it in a tenth of a second instead of building it again (tracing and freezing, or quantizing to int8), and never imports torchvision."""
-import hashlib
 import json
 import os
 import platform
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from files import save_with
+from files import file_sha256, save_with
 
 # The folder: $FACE_LANDMARKS_CACHE where it is set (empty: no cache), else $XDG_CACHE_HOME/face-landmarks,
 # else ~/.cache/face-landmarks.
@@ -18,8 +17,9 @@ CACHE_ENV = "FACE_LANDMARKS_CACHE"
 # first.
 KEEP = 8
 # Only files of these endings are entries: a folder named by $FACE_LANDMARKS_CACHE may hold the user's own .pt
-# or .onnx files, and those are never dropped. The frozen TorchScript network (bf16 or fp32), and the int8 ONNX one.
-SUFFIXES = {"bf16": ".frozen.pt", "fp32": ".frozen.pt", "int8": ".int8.onnx"}
+# or .onnx files, and those are never dropped. The frozen TorchScript network (bf16 or fp32), the int8 ONNX one
+# for onnxruntime, and the one of quantize/dequantize pairs for OpenVINO.
+SUFFIXES = {"bf16": ".frozen.pt", "fp32": ".frozen.pt", "int8": ".int8.onnx", "openvino-int8": ".qdq.onnx"}
 # Which of them ran fastest on this CPU, and in how many milliseconds each (checkpoints.fastest_network).
 CHOICE_SUFFIX = ".choice.json"
 
@@ -44,10 +44,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def choice_path(weights: Path, img_size: int) -> Path | None:
-    """Where the choice of the fastest path for these weights on this CPU is kept; None with no cache."""
-    entry = cache_path(weights, img_size, f"choice on {cpu_name()}")
-    return None if entry is None else entry.with_suffix(CHOICE_SUFFIX)
+def choice_path(weights: Path, img_size: int, candidates: list[str]) -> Path | None:
+    """Where the choice of the fastest path for these weights on this CPU is kept, among these candidates and
+    at torch's thread count now (a run with int8 switched off, or a one-thread worker, chooses for itself);
+    None with no cache."""
+    return cache_path(weights, img_size, f"choice of {'+'.join(candidates)} on {cpu_name()}, "
+                                         f"{torch.get_num_threads()} threads")
 
 
 def read_choice(path: Path | None) -> dict | None:
@@ -71,11 +73,7 @@ def cache_path(weights: Path, img_size: int, precision: str) -> Path | None:
     folder = cache_dir()
     if folder is None:
         return None
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"|{img_size}|{precision}|torch {torch.__version__}".encode())
+    digest = file_sha256(weights, f"|{img_size}|{precision}|torch {torch.__version__}")
     return folder / f"{digest.hexdigest()[:40]}{SUFFIXES.get(precision, CHOICE_SUFFIX)}"
 
 

@@ -1,6 +1,8 @@
-"""Landmarks on folders of photos: finding the files, a shard of them, spreading them over the CPU's cores, the annotated PNG of each, and one JSON line per photo written as it comes."""
+"""Landmarks on folders of photos: finding the files, a shard of them, spreading them over the CPU's cores a few at a time, the annotated picture of each, and the results written as they come: one JSON line per photo, or Parquet rows per face."""
+import importlib.util
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -12,15 +14,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from checkpoints import RELEASED_WEIGHTS, choose_ahead
 from errors import DataError, Error, OutputError, UsageError
+from images import rgb_is_faithful
 from faces import Landmarker, LandmarkerOptions
 from looks import FaceLandmarks
-from files import read_json_lines, save_with
+from files import read_json_lines, resume_json_lines, save_with
 from flags import ignore_ctrl_c, worker_pool
 from landmarks import Box
 
-# The JSON Lines file a run writes in --out-dir: one object per photo, then one {"summary": ...} line.
+import cv2  # noqa: E402  (after the project's files: detectors.py sets OpenCV's log levels before it first loads)
+
+# The JSON Lines file a run writes in --out-dir: one object per photo, then one {"summary": ...} line; the folder
+# when none is named (predict.py takes the next free one, default_folder).
 RESULTS = "predictions.jsonl"
+DEFAULT_OUT = "predictions"
 
 
 # Photos a worker takes at a time: their faces' crops share the network's calls (Landmarker.in_photos), and
@@ -38,7 +46,7 @@ class PhotoSettings:
     options: LandmarkerOptions = LandmarkerOptions()
     box: Box | None = None
     draw: bool = True
-    out_dir: str = "predictions"
+    out_dir: str = DEFAULT_OUT
 
 
 class PhotoList(NamedTuple):
@@ -120,9 +128,7 @@ def draw_faces(photo: Image.Image, gray: Image.Image, faces: list[FaceLandmarks]
     """Boxes yellow, points red, on the photo as decoded (1/factor of its size), in colour where RGB
     conversion keeps it faithful; as a JPEG or a PNG by its name's suffix (DRAWN_JPEG_QUALITY, DRAWN_PNG_LEVEL),
     written to a temporary name and renamed, so no picture is ever half there."""
-    # 16-bit and float modes would clip and transparent ones turn black: those are drawn on their grayscale.
-    faithful = photo.mode in ("RGB", "L", "CMYK", "YCbCr", "P") and "transparency" not in photo.info
-    canvas = photo.convert("RGB") if faithful else gray.convert("RGB")
+    canvas = photo.convert("RGB") if rgb_is_faithful(photo) else gray.convert("RGB")
     draw = ImageDraw.Draw(canvas)
     for face in faces:
         box, points = Box(*(v / factor for v in face.box)), (face.points + 0.5) / factor - 0.5
@@ -148,8 +154,10 @@ WORKER: dict = {}
 
 
 def start_worker(settings: PhotoSettings, threads: int) -> None:
-    """Each process its own Landmarker; one thread each when several processes share the cores."""
+    """Each process its own Landmarker; one thread each when several processes share the cores, OpenCV's too
+    (YuNet's threads in each worker otherwise fought the other workers for the cores)."""
     torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
     WORKER.clear()  # this process may have run photos before (in-process runs, from Python or the tests)
     WORKER["settings"] = settings
     try:
@@ -204,8 +212,7 @@ def draw(photo: Image.Image, gray: Image.Image, faces: list[FaceLandmarks], fact
     try:
         draw_faces(photo, gray, faces, factor, out_dir / name)
     except OSError as e:
-        raise OutputError(f"{out_dir}: cannot write {name} ({e.strerror or e}); the photos done so far are kept: "
-                          f"make room, then finish them with the same command and --resume") from None
+        raise cannot_write(out_dir / name, e) from None
     landmarker.timings.draw += perf_counter() - start
     return str(out_dir / name)
 
@@ -221,6 +228,10 @@ def landmark_photos(files: list[Path], names: dict[Path, str], settings: PhotoSe
         for batch in map(do_photos, jobs):
             yield from batch
         return
+    options = settings.options
+    if not options.eager and options.precision == "auto" and options.device in ("auto", "cpu") \
+            and not torch.cuda.is_available():
+        choose_ahead(Path(options.weights) if options.weights else RELEASED_WEIGHTS, options.int8, 1)
     with worker_pool(workers, start_pool_worker, (settings,)) as pool:
         for batch in pool.imap(do_photos, jobs, chunksize=1):
             yield from batch
@@ -228,9 +239,7 @@ def landmark_photos(files: list[Path], names: dict[Path, str], settings: PhotoSe
 
 def done_images(path: Path) -> set[str]:
     """The photos a cut-short run already wrote, its torn last line (a crash mid-write) cut off."""
-    records, good = read_json_lines(path)
-    os.truncate(path, good)
-    return {record["image"] for record in records if "image" in record}
+    return {record["image"] for record in resume_json_lines(path) if "image" in record}
 
 
 class Tally:
@@ -239,17 +248,31 @@ class Tally:
     def __init__(self):
         self.images = self.faces = self.unreadable = 0
         self.spent: dict[str, float] = {}
+        self.first = self.last = 0.0  # when the first and the last record came
 
     def add(self, record: dict, seconds: dict) -> None:
         self.images += 1
         self.faces += len(record["faces"])
         self.unreadable += "error" in record
-        self.spent = {k: self.spent.get(k, 0) + v for k, v in seconds.items()}
+        for step, spent in seconds.items():
+            self.spent[step] = self.spent.get(step, 0.0) + spent
+        self.last = perf_counter()
+        self.first = self.first or self.last
 
     def summary(self, seconds: float) -> dict:
+        """The counts, photos a second over the whole run and once running (from the first record to the last:
+        the start of workers or of a Ray left out), and each step's seconds summed over the processes."""
+        steady = (self.images - 1) / (self.last - self.first) if self.last > self.first else 0.0
         return {"images": self.images, "faces": self.faces, "unreadable": self.unreadable,
                 "seconds": round(seconds, 3), "images_per_s": round(self.images / max(seconds, 1e-9), 2),
+                "steady_images_per_s": round(steady, 2),
                 "seconds_by_step": {k: round(v, 3) for k, v in self.spent.items() if k != "calls"}}
+
+
+def cannot_write(path: Path, error: OSError) -> OutputError:
+    """A run's output that could not be written (a full disk, a folder gone), said naming its folder."""
+    return OutputError(f"{path.parent}: cannot write {path.name} ({error.strerror or error}); the photos done so far "
+                       f"are kept: make room, then finish them with the same command and --resume")
 
 
 def append_line(path: Path, record: dict) -> None:
@@ -266,8 +289,7 @@ def append_line(path: Path, record: dict) -> None:
             written += os.write(fd, line[written:])
     except OSError as e:
         os.ftruncate(fd, size)
-        raise OutputError(f"{path.parent}: cannot write {path.name} ({e.strerror or e}); the photos done so far are "
-                          f"kept: make room, then finish them with the same command and --resume") from None
+        raise cannot_write(path, e) from None
     finally:
         os.close(fd)
         if not existed and size == 0 and path.stat().st_size == 0:
@@ -279,7 +301,7 @@ class JsonRecords:
     (append_line), then a summary line."""
 
     def __init__(self, path: Path):
-        self.path = path
+        self.path = self.where = path
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -289,6 +311,9 @@ class JsonRecords:
 
     def add(self, record: dict) -> None:
         append_line(self.path, record)
+
+    def keep(self) -> None:
+        """Nothing held back: every line is on disk as it comes."""
 
     def close(self, summary: dict) -> None:
         append_line(self.path, {"summary": summary})
@@ -322,12 +347,15 @@ def face_rows(record: dict) -> list[dict]:
 
 class ParquetRecords:
     """--format parquet: the records as Parquet files in the out folder, <stem>-00000.parquet and on, one row per
-    face (face_rows), each file written whole every PARQUET_PHOTOS photos and at the end. The files of a folder
-    read as one table: pandas.read_parquet(folder), DuckDB's read_parquet('folder/*.parquet'), Spark. No
-    summary is kept; the run prints it."""
+    face (face_rows), each file written whole every PARQUET_PHOTOS photos and at the end. The files read as one
+    table: pyarrow.parquet.read_table(their paths), DuckDB's read_parquet('folder/predictions-*.parquet'),
+    Spark. No summary is kept; the run prints it."""
 
     def __init__(self, folder: Path, stem: str):
+        if importlib.util.find_spec("pyarrow") is None:
+            raise UsageError("format=parquet: needs pyarrow: pip install pyarrow", "format")
         self.folder, self.stem, self.rows, self.photos = folder, stem, [], 0
+        self.where = folder / f"{stem}-*.parquet"  # what the results are, as messages name them
 
     def files(self) -> list[Path]:
         return sorted(self.folder.glob(f"{self.stem}-*.parquet"))
@@ -357,12 +385,39 @@ class ParquetRecords:
         try:
             save_with(path, lambda tmp: pq.write_table(table, tmp))
         except OSError as e:
-            raise OutputError(f"{self.folder}: cannot write {path.name} ({e.strerror or e}); the photos done so far "
-                              f"are kept: make room, then finish them with the same command and --resume") from None
+            raise cannot_write(path, e) from None
         self.rows, self.photos = [], 0
+
+    def keep(self) -> None:
+        """The rows held back written out, whatever ended the run (an error, Ctrl-C); a failure to write them
+        is said only where no other error is being said already."""
+        pending = sys.exc_info()[1]
+        try:
+            self.flush()
+        except OutputError:
+            if pending is None:
+                raise
 
     def close(self, summary: dict) -> None:
         self.flush()
+
+
+def results_of(folder: Path, spec: str | None, parquet: bool) -> "JsonRecords | ParquetRecords":
+    """Where a run's records go in `folder`: its JSON Lines file (a shard's own), or its Parquet files."""
+    path = results_path(folder, spec)
+    return ParquetRecords(folder, path.stem) if parquet else JsonRecords(path)
+
+
+def default_folder(spec: str | None, parquet: bool, resume: bool) -> Path:
+    """predict.py's folder when none is named: the first of predictions, predictions-2, ... that holds no
+    results of this kind of run (this shard's own file, so the shards of one folder still join there); with
+    resume, the last that holds some, the run to go on with."""
+    names = [Path(DEFAULT_OUT)] + [Path(f"{DEFAULT_OUT}-{k}") for k in range(2, 10000)]
+    holds = [results_of(folder, spec, parquet).exists() for folder in names[:next(
+        (i for i, f in enumerate(names) if not f.exists()), len(names)) + 1]]
+    if resume:
+        return names[max((i for i, held in enumerate(holds) if held), default=0)]
+    return names[holds.index(False)]
 
 
 def read_results(path: Path) -> dict:

@@ -19,13 +19,12 @@ from files import save_figure
 from flags import WORKERS_MAX, box_arg, figure_file, number_in, one_line_errors, out_folder
 from labels import load_faces
 from archive import RayEngine
-from photos import (PARQUET_PHOTOS, RESULTS, JsonRecords, ParquetRecords, PhotoSettings, Tally, drawn_names,
-                    landmark_photos, parse_shard, photo_files, plural, results_path, shard)
+from photos import (DEFAULT_OUT, PARQUET_PHOTOS, RESULTS, JsonRecords, ParquetRecords, PhotoSettings, Tally,
+                    default_folder, drawn_names, landmark_photos, parse_shard, photo_files, plural, results_of, shard)
 from runtime import Network, pick_device
 from transforms import Transforms
 
 MAX_UPSAMPLE = 4
-DEFAULT_OUT = "predictions"
 DEFAULT_WORKERS = min(os.cpu_count() or 1, WORKERS_MAX)
 
 
@@ -45,8 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.video is not None and (args.image or args.box):
         parser.error("--video takes neither --image nor --box")
-    if problem := any_roll_problem(args.detector, args.any_roll):
-        parser.error(f"--any-roll goes with --detector yunet: {problem}")
+    if problem := any_roll_problem(args.detector, args.any_roll, flags=True):
+        parser.error(problem)
     if args.shard is not None:
         try:
             parse_shard(args.shard)
@@ -87,7 +86,7 @@ def add_photo_flags(photos) -> None:
                              "(default: 1)")
     photos.add_argument("--no-draw", action="store_true",
                         help="write only the JSON lines: no annotated pictures, and for --video no MP4")
-    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX), default=DEFAULT_WORKERS,
+    photos.add_argument("--workers", type=number_in(int, 1, WORKERS_MAX),
                         help=f"processes that share the photos, one thread each (default: all {DEFAULT_WORKERS} "
                              f"cores, at most {WORKERS_MAX}; with --engine ray: all the cluster's)")
     photos.add_argument("--recursive", action="store_true", help="also take the photos in folders below")
@@ -195,19 +194,18 @@ def predict_photos(args: argparse.Namespace) -> dict:
     names, files = drawn_names(files), shard(files, args.shard)
     out_dir = photo_folder(args)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = results_path(out_dir, args.shard)
-    records = ParquetRecords(out_dir, results.stem) if args.format == "parquet" else JsonRecords(results)
+    records = results_of(out_dir, args.shard, args.format == "parquet")
     done = continue_or_refuse(records, args.resume)
     todo = [f for f in files if str(f) not in done]
     settings = PhotoSettings(LandmarkerOptions.from_flags(args), args.box, not args.no_draw, str(out_dir))
     tally, started, engine = Tally(), time.perf_counter(), None
-    if args.engine == "ray":
-        engine = RayEngine(settings, args.ray_address, args.workers if args.workers != DEFAULT_WORKERS else None)
-        workers, found = engine.workers, engine.photos(todo, names)
-    else:
-        workers = worker_count(args.workers, len(todo))
-        found = landmark_photos(todo, names, settings, workers)
     try:
+        if args.engine == "ray" and todo:
+            engine = RayEngine(settings, args.ray_address, args.workers)
+            workers, found = engine.workers, engine.photos(todo, names)
+        else:
+            workers = worker_count(args.workers or DEFAULT_WORKERS, len(todo))
+            found = landmark_photos(todo, names, settings, workers)
         for record, seconds in found:
             if record["image"] in done:  # a batch Ray ran again after its worker died: written once
                 continue
@@ -216,39 +214,30 @@ def predict_photos(args: argparse.Namespace) -> dict:
             tally.add(record, seconds)
             report_photo(record, args)
     except KeyboardInterrupt:
-        if isinstance(records, ParquetRecords):
-            records.flush()
-        print(f"\ninterrupted: {where(records)} holds the {len(done)} photos done; finish them with the same "
+        print(f"\ninterrupted: {records.where} holds the {len(done)} photos done; finish them with the same "
               f"command and --resume", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
         if engine is not None:
             engine.close()
+        records.keep()  # Parquet rows held back: written, whatever ended the loop
     total = tally.summary(time.perf_counter() - started) | {"weights": str(args.weights), "engine": args.engine,
                                                             "workers": workers}
     records.close(total)
-    print_summary(where(records), total, len(files) - len(todo))
+    print_summary(records.where, total, len(files) - len(todo))
     if total["unreadable"]:
         raise SystemExit(1)  # each file was already named on its own line
     return total
 
 
 def photo_folder(args: argparse.Namespace) -> Path:
-    """--out-dir as given; by default the first of predictions, predictions-2, ... that holds no results of
-    another run (with --resume: the last that holds some, the run to go on with), said when not the first."""
+    """--out-dir as given, or photos.default_folder's, said on stderr when not the first."""
     if args.out_dir is not None:
         return Path(args.out_dir)
-    holds_run = lambda folder: any(folder.glob("predictions*.jsonl")) or any(folder.glob("predictions*.parquet"))  # noqa: E731
-    names = [Path(DEFAULT_OUT)] + [Path(f"{DEFAULT_OUT}-{k}") for k in range(2, 10000)]
-    if args.resume:
-        taken = [folder for folder in names[:next((i for i, f in enumerate(names) if not f.exists()), len(names))]
-                 if holds_run(folder)]
-        chosen = taken[-1] if taken else names[0]
-    else:
-        chosen = next(folder for folder in names if not holds_run(folder))
-    if chosen != names[0]:
-        print(f"writing to {chosen}/ ({'the last earlier run' if args.resume else 'the first folder free of earlier runs'}"
-              f"; --out-dir names another)")
+    chosen = default_folder(args.shard, args.format == "parquet", args.resume)
+    if chosen != Path(DEFAULT_OUT):
+        which = "the last earlier run of this kind" if args.resume else "the first folder free of earlier runs"
+        print(f"writing to {chosen}/ ({which}; --out-dir names another)", file=sys.stderr)
     return chosen
 
 
@@ -262,17 +251,12 @@ def worker_count(asked: int, photos: int) -> int:
     return max(1, min(asked, cores, photos))
 
 
-def where(records: JsonRecords | ParquetRecords) -> Path:
-    """What the results are: the JSON Lines file, or the Parquet files' pattern."""
-    return records.path if isinstance(records, JsonRecords) else records.folder / f"{records.stem}-*.parquet"
-
-
 def continue_or_refuse(records: JsonRecords | ParquetRecords, resume: bool) -> set[str]:
     """The photos already done by the run --resume continues; another run's results are never overwritten."""
     if not records.exists():
         return set()
     if not resume:
-        raise UsageError(f"{where(records)}: another run's results are there; pass --resume to continue that run, "
+        raise UsageError(f"{records.where}: another run's results are there; pass --resume to continue that run, "
                          f"or another --out-dir")
     return records.done()
 
@@ -299,7 +283,8 @@ def print_summary(results: Path, total: dict, before: int) -> None:
              "draw": "drawing"}
     parts = ", ".join(f"{word} {share.get(key, 0):.0f}%" for key, word in named.items())
     rest = max(0.0, 100 - sum(share.get(key, 0) for key in named))
-    print(f"{total['images_per_s']:.1f} images/s; time in each process: {parts}, writing and waiting {rest:.0f}%"
+    print(f"{total['images_per_s']:.1f} images/s ({total['steady_images_per_s']:.1f} once running); time in each "
+          f"process: {parts}, writing and waiting {rest:.0f}%"
           + ("; --no-draw skips the drawing" if share.get("draw", 0) > 30 else ""))
 
 

@@ -1,4 +1,4 @@
-"""The int8 CPU network: the body as ONNX, quantized by onnxruntime on calibration crops the weights file carries, its last layer kept in fp32."""
+"""The int8 CPU networks: the body as ONNX, quantized by onnxruntime on calibration crops the weights file carries, its last layer kept in fp32; run by onnxruntime (int8 operators) or by OpenVINO (quantize/dequantize pairs it fuses into its own int8 kernels)."""
 import importlib.util
 import logging
 import tempfile
@@ -45,10 +45,11 @@ def from_calibration(crops: torch.Tensor) -> np.ndarray:
     return crops.numpy().astype(np.float32) / np.float32(127.5) - np.float32(1)
 
 
-def quantize_body(model: nn.Module, img_size: int, crops: torch.Tensor) -> bytes:
+def quantize_body(model: nn.Module, img_size: int, crops: torch.Tensor, pairs: bool = False) -> bytes:
     """The model's InferenceBody (fp32) as an int8 ONNX model: activations uint8 with ranges from `crops`,
-    weights int8 per channel, the last layer fp32. As int8 operators rather than quantize/dequantize pairs
-    around float ones: with pairs, onnxruntime 1.32 ran the stride16 network at 20 ms a face, against 4.5."""
+    weights int8 per channel, the last layer fp32. For onnxruntime as int8 operators: with quantize/dequantize
+    pairs around float ones, onnxruntime 1.32 ran the stride16 network at 20 ms a face, against 4.5. For
+    OpenVINO (`pairs`) as those pairs, which it reads as its own int8 layers."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -64,7 +65,7 @@ def quantize_body(model: nn.Module, img_size: int, crops: torch.Tensor) -> bytes
         logging.disable(logging.WARNING)  # the quantizer logs each shape tensor it leaves alone, on the root logger
         try:
             quantize_static(str(ready), str(int8), calibration_reader(from_calibration(crops)),
-                            quant_format=QuantFormat.QOperator, per_channel=True,
+                            quant_format=QuantFormat.QDQ if pairs else QuantFormat.QOperator, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept)
         finally:
             logging.disable(logging.NOTSET)
@@ -119,6 +120,56 @@ class OnnxBody:
         outputs = self.session.run(None, {"image": np.ascontiguousarray(images.float().numpy())})
         tensors = tuple(torch.from_numpy(o) for o in outputs)
         return tensors if len(tensors) > 1 else tensors[0]
+
+
+def openvino_supported() -> bool:
+    """Is OpenVINO installed (found, not imported: its import takes a while)?"""
+    try:
+        return importlib.util.find_spec("openvino") is not None
+    except ImportError:
+        return False
+
+
+class OpenVinoBody:
+    """The int8 model (quantize/dequantize pairs) compiled by OpenVINO for this CPU, called as the frozen body
+    is: one compiled model per batch size of a power of two (compiling takes about 0.2 s, once each), a batch
+    split into such sizes (5 crops: 4 and 1), each run at once. The layers between the int8 ones run in bf16
+    where the CPU does bf16 in hardware, else fp32."""
+
+    def __init__(self, model_bytes: bytes, threads: int, bf16: bool, cache: Path | None = None):
+        import openvino
+        self.core, self.model_bytes, self.compiled = openvino.Core(), model_bytes, {}
+        if cache is not None:  # OpenVINO keeps what it compiled there: a later process loads it in a fraction
+            self.core.set_property({"CACHE_DIR": str(cache)})
+        self.config = {"INFERENCE_NUM_THREADS": str(threads), "NUM_STREAMS": "1", "PERFORMANCE_HINT": "LATENCY",
+                       "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+
+    def request(self, batch: int, side: int):
+        if batch not in self.compiled:
+            model = self.core.read_model(self.model_bytes, b"")
+            model.reshape({model.inputs[0].get_any_name(): [batch, 1, side, side]})
+            self.compiled[batch] = self.core.compile_model(model, "CPU", self.config).create_infer_request()
+        return self.compiled[batch]
+
+    def __call__(self, images: torch.Tensor):
+        images = np.ascontiguousarray(images.float().numpy())
+        parts, at = [], 0
+        while at < len(images):
+            size = 1 << (len(images) - at).bit_length() - 1  # the largest power of two that fits
+            request = self.request(size, images.shape[-1])
+            results = request.infer({0: images[at:at + size]}, share_inputs=True)
+            parts.append([torch.from_numpy(np.array(results[o])) for o in request.model_outputs])
+            at += size
+        tensors = tuple(torch.cat(outputs) if len(outputs) > 1 else outputs[0] for outputs in zip(*parts))
+        return tensors if len(tensors) > 1 else tensors[0]
+
+
+def openvino_runner(model_bytes: bytes, pip_head: nn.Module | None, img_size: int, bf16: bool,
+                    cache: Path | None = None) -> InferenceNetwork:
+    """The int8 model run by OpenVINO, as evaluate.py and predict.py call a network (int8_runner's interface);
+    what it compiles kept in `cache`."""
+    return fast_network(OpenVinoBody(model_bytes, torch.get_num_threads(), bf16, cache), pip_head, img_size,
+                        fuse=False, batched=True)
 
 
 def int8_runner(model_bytes: bytes, pip_head: nn.Module | None, img_size: int) -> InferenceNetwork:

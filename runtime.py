@@ -165,11 +165,21 @@ class InferenceNetwork:
         # varying face count re-specialised it on every new batch size (40-130 ms a call instead of one
         # face's time); on this CPU a batch of 32 costs per face about what 32 single crops cost.
         # onnxruntime has no such graph: there two faces in one call cost 11.5 ms against 13.8 ms for two calls.
-        if self.batched:
-            outputs = self.outputs(images)
-        else:
+        if not self.batched:
             parts = [self.outputs(image[None]) for image in images]
             outputs = torch.cat(parts) if self.pip_head is None else tuple(torch.cat(p) for p in zip(*parts))
+            return self.decoded(outputs)
+        # onnxruntime and OpenVINO bring threads of their own: torch's, woken for the small decoding between their
+        # calls, only fought them for the cores (OpenVINO's 1.7 ms a face became 3.2 with torch's 2 threads, 2.5
+        # with one).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self.decoded(self.outputs(images))
+        finally:
+            torch.set_num_threads(threads)
+
+    def decoded(self, outputs) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.pip_head is None:
             return outputs, None
         # PIPNet's decoding (argmax, gather) runs after the graph: oneDNN's fuser cannot compile it, and it is cheap.

@@ -1,7 +1,6 @@
 """Labels for faces that have none (self-training): a teacher, the network with a mirror look and two looks averaged with dlib's 68-point model, finds the faces in folders of photos and labels those its members agree on; kept photo by photo, so a cut-short labelling resumes, and given to training as a dlib XML."""
 import hashlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,8 +11,9 @@ from tqdm import tqdm
 import dlib_baseline
 from errors import DataError, UsageError
 from faces import Landmarker
-from files import read_json_lines
-from images import open_gray
+from looks import DOUBTFUL_SCORE
+from files import file_sha256, resume_json_lines
+from images import read_stored
 from labels import write_xml
 from landmarks import IBUG, Box, Face, box_cover, box_from_points, nme
 from photos import photo_files
@@ -21,8 +21,7 @@ from photos import photo_files
 # A face is taught only where the teacher's members agree: ours and dlib's points within this NME of each
 # other (% of the outer-eye-corner distance). The issue's crude probe kept the training photos' faces so.
 AGREE_NME = 6.0
-# ... where the network is sure of the face (its mean point score; faces.DOUBTFUL_SCORE's threshold) ...
-MIN_SCORE = 0.7
+# ... where the network is sure of the face: its mean point score at least looks.DOUBTFUL_SCORE ...
 # ... and where the face is at least this many pixels a side (dlib's box of its points): a smaller face is blur
 # upscaled more than 2.5 times into the crop of a 160 px network (the crop is 1.4 box sides), and its labels
 # the least certain. The Udacity frames' faces have a median side of 75 px.
@@ -30,7 +29,7 @@ MIN_SIDE = 64.0
 # A detection that covers this much of a labelled face, or is covered so, is that face: it has true labels.
 SAME_FACE_COVER = 0.5
 # Bumped whenever what a record holds changes, so that older records are labelled again.
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -45,12 +44,7 @@ class Taught:
 
 def teacher_key(weights: Path, with_dlib: bool) -> str:
     """Which teacher labelled a record: the weights' bytes, whether dlib's model joined, the record format."""
-    digest = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    digest.update(f"|dlib={with_dlib}|v{RECORD_VERSION}".encode())
-    return digest.hexdigest()[:16]
+    return file_sha256(weights, f"|dlib={with_dlib}|v{RECORD_VERSION}").hexdigest()[:16]
 
 
 def photo_stamp(path: Path) -> list:
@@ -67,7 +61,11 @@ class Teacher:
         self.landmarker = Landmarker(weights=weights, device=device, passes=2, flip=True)
         if self.landmarker.markup.num_points != IBUG.num_points:
             raise UsageError(f"teacher={weights}: puts {self.landmarker.markup.num_points} points; the teacher "
-                             f"labels iBUG's 68")
+                             f"labels iBUG's 68", "teacher")
+        if self.landmarker.config.head != "pip":
+            raise UsageError(f"teacher={weights}: the regression head gives no point scores, which say where the "
+                             f"teacher is sure; take weights of the pip head (--head pip, as the released ones)",
+                             "teacher")
         try:
             self.predictor = dlib_baseline.load_predictor()
         except UsageError:
@@ -75,14 +73,13 @@ class Teacher:
         self.key = teacher_key(Path(weights), self.predictor is not None)
 
     def label(self, path: Path) -> dict:
-        """One photo's record: each face's box, the network's points and mean score, and dlib's points."""
+        """One photo's record: each face's box, the network's points and mean score, and dlib's points; all in
+        the photo's pixels as stored (EXIF orientation not applied), where training crops its faces."""
         try:
-            photo, factor = self.landmarker.open(path)
-            found, gray = self.landmarker.in_photo(photo, factor)
+            found, gray = self.landmarker.in_photo(read_stored(path))
         except DataError as e:
             return {"stamp": photo_stamp(path), "error": str(e), "faces": []}
-        # dlib reads the full photo, whose pixels the points are in (the network's look may decode a JPEG smaller).
-        full = np.asarray(open_gray(path)[0]) if factor != 1 else np.asarray(gray)
+        full = np.asarray(gray)
         faces = []
         for face in found:
             ours = face.points
@@ -102,9 +99,7 @@ def read_records(path: Path) -> dict[str, dict]:
     """The records kept so far, by resolved photo path; a torn last line (a crash mid-write) is cut off."""
     if not path.is_file():
         return {}
-    records, good = read_json_lines(path)
-    os.truncate(path, good)
-    return {r["stamp"][0]: r for r in records if "stamp" in r}
+    return {r["stamp"][0]: r for r in resume_json_lines(path) if "stamp" in r}
 
 
 def label_photos(teacher: Teacher, files: list[Path], folder: Path, show: bool = True) -> dict[str, dict]:
@@ -147,7 +142,7 @@ def taught_faces(records: dict[str, dict], files: list[Path], labelled: list[Fac
                 "validation photo" if file.resolve() in held_out else
                 "labelled already" if any(box_cover(box, b) > SAME_FACE_COVER for b in boxes.get(file.resolve(), [])) else
                 "small" if box.side < MIN_SIDE else
-                "unsure" if face["score"] < MIN_SCORE else
+                "unsure" if face["score"] < DOUBTFUL_SCORE else
                 "disagree" if agree is not None and agree > AGREE_NME else None)
             if reason:
                 dropped[reason] += 1

@@ -1004,26 +1004,30 @@ def test_a_network_cache_that_cannot_be_made_costs_only_time(where, tmp_path, mo
 def test_garbled_cache_entries_are_built_again(tmp_path, monkeypatch):
     monkeypatch.setenv(network_cache.CACHE_ENV, str(tmp_path))
     first = Landmarker()(astronaut())[0].points
-    entries = list(tmp_path.iterdir())
+    entries = [p for p in tmp_path.rglob("*") if p.is_file()]  # OpenVINO's compiled blobs included
     assert entries
     for entry in entries:
         entry.write_bytes(os.urandom(4096))
-    assert np.abs(Landmarker()(astronaut())[0].points - first).max() < 1e-3
+    # Built again whole; timed again too (its choice was garbled), so maybe another path: within half a pixel.
+    assert np.abs(Landmarker()(astronaut())[0].points - first).max() < 0.5
 
 
 @RELEASED
 def test_runs_started_together_on_an_empty_cache_all_finish_and_leave_whole_entries(tmp_path):
     photo = astronaut_jpg(tmp_path)
     env = {**os.environ, network_cache.CACHE_ENV: str(tmp_path / "cache")}
-    runs = [subprocess.Popen([sys.executable, "predict.py", "--image", str(photo), "--no-draw", "--out-dir",
-                              str(tmp_path / f"out{i}")], cwd=HERE, env=env, stdout=subprocess.PIPE,
+    # Without int8 (quantizing it three times over on two cores would take half a minute); every entry is
+    # written by network_cache.keep alike.
+    runs = [subprocess.Popen([sys.executable, "predict.py", "--image", str(photo), "--no-draw", "--no-int8",
+                              "--out-dir", str(tmp_path / f"out{i}")], cwd=HERE, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for i in range(3)]
     for run in runs:
         assert run.wait(timeout=300) == 0, run.stderr.read()
     assert [len(photos.read_results(tmp_path / f"out{i}" / photos.RESULTS)["images"]) for i in range(3)] == [1] * 3
     kept = list((tmp_path / "cache").iterdir())
     assert not [p for p in kept if p.name.startswith(".")]  # no temporary file left behind
-    assert len([p for p in kept if p.name.endswith(network_cache.CHOICE_SUFFIX)]) == 1
+    choices = len(checkpoints.cpu_candidates(checkpoints.load_checkpoint(checkpoints.RELEASED_WEIGHTS), False)) > 1
+    assert len([p for p in kept if p.name.endswith(network_cache.CHOICE_SUFFIX)]) == choices
     for entry in kept:  # each entry whole: it loads
         if entry.name.endswith(".frozen.pt"):
             assert network_cache.read_frozen(entry) is not None
@@ -2059,6 +2063,10 @@ def test_a_detector_that_cannot_start_stops_a_many_worker_run_in_one_line(traine
     monkeypatch.setattr(detectors, "YUNET_SHA256", "0" * 64)
     # Forked from this process, the workers see the patched constant; the clean forkserver ones would not.
     monkeypatch.setattr(photos, "worker_pool", lambda n, init, args: multiprocessing.get_context("fork").Pool(n, init, args))
+    # Forked, they must not meet what hangs after a fork: a network the parent built (its onnxruntime or
+    # OpenVINO threads), or OpenCV's thread pool, which cv2.setNumThreads waits on.
+    monkeypatch.setattr(photos, "choose_ahead", lambda *a: None)
+    monkeypatch.setattr(photos.cv2, "setNumThreads", lambda n: None)
     with pytest.raises(SystemExit) as stop:
         predict_images(trained, tmp_path / "out", "--image", str(folder), "--recursive", "--workers", "2")
     assert "sha256" in str(stop.value.code) and "\n" not in str(stop.value.code)
@@ -2148,9 +2156,10 @@ def test_results_stream_out_photo_by_photo_as_they_are_done(trained, tmp_path, m
 
 def test_a_runs_tally_holds_counts_not_records():
     tally = photos.Tally()
-    for i in range(1000):
-        tally.add({"image": f"{i}.jpg", "faces": [{"points": [[0, 0]] * 68}] * (i % 3)}, {"detect": 0.001})
-    assert vars(tally).keys() == {"images", "faces", "unreadable", "spent"}
+    for i in range(1000):  # a worker's batch gives its seconds with its first photo, none with the others
+        tally.add({"image": f"{i}.jpg", "faces": [{"points": [[0, 0]] * 68}] * (i % 3)},
+                  {"detect": 0.004} if i % 4 == 0 else {})
+    assert vars(tally).keys() == {"images", "faces", "unreadable", "spent", "first", "last"}
     summary = tally.summary(2.0)
     assert summary["images"] == 1000 and summary["faces"] == 999 and summary["seconds_by_step"] == {"detect": 1.0}
 
@@ -3482,7 +3491,7 @@ def test_the_default_folder_takes_the_next_free_name_and_says_which(tmp_path, mo
     photo = astronaut_jpg(tmp_path)
     for _ in range(2):
         predict.main(predict.parse_args(["--image", str(photo), "--no-draw"]))
-    assert "writing to predictions-2/" in capsys.readouterr().out
+    assert "writing to predictions-2/" in capsys.readouterr().err
     assert len(photos.read_results(tmp_path / "predictions")["images"]) == 1
     assert len(photos.read_results(tmp_path / "predictions-2")["images"]) == 1
     with pytest.raises(SystemExit, match="another run's results are there"):
@@ -3639,6 +3648,15 @@ def test_benchmark_runs_end_to_end_and_writes_every_figure_as_json(demo, tmp_pat
     assert row["img_size"] == 64 and set(row["loader_img_s"]) == {"0", "1"}
     assert all(v > 0 for v in row["loader_img_s"].values()) and row["infer_bs1_ms"] > 0
     assert row["epoch_vs_model"] == pytest.approx(row["model_train_img_s"] / row["e2e_train_img_s"])
+
+
+@RELEASED
+def test_benchmark_times_the_released_network_in_each_cpu_path_against_this_cpus_limits():
+    row = benchmark.released_figures(benchmark.parse_args(["--runs", "3"]))
+    assert 3.0 < row["gflop"] < 3.4  # stride-16 features at 160 px: 3.19 GFLOP a face
+    assert set(row["ms"]) == set(row["limit_ms"]) and "fp32" in row["ms"] and row["chosen"] in row["ms"]
+    assert all(0 < row["limit_ms"][p] < row["ms"][p] for p in row["ms"])  # no path beats its own limit
+    assert all(v > 1 for v in row["rates_gops"].values())
 
 
 # ---------------------------------------------------------------- video_bench.py

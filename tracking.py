@@ -167,7 +167,7 @@ class TrackedFace:
 class FaceTracker:
     """Faces across the frames of one video, each with a stable id: the detector on the first frame, every
     `detect_every` frames and when a face is lost; between them each face is cropped level with its roll and
-    framed by its previous points (faces.level_crop), so a head that tilts all the way round stays upright
+    framed by its previous points (looks.level_crop), so a head that tilts all the way round stays upright
     in its crop. `smoothing` holds OneEuroFilter's arguments, or None for raw points. `locate` decides how a
     face that went is noticed (network_locator's lost_by). reset() starts a new video; update(gray, t,
     picture) takes one frame, its time in seconds, and the picture the detector looks at (the gray frame

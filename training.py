@@ -231,7 +231,8 @@ class MixedSampler(Sampler):
     """--unlabelled-share: each epoch is as many crops as there are labelled training faces, that share of them
     the teacher's (drawn without repeats where there are enough), the rest labelled ones, shuffled together.
     So an epoch costs the same with or without taught faces, and runs compare at equal crops. Every rank draws
-    the same order from the loader's generator (seeded per epoch) and takes its own slice of it."""
+    the same order from the loader's generator (seeded per epoch) and takes its own slice of it, the order
+    padded to a whole number of slices, as DistributedSampler pads, so every rank runs as many steps."""
 
     def __init__(self, labelled: int, taught: int, share: float, generator: torch.Generator, rank: int = 0,
                  world: int = 1):
@@ -239,7 +240,7 @@ class MixedSampler(Sampler):
         self.generator, self.rank, self.world = generator, rank, world
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.labelled, self.world))
+        return -(-self.labelled // self.world)
 
     def __iter__(self):
         n_taught = round(self.labelled * self.share)
@@ -248,6 +249,7 @@ class MixedSampler(Sampler):
         draw = torch.randperm(self.taught, generator=g)[:n_taught] if n_taught <= self.taught \
             else torch.randint(self.taught, (n_taught,), generator=g)
         order = torch.cat([own, self.labelled + draw])[torch.randperm(self.labelled, generator=g)]
+        order = torch.cat([order, order[:len(self) * self.world - self.labelled]])
         return iter(order[self.rank::self.world].tolist())
 
 

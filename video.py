@@ -107,7 +107,14 @@ class Opened:
     expected: int                # frames the header promises; 0 for a camera
     size: tuple[int, int]        # width, height of its first frame
     frames: Iterator[np.ndarray]
+    reader: Iterator[np.ndarray]  # read_ahead's generator, which `frames` continues
     capture: cv2.VideoCapture
+
+    def close(self) -> None:
+        """The reading thread stopped and the file or camera let go, however far the frames were taken."""
+        self.frames.close()
+        self.reader.close()
+        self.capture.release()
 
 
 def open_frames(source: str) -> Opened:
@@ -118,18 +125,19 @@ def open_frames(source: str) -> Opened:
     fps = capture.get(cv2.CAP_PROP_FPS)
     fps = fps if 0 < fps < 1000 else 30.0  # some cameras and containers report 0
     expected = 0 if camera else int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
-    frames = read_ahead(capture)
-    first = next(frames, None)
+    reader = read_ahead(capture)
+    first = next(reader, None)
     if first is None:
+        reader.close()
         capture.release()
         raise DataError(f"{source}: cannot read video (no frame could be decoded)")
     name = f"camera{source}" if camera else Path(source).stem
 
     def all_frames() -> Iterator[np.ndarray]:
         yield first
-        yield from frames
+        yield from reader
 
-    return Opened(name, fps, expected, (first.shape[1], first.shape[0]), all_frames(), capture)
+    return Opened(name, fps, expected, (first.shape[1], first.shape[0]), all_frames(), reader, capture)
 
 
 def track_frames(opened: Opened, tracker: FaceTracker, camera: bool) -> Iterator[VideoFrame]:
@@ -152,8 +160,7 @@ def track(source: str, tracker: FaceTracker) -> Iterator[VideoFrame]:
     try:
         yield from track_frames(opened, tracker, source.isdigit())
     finally:
-        opened.frames.close()
-        opened.capture.release()
+        opened.close()
 
 
 def draw_faces(frame: np.ndarray, faces: list[TrackedFace]) -> None:
@@ -272,12 +279,13 @@ class FrameWriter:
                               f"({e.strerror or e}); the frames before are kept") from None
         middle = time.perf_counter()
         self.spent["json"] += middle - start
-        if self.mp4 is not None:
+        if self.mp4 is not None or self.view is not None:  # the live window shows the frames drawn too
             draw_faces(result.frame, result.faces)
-            drawn = time.perf_counter()
+        drawn = time.perf_counter()
+        if self.mp4 is not None:
             self.mp4.write(even(result.frame))
-            self.spent["draw"] += drawn - middle
-            self.spent["encode"] += time.perf_counter() - drawn
+        self.spent["draw"] += drawn - middle
+        self.spent["encode"] += time.perf_counter() - drawn
 
     def close(self) -> None:
         """Every frame handed over written; raises what the thread met."""
@@ -286,6 +294,26 @@ class FrameWriter:
             self.thread.join()
         if self.error is not None:
             raise self.error
+
+
+def start_outputs(opened: Opened, video_path: Path | None, part: Path, header: dict):
+    """The annotated MP4's writer (None without one) and the JSON Lines file with its header line, in a folder
+    made if need be; DataError or OutputError in one line where they cannot be made."""
+    try:
+        part.parent.mkdir(parents=True, exist_ok=True)
+        lines = open(part, "w", encoding="utf-8")
+        lines.write(json.dumps(header) + "\n")
+    except OSError as e:
+        raise OutputError(f"{part.parent}: cannot write {part.name} ({e.strerror or e})") from None
+    if video_path is None:
+        return None, lines
+    mp4 = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), opened.fps,
+                          (opened.size[0] + opened.size[0] % 2, opened.size[1] + opened.size[1] % 2))
+    if not mp4.isOpened():
+        lines.close()
+        part.unlink(missing_ok=True)
+        raise DataError(f"{video_path}: cannot write video")
+    return mp4, lines
 
 
 def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, show: bool = False,
@@ -299,19 +327,15 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
     from tqdm import tqdm
     camera = source.isdigit()
     opened = open_frames(source)
-    out_dir.mkdir(parents=True, exist_ok=True)
     video_path, results = out_dir / f"{opened.name}_landmarks.mp4", out_dir / f"{opened.name}.jsonl"
-    mp4 = None
-    if draw:
-        mp4 = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), opened.fps,
-                              (opened.size[0] + opened.size[0] % 2, opened.size[1] + opened.size[1] % 2))
-        if not mp4.isOpened():
-            opened.capture.release()
-            raise DataError(f"{video_path}: cannot write video")
     part = results.with_name(results.name + ".part")
-    lines = open(part, "w", encoding="utf-8")
-    lines.write(json.dumps({"weights": weights, "video": source, "fps": opened.fps, "width": opened.size[0],
-                            "height": opened.size[1]}) + "\n")
+    try:
+        mp4, lines = start_outputs(opened, video_path if draw else None, part,
+                                   {"weights": weights, "video": source, "fps": opened.fps, "width": opened.size[0],
+                                    "height": opened.size[1]})
+    except BaseException:
+        opened.close()
+        raise
     writer = FrameWriter(lines, mp4, LiveView(opened.name) if show else None)
     done, ids, interrupted, start = 0, set(), False, time.perf_counter()
     spent = {"decode_and_track": 0.0, "waiting_for_writer": 0.0}
@@ -332,8 +356,7 @@ def run_video(source: str, tracker: FaceTracker, out_dir: Path, weights: str, sh
         interrupted = True
     finally:
         bar.close()
-        opened.frames.close()
-        opened.capture.release()
+        opened.close()
         try:
             writer.close()
         finally:
