@@ -183,8 +183,9 @@ TIMING_SECONDS = 0.4
 def load_for_inference(path: Path, device: str | torch.device = "cpu", eager: bool = False, int8: bool = True,
                        precision: str = "auto") -> tuple[Network, NetworkConfig]:
     """What evaluate.py and predict.py run: the trained network, made fast for the CPU unless `eager`. The
-    candidates are int8 (where `int8` allows, the weights carry calibration crops and the CPU has VNNI:
-    quantized.py), the frozen network in bf16 (where the CPU does bf16 in hardware) and in fp32; with
+    candidates are cpu_candidates': int8 by OpenVINO or by onnxruntime (where `int8` allows and the weights
+    carry calibration crops: quantized.py), the frozen network in bf16 (where the CPU does bf16 in hardware)
+    and in fp32; with
     `precision` "auto" the fastest of them on this CPU, timed on the first start with these weights and the
     choice kept in the cache (network_cache.choice_path), else the one named. Each fast form is kept on disk
     too, so only the first start builds it. The network says which it is (.precision) and what each

@@ -20,7 +20,7 @@ KEEP = 8
 # or .onnx files, and those are never dropped. The frozen TorchScript network (bf16 or fp32), the int8 ONNX one
 # for onnxruntime, and the one of quantize/dequantize pairs for OpenVINO.
 SUFFIXES = {"bf16": ".frozen.pt", "fp32": ".frozen.pt", "int8": ".int8.onnx", "openvino-int8": ".qdq.onnx"}
-# Which of them ran fastest on this CPU, and in how many milliseconds each (checkpoints.fastest_network).
+# Which of them ran fastest on this CPU, and in how many milliseconds each (checkpoints.load_for_inference).
 CHOICE_SUFFIX = ".choice.json"
 
 

@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.video is not None:
         return predict_video(args)
     device = pick_device(args.device)
-    model, config = load_for_inference(args.weights, device, args.eager, not args.no_int8)
+    model, config = load_for_inference(args.weights, device, args.eager, not args.no_int8, args.precision)
     plot_validation(model, config, args, device)
     return None
 

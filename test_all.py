@@ -3404,6 +3404,13 @@ def test_predict_draws_validation_faces(demo, trained, tmp_path):
     assert Image.open(out).size[0] > 300
 
 
+def test_the_validation_grid_runs_the_cpu_path_named_by_precision(demo, trained, tmp_path):
+    args = ["--weights", str(trained / "best.pt"), "--data-dir", str(demo), "--n", "2", "--out", str(tmp_path / "g.png")]
+    with pytest.raises(SystemExit) as stop:  # weights without calibration crops cannot take int8
+        predict.main(predict.parse_args([*args, "--precision", "int8"]))
+    assert str(stop.value.code).startswith("--precision int8: ") and not (tmp_path / "g.png").exists()
+
+
 def test_predict_without_weights_says_to_train_first(tmp_path):
     result = run_script("predict.py", "--weights", str(tmp_path / "none.pt"))
     assert result.returncode != 0
