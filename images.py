@@ -1,5 +1,7 @@
 """Decoding pictures safely: any file PIL reads -> an upright photo, or 8-bit grayscale at a reduced scale; one DataError naming the file otherwise."""
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,18 @@ def readable_mode(image: Image.Image) -> Image.Image:
     if image.mode == "LAB":
         return image.getchannel("L")
     return image.convert("RGB")
+
+
+@contextlib.contextmanager
+def decoding(path: Path) -> Iterator[None]:
+    """What PIL raises while reading `path` (missing, truncated, not an image, a decompression bomb), as the
+    one-line DataError every reader here raises."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise DataError(f"{path}: image not found", "image not found") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
 
 
 def rgb_is_faithful(photo: Image.Image) -> bool:
@@ -51,7 +65,7 @@ def open_gray(path: Path, reduce: int = 1) -> tuple[Image.Image, int]:
     Returns the image and the factor it was shrunk by, so coordinates can follow.
     """
     reduce = 2 ** min(3, int(math.log2(max(reduce, 1))))
-    try:
+    with decoding(path):
         image = Image.open(path)
         width = image.size[0]
         jpeg = image.format == "JPEG"
@@ -60,10 +74,6 @@ def open_gray(path: Path, reduce: int = 1) -> tuple[Image.Image, int]:
         image = to_gray(image)
         if reduce > 1 and not jpeg:
             image = image.reduce(reduce)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found", "image not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
     return image, 2 ** round(math.log2(width / image.size[0]))
 
 
@@ -78,7 +88,7 @@ def open_photo(path: Path, at_least: int = 0) -> tuple[Image.Image, int]:
     """The photo upright (EXIF orientation applied), in its own mode, and the factor it was shrunk by: a JPEG
     whose long side is over twice `at_least` decodes at 1/2, 1/4 or 1/8 scale, still `at_least` or more.
     That is what keeps a 12-megapixel photo cheap. DataError with one line if the file is unreadable."""
-    try:
+    with decoding(path):
         with Image.open(path) as image:
             width = image.size[0]
             wanted = 2 ** max(0, min(3, int(math.log2(max(max(image.size) / at_least, 1))))) if at_least else 1
@@ -87,10 +97,6 @@ def open_photo(path: Path, at_least: int = 0) -> tuple[Image.Image, int]:
             factor = 2 ** round(math.log2(width / image.size[0]))
             # a decoded copy, so truncated files fail here
             return readable_mode(ImageOps.exif_transpose(image)), factor
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found", "image not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
 
 
 # What a numpy picture's last (or, channels first, its first) axis may hold: gray, gray and alpha, RGB, RGBA.
@@ -141,14 +147,10 @@ def to_uint8(array: np.ndarray, got: str) -> np.ndarray:
 def read_stored(path: Path) -> Image.Image:
     """The photo as its pixels are stored, its EXIF orientation not applied: the frame dlib's XML labels are in,
     and training crops from (open_gray); in a mode PIL turns into gray and RGB. DataError if unreadable."""
-    try:
+    with decoding(path):
         with Image.open(path) as image:
             image.load()
             return readable_mode(image)
-    except FileNotFoundError:
-        raise DataError(f"{path}: image not found", "image not found") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e})", "unreadable image") from None
 
 
 def read_photo(path: Path) -> Image.Image:
